@@ -1,0 +1,5 @@
+import sys
+
+from dissect.cli import main
+
+sys.exit(main())

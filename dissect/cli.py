@@ -1,0 +1,58 @@
+"""The `dissect` command: one parser, one subcommand module per verb in dissect/commands/.
+
+Exit codes: 0 success, 2 bad usage or input, 1 any other failure.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from broden.errors import InputError
+
+# name -> module under dissect.commands; each module has register(subparsers) and run(args) -> int.
+COMMANDS = ("run", "layers", "download", "synth", "report", "compare", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="dissect",
+        description="Network Dissection for CNNs: label what each unit detects, on Broden-format data.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"dissect.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"dissect.commands.{name}":
+                continue  # a verb not built yet stays out of --help
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad usage, 0 on --help
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        print(f"dissect {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dissect {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
