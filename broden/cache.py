@@ -1,0 +1,339 @@
+"""The decoded cache: every image and label PNG of a Broden directory decoded once into .npy arrays.
+
+Layout (docs/contracts.md), under `<cache_dir>/decoded/<fingerprint>/`:
+images.npy (N, 3, H, W) uint8, planes.npy (P, sh, sw) int16 (int32 when an id
+exceeds 32767), plane_offsets.npy (N+1,) int64, plane_category.npy (P,) int16,
+image_labels.npy (Q,) int32, image_label_offsets.npy (N+1,) int64,
+image_label_category.npy (Q,) int16, and meta.json, written last.
+
+A build happens in a temporary directory beside the target and is renamed into
+place only when complete, so a directory without meta.json, or a leftover
+temporary one, is never read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from broden.errors import BrodenFormatError, InputError
+from broden.format import BrodenMeta, ImageRecord, check_label_plane, decode_label_png, known_id_table, load_meta
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CACHE_VERSION",
+    "DecodedCache",
+    "source_fingerprint",
+    "default_cache_dir",
+    "build_cache",
+    "open_cache",
+    "open_decoded",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "broden-decoded-cache"
+CACHE_VERSION = 1
+_SMALL = ("plane_offsets", "plane_category", "image_label_offsets", "image_label_category")
+_LARGE = ("images", "planes", "image_labels")
+
+
+class DecodedCache:
+    """A built decoded cache: large arrays memory-mapped read-only, offsets loaded in memory.
+
+    Arrays open on first use, and pickling drops them, so DataLoader workers
+    reopen their own maps instead of copying the data.
+    """
+
+    def __init__(self, path: str | Path, info: dict[str, Any]):
+        self.path = Path(path)
+        self.info = info
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "info": self.info, "_arrays": {}}
+
+    def _array(self, name: str) -> np.ndarray:
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = np.load(self.path / f"{name}.npy", mmap_mode="r" if name in _LARGE else None)
+            self._arrays[name] = arr
+        return arr
+
+    @property
+    def images(self) -> np.ndarray:
+        """(N, 3, H, W) uint8, memory-mapped."""
+        return self._array("images")
+
+    @property
+    def planes(self) -> np.ndarray:
+        """(P, sh, sw) int16 or int32, memory-mapped."""
+        return self._array("planes")
+
+    @property
+    def plane_offsets(self) -> np.ndarray:
+        """(N+1,) int64: planes of row r are planes[plane_offsets[r]:plane_offsets[r+1]]."""
+        return self._array("plane_offsets")
+
+    @property
+    def plane_category(self) -> np.ndarray:
+        """(P,) int16: category index of each plane."""
+        return self._array("plane_category")
+
+    @property
+    def image_labels(self) -> np.ndarray:
+        """(Q,) int32 image-level label ids, memory-mapped."""
+        return self._array("image_labels")
+
+    @property
+    def image_label_offsets(self) -> np.ndarray:
+        """(N+1,) int64: offsets of each row's image-level labels."""
+        return self._array("image_label_offsets")
+
+    @property
+    def image_label_category(self) -> np.ndarray:
+        """(Q,) int16: category index of each image-level label."""
+        return self._array("image_label_category")
+
+    @property
+    def num_images(self) -> int:
+        """N, the number of rows of index.csv."""
+        return int(self.info["num_images"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) shared by every image."""
+        return tuple(self.info["image_shape"])
+
+    @property
+    def label_shape(self) -> tuple[int, int]:
+        """(sh, sw) shared by every label map."""
+        return tuple(self.info["label_shape"])
+
+
+def default_cache_dir() -> Path:
+    """$DISSECT_CACHE_DIR, else ~/.cache/concept-dissect."""
+    env = os.environ.get("DISSECT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "concept-dissect"
+
+
+def _record_files(record: ImageRecord) -> list[str]:
+    return [record.image] + [p for pngs in record.layers.values() for p in pngs]
+
+
+def source_fingerprint(root: str | Path, meta: BrodenMeta | None = None) -> str:
+    """sha256 over the CSV tables' contents and the size + mtime_ns of every referenced image and PNG."""
+    root = Path(root)
+    meta = meta if meta is not None else load_meta(root)
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{CACHE_VERSION}\n".encode())
+    tables = ["index.csv", "label.csv", "category.csv"] + sorted(p.name for p in root.glob("c_*.csv"))
+    for name in tables:
+        data = (root / name).read_bytes()
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
+    images = root / "images"
+    lines = []
+    for r in meta.records:
+        for rel in _record_files(r):
+            try:
+                st = os.stat(images / rel)
+            except FileNotFoundError:
+                raise BrodenFormatError(f"{root / 'index.csv'}, line {r.line}: {rel!r} not found "
+                                        f"under {images}") from None
+            lines.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    h.update("".join(lines).encode())
+    return h.hexdigest()
+
+
+def open_decoded(path: str | Path, root: str | Path, meta: BrodenMeta | None = None,
+                 fingerprint: str | None = None) -> DecodedCache | None:
+    """Open the decoded cache at `path` if it is complete and built from the current `root`; else None."""
+    path = Path(path)
+    meta_json = path / "meta.json"
+    if not meta_json.is_file():
+        return None
+    try:
+        info = json.loads(meta_json.read_text())
+    except (OSError, ValueError):
+        log.warning("unreadable %s: ignoring that cache", meta_json)
+        return None
+    if info.get("format") != CACHE_FORMAT or info.get("version") != CACHE_VERSION:
+        return None
+    if fingerprint is None:
+        fingerprint = source_fingerprint(root, meta)
+    if info.get("fingerprint") != fingerprint:
+        return None
+    cache = DecodedCache(path, info)
+    n = int(info["num_images"])
+    expected = {"images": (n, *info["image_shape"]), "plane_offsets": (n + 1,),
+                "image_label_offsets": (n + 1,), "planes": (info["num_planes"], *info["label_shape"]),
+                "plane_category": (info["num_planes"],), "image_labels": (info["num_image_labels"],),
+                "image_label_category": (info["num_image_labels"],)}
+    try:
+        for name, shape in expected.items():
+            if getattr(cache, name).shape != tuple(shape):
+                log.warning("%s: %s.npy has shape %s, expected %s: ignoring that cache",
+                            path, name, getattr(cache, name).shape, shape)
+                return None
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot read cache arrays (%s): ignoring that cache", path, e)
+        return None
+    return cache
+
+
+def open_cache(root: str | Path, cache_dir: str | Path | None = None,
+               meta: BrodenMeta | None = None) -> DecodedCache | None:
+    """The decoded cache of `root` under `cache_dir` (default: default_cache_dir()), or None when missing or stale.
+
+    A source with missing files has no cache (None); decoding then names the missing file.
+    """
+    try:
+        fingerprint = source_fingerprint(root, meta)
+    except BrodenFormatError as e:
+        log.debug("no cache lookup for %s: %s", root, e)
+        return None
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return open_decoded(base / "decoded" / fingerprint, root, meta, fingerprint)
+
+
+def _uniform_label_shape(meta: BrodenMeta) -> tuple[int, int]:
+    first = meta.records[0]
+    for r in meta.records:
+        if (r.sh, r.sw) != (first.sh, first.sw):
+            raise InputError(f"{meta.root / 'index.csv'}, line {r.line}: image {r.image!r} has label size "
+                             f"{r.sh}x{r.sw} but the first image has {first.sh}x{first.sw}; the decoded "
+                             f"cache needs one label size")
+    return first.sh, first.sw
+
+
+def _read_image(meta: BrodenMeta, record: ImageRecord) -> np.ndarray:
+    """Decode one image file to (H, W, 3) uint8, naming the file and row on failure."""
+    try:
+        with Image.open(meta.image_path(record)) as img:
+            return np.asarray(img.convert("RGB"))
+    except OSError as e:
+        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
+                                f"cannot be read ({e})") from None
+
+
+def _decode_record(meta: BrodenMeta, record: ImageRecord, known: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Decode one row: (H, W, 3) uint8 image and its label planes in category then cell order."""
+    image = _read_image(meta, record)
+    planes = []
+    for c in meta.categories:
+        for rel in record.layers.get(c, []):
+            try:
+                plane = decode_label_png(meta.png_path(rel))
+            except BrodenFormatError as e:
+                raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: PNG {rel!r}: {e}") from None
+            check_label_plane(meta, record, rel, plane, known)
+            planes.append(plane)
+    return image, planes
+
+
+def _offsets(counts: list[int]) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(counts, dtype=np.int64), out=out[1:])
+    return out
+
+
+def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress: bool = True,
+                force: bool = False, workers: int | None = None, meta: BrodenMeta | None = None) -> Path:
+    """Decode every image and label PNG of `root` once; return the cache directory.
+
+    An up-to-date cache is reused unless `force`. Images must share one size
+    (Broden's do). `workers` threads decode in parallel (default: up to 4).
+    """
+    from dissect.progress import progress as progress_bar  # the toolkit's one tqdm helper
+
+    root = Path(root)
+    meta = meta if meta is not None else load_meta(root)
+    if not meta.records:
+        raise InputError(f"{root / 'index.csv'}: no images to cache")
+    fingerprint = source_fingerprint(root, meta)
+    base = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "decoded"
+    target = base / fingerprint
+    if not force and open_decoded(target, root, meta, fingerprint) is not None:
+        log.info("decoded cache %s is up to date", target)
+        return target
+
+    sh, sw = _uniform_label_shape(meta)
+    cat_index = {c: i for i, c in enumerate(meta.categories)}
+    plane_counts = [sum(len(r.layers.get(c, [])) for c in meta.categories) for r in meta.records]
+    label_lists = [[(cat_index[c], n) for c in meta.categories for n in r.image_labels.get(c, [])]
+                   for r in meta.records]
+    plane_offsets = _offsets(plane_counts)
+    label_offsets = _offsets([len(x) for x in label_lists])
+    plane_category = np.asarray([cat_index[c] for r in meta.records for c in meta.categories
+                                 for _ in r.layers.get(c, [])], dtype=np.int16)
+    flat_labels = [x for xs in label_lists for x in xs]
+    image_label_category = np.asarray([c for c, _ in flat_labels], dtype=np.int16)
+    image_labels = np.asarray([n for _, n in flat_labels], dtype=np.int32)
+    # int16 holds every id up to 32767; beyond that the contract says int32
+    plane_dtype = np.int16 if meta.num_labels - 1 <= 32767 else np.int32
+    known = known_id_table(meta)
+    n, p = len(meta.records), int(plane_offsets[-1])
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-", dir=base))
+    try:
+        h, w = _read_image(meta, meta.records[0]).shape[:2]
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, h, w))
+        planes = np.lib.format.open_memmap(tmp / "planes.npy", mode="w+", dtype=plane_dtype, shape=(p, sh, sw))
+        quiet = {} if progress else {"disable": True}  # else the toolkit's quiet switch decides
+        bar = progress_bar(total=n, desc="decoding Broden", unit="img", **quiet)
+        chunk = max(64, 16 * max(workers, 1))  # bounded look-ahead: decoded rows never pile up in memory
+        pool = ThreadPoolExecutor(max_workers=max(workers, 1))
+        try:
+            for start in range(0, n, chunk):
+                rows = meta.records[start:start + chunk]
+                for r, (image, row_planes) in zip(rows, pool.map(lambda rec: _decode_record(meta, rec, known), rows)):
+                    if image.shape[:2] != (h, w):
+                        raise InputError(
+                            f"{root / 'index.csv'}, line {r.line}: image {r.image!r} is {image.shape[0]}x"
+                            f"{image.shape[1]} but the first image is {h}x{w}; the decoded cache needs one image size")
+                    images[r.index] = image.transpose(2, 0, 1)
+                    if row_planes:
+                        planes[plane_offsets[r.index]:plane_offsets[r.index + 1]] = np.stack(row_planes)
+                    bar.update(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a failure stops the queued decodes
+        bar.close()
+        images.flush()
+        planes.flush()
+        del images, planes
+        np.save(tmp / "plane_offsets.npy", plane_offsets)
+        np.save(tmp / "plane_category.npy", plane_category)
+        np.save(tmp / "image_labels.npy", image_labels)
+        np.save(tmp / "image_label_offsets.npy", label_offsets)
+        np.save(tmp / "image_label_category.npy", image_label_category)
+        info = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fingerprint,
+                "source": str(root.resolve()), "categories": meta.categories, "num_images": n,
+                "image_shape": [3, h, w], "label_shape": [sh, sw], "num_planes": p,
+                "num_image_labels": int(image_labels.size), "plane_dtype": np.dtype(plane_dtype).name}
+        # meta.json last: its presence is what marks the directory complete
+        (tmp / "meta.json").write_text(json.dumps(info, indent=1) + "\n")
+        if target.exists():  # stale, incomplete or forced: replace it
+            shutil.rmtree(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # another process finished the same build first; keep theirs if it is good
+            if open_decoded(target, root, meta, fingerprint) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("built decoded cache %s (%d images, %d planes)", target, n, p)
+    return target

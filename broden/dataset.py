@@ -1,0 +1,235 @@
+"""A torch Dataset over a Broden-format directory, reading the decoded cache when one exists.
+
+Items follow docs/contracts.md: `index`, `image` (3, H, W) uint8, `labels`
+(K, sh, sw) int32 (every label layer of the selected categories, in
+category.csv order then cell order), `image_labels` (M,) int64.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from broden import cache as cache_mod
+from broden.errors import BrodenFormatError, InputError
+from broden.format import BrodenMeta, ImageRecord, check_label_plane, decode_label_png, known_id_table, load_meta
+
+__all__ = ["BrodenDataset", "collate", "SPLITS"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+
+
+def _decode_image(meta: BrodenMeta, record: ImageRecord) -> torch.Tensor:
+    """Decode one image file to a uint8 (3, H, W) tensor, naming the file and row on failure."""
+    path = meta.image_path(record)
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"))  # (H, W, 3)
+    except FileNotFoundError:
+        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
+                                f"not found ({path})") from None
+    except OSError as e:
+        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
+                                f"cannot be decoded ({e})") from None
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _decode_plane(meta: BrodenMeta, record: ImageRecord, relpath: str, known: np.ndarray) -> np.ndarray:
+    """Decode and check one label PNG of a record: int32 (sh, sw)."""
+    try:
+        plane = decode_label_png(meta.png_path(relpath))
+    except BrodenFormatError as e:
+        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: PNG {relpath!r}: {e}") from None
+    check_label_plane(meta, record, relpath, plane, known)
+    return plane
+
+
+def _ragged_select(offsets: np.ndarray, category: np.ndarray, rows: np.ndarray,
+                   keep_category: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Flatten the ragged entries of `rows` whose category is kept.
+
+    Returns (flat entry indices, item of each entry, position within its item,
+    max entries per item), all vectorised: no loop over rows.
+    """
+    starts = offsets[rows]
+    counts = offsets[rows + 1] - starts  # (B,)
+    item = np.repeat(np.arange(len(rows), dtype=np.int64), counts)
+    first = np.cumsum(counts) - counts
+    flat = starts[item] + np.arange(item.size, dtype=np.int64) - first[item]
+    keep = keep_category[category[flat]] if flat.size else np.zeros(0, dtype=bool)
+    flat, item = flat[keep], item[keep]
+    kept = np.bincount(item, minlength=len(rows))  # (B,)
+    pos = np.arange(item.size, dtype=np.int64) - (np.cumsum(kept) - kept)[item]
+    return flat, item, pos, int(kept.max()) if kept.size else 0
+
+
+def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """array[rows] as an in-memory copy; a run of consecutive rows is one slice (one sequential read)."""
+    if rows.size > 1 and rows[-1] - rows[0] == rows.size - 1 and (np.diff(rows) == 1).all():
+        return np.array(array[rows[0]:rows[-1] + 1])
+    return np.ascontiguousarray(array[rows])
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack dataset items into a batch; `labels` and `image_labels` are zero-padded to the longest."""
+    if not items:
+        raise InputError("collate: no items to batch")
+    images = [it["image"] for it in items]
+    if any(im.shape != images[0].shape for im in images):
+        raise InputError(f"collate: images differ in size ({sorted({tuple(im.shape) for im in images})}); "
+                         f"a batch needs one image size")
+    label_hw = {tuple(it["labels"].shape[1:]) for it in items}
+    if len(label_hw) > 1:
+        raise InputError(f"collate: label maps differ in size ({sorted(label_hw)}); a batch needs one sh x sw")
+    sh, sw = label_hw.pop()
+    b = len(items)
+    kmax = max(it["labels"].shape[0] for it in items)
+    mmax = max(it["image_labels"].shape[0] for it in items)
+    labels = torch.zeros((b, kmax, sh, sw), dtype=torch.int32)  # (B, Kmax, sh, sw)
+    image_labels = torch.zeros((b, mmax), dtype=torch.int64)  # (B, Mmax)
+    for i, it in enumerate(items):
+        labels[i, : it["labels"].shape[0]] = it["labels"]
+        image_labels[i, : it["image_labels"].shape[0]] = it["image_labels"]
+    return {
+        "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.int64),
+        "image": torch.stack(images),  # (B, 3, H, W)
+        "labels": labels,
+        "image_labels": image_labels,
+    }
+
+
+class BrodenDataset(torch.utils.data.Dataset):
+    """Rows of a Broden index as tensors.
+
+    categories: which categories' layers and image-level labels to return
+        (default all; always returned in category.csv order).
+    split: keep only rows of this split ('train' or 'val'); None keeps both.
+    limit: keep the first `limit` rows (after the split filter).
+    cache: "auto" reads the decoded cache from the default cache dir when a
+        fresh one exists, "off" always decodes, a path names a cache dir (or a
+        decoded cache directly, as returned by broden.cache.build_cache).
+    """
+
+    def __init__(self, root: str | Path, categories: Sequence[str] | None = None, split: str | None = None,
+                 limit: int | None = None, cache: str | Path = "auto"):
+        self.root = Path(root)
+        self.meta: BrodenMeta = load_meta(self.root)
+        if isinstance(categories, str):
+            categories = [categories]
+        if categories is None:
+            selected = set(self.meta.categories)
+        else:
+            unknown = [c for c in categories if c not in self.meta.categories]
+            if unknown:
+                raise InputError(f"categories: {unknown} not in {self.root / 'category.csv'}; "
+                                 f"available: {self.meta.categories}")
+            selected = set(categories)
+        self.categories: list[str] = [c for c in self.meta.categories if c in selected]
+        self._keep_category = np.array([c in selected for c in self.meta.categories], dtype=bool)
+
+        splits = set(SPLITS) | {r.split for r in self.meta.records}
+        if split is not None and split not in splits:
+            raise InputError(f"split: expected one of {sorted(splits)}, got {split!r}")
+        if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 0):
+            raise InputError(f"limit: expected a non-negative integer, got {limit!r}")
+        rows = [r.index for r in self.meta.records if split is None or r.split == split]
+        self.split = split
+        self.rows: np.ndarray = np.asarray(rows[:limit] if limit is not None else rows, dtype=np.int64)
+        self._known: np.ndarray | None = None
+        self.cache = self._open_cache(cache)
+
+    def _open_cache(self, cache: str | Path) -> cache_mod.DecodedCache | None:
+        if isinstance(cache, str) and cache == "off":
+            return None
+        if isinstance(cache, str) and cache == "auto":
+            found = cache_mod.open_cache(self.root, meta=self.meta)
+        else:
+            path = Path(cache)
+            if (path / "meta.json").is_file():
+                found = cache_mod.open_decoded(path, self.root, meta=self.meta)
+                if found is None:
+                    raise InputError(f"cache: {path} is not a fresh decoded cache of {self.root} "
+                                     f"(source changed or build incomplete); rebuild it or pass cache='auto'")
+            else:
+                if not path.is_dir():
+                    log.warning("cache: %s does not exist; decoding on the fly", path)
+                found = cache_mod.open_cache(self.root, cache_dir=path, meta=self.meta)
+        if found is None:
+            log.info("no decoded cache for %s: decoding images and PNGs on the fly", self.root)
+        else:
+            log.info("reading decoded cache %s", found.path)
+        return found
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def record(self, i: int) -> ImageRecord:
+        """The index.csv record of dataset item `i`."""
+        return self.meta.records[int(self.rows[i])]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"item {i} out of range for {len(self)} items")
+        row = int(self.rows[i])
+        if self.cache is not None:
+            return self._cached_item(row)
+        return self._decoded_item(row)
+
+    def _decoded_item(self, row: int) -> dict[str, Any]:
+        record = self.meta.records[row]
+        if self._known is None:
+            self._known = known_id_table(self.meta)
+        planes = [_decode_plane(self.meta, record, p, self._known)
+                  for c in self.categories for p in record.layers.get(c, [])]
+        labels = (torch.from_numpy(np.stack(planes)) if planes
+                  else torch.zeros((0, record.sh, record.sw), dtype=torch.int32))  # (K, sh, sw)
+        ids = [n for c in self.categories for n in record.image_labels.get(c, [])]
+        return {
+            "index": row,
+            "image": _decode_image(self.meta, record),
+            "labels": labels,
+            "image_labels": torch.tensor(ids, dtype=torch.int64),
+        }
+
+    def _cached_item(self, row: int) -> dict[str, Any]:
+        batch = self._cached_batch(np.array([row], dtype=np.int64))  # one row: no padding
+        return {"index": row, "image": batch["image"][0], "labels": batch["labels"][0],
+                "image_labels": batch["image_labels"][0]}
+
+    def _cached_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        c = self.cache
+        b = rows.size
+        flat, item, pos, kmax = _ragged_select(c.plane_offsets, c.plane_category, rows, self._keep_category)
+        sh, sw = c.label_shape
+        labels = np.zeros((b, kmax, sh, sw), dtype=np.int32)  # (B, Kmax, sh, sw)
+        if flat.size:
+            labels[item, pos] = _take(c.planes, flat)
+        flat, item, pos, mmax = _ragged_select(c.image_label_offsets, c.image_label_category, rows,
+                                               self._keep_category)
+        image_labels = np.zeros((b, mmax), dtype=np.int64)  # (B, Mmax)
+        if flat.size:
+            image_labels[item, pos] = c.image_labels[flat]
+        return {
+            "index": torch.from_numpy(rows.astype(np.int64, copy=True)),
+            "image": torch.from_numpy(_take(c.images, rows)),  # (B, 3, H, W)
+            "labels": torch.from_numpy(labels),
+            "image_labels": torch.from_numpy(image_labels),
+        }
+
+    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The batch `collate([self[i] for i in indices])`, sliced straight from the cache when there is one."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            raise InputError("get_batch: no indices")
+        n = len(self)
+        if idx.min() < -n or idx.max() >= n:
+            raise IndexError(f"get_batch: indices out of range for {n} items")
+        if self.cache is None:
+            return collate([self[int(i)] for i in idx])
+        return self._cached_batch(self.rows[idx])

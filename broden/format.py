@@ -1,0 +1,389 @@
+"""Parse a Broden-format directory: the CSV tables and the label-PNG encoding.
+
+Pure reading, no side effects. The format is described in
+shared/design/netdissect.md, section 1. Every format error raises
+BrodenFormatError naming the file and, for CSV rows, the 1-based line number.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from broden.errors import BrodenFormatError
+
+__all__ = [
+    "INDEX_FIXED_COLUMNS",
+    "LabelInfo",
+    "ImageRecord",
+    "BrodenMeta",
+    "decode_label_png",
+    "load_meta",
+    "validate",
+    "check_label_plane",
+    "known_id_table",
+]
+
+INDEX_FIXED_COLUMNS = ("image", "split", "ih", "iw", "sh", "sw")
+_INT_RE = re.compile(r"^[+-]?\d+$")
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """One label of label.csv: global id, name, primary category and coverage per category."""
+
+    id: int
+    name: str
+    category: str | None  # primary category; None when no c_<cat>.csv lists the label
+    coverage: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageRecord:
+    """One row of index.csv; paths are relative to `<root>/images/`."""
+
+    index: int  # 0-based row over the whole index
+    line: int  # 1-based line of index.csv, for error messages
+    image: str
+    split: str
+    ih: int
+    iw: int
+    sh: int
+    sw: int
+    layers: dict[str, list[str]]  # category -> PNG relpaths, in cell order
+    image_labels: dict[str, list[int]]  # category -> image-level label ids, in cell order
+
+
+@dataclass
+class BrodenMeta:
+    """Everything the CSVs of a Broden directory say."""
+
+    root: Path
+    categories: list[str]
+    labels: dict[int, LabelInfo]
+    label_names: list[str]  # indexed by id; '-' at 0, '' for ids label.csv lacks
+    label_category: np.ndarray  # (num_labels,) int64: index into categories, -1 for 0/unused
+    records: list[ImageRecord]
+
+    @property
+    def num_labels(self) -> int:
+        """Largest label id + 1 (ids index arrays directly)."""
+        return len(self.label_names)
+
+    @property
+    def num_images(self) -> int:
+        """Number of rows of index.csv."""
+        return len(self.records)
+
+    def category_index(self, category: str) -> int:
+        """Position of `category` in category.csv order."""
+        try:
+            return self.categories.index(category)
+        except ValueError:
+            raise BrodenFormatError(
+                f"{self.root / 'category.csv'}: no category {category!r}; "
+                f"categories are {self.categories}") from None
+
+    def category_labels(self, category: str) -> list[int]:
+        """Ids (ascending) of the labels whose primary category is `category`."""
+        c = self.category_index(category)
+        return np.flatnonzero(self.label_category == c).tolist()
+
+    def image_path(self, record: ImageRecord) -> Path:
+        """Absolute path of a record's image."""
+        return self.root / "images" / record.image
+
+    def png_path(self, relpath: str) -> Path:
+        """Absolute path of a label PNG given relative to images/."""
+        return self.root / "images" / relpath
+
+
+def decode_label_png(path: str | Path) -> np.ndarray:
+    """Decode a Broden label PNG into an int32 (h, w) array of global ids (R + 256*G)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            arr = np.asarray(img)
+    except FileNotFoundError:
+        raise BrodenFormatError(f"{path}: label PNG not found") from None
+    except OSError as e:
+        raise BrodenFormatError(f"{path}: cannot decode label PNG ({e})") from None
+    if mode in ("RGB", "RGBA"):
+        # int32 before the arithmetic: uint8 would wrap (numpy >= 2 raises)
+        return arr[..., 0].astype(np.int32) + 256 * arr[..., 1].astype(np.int32)
+    if mode == "L":
+        return arr.astype(np.int32)
+    raise BrodenFormatError(f"{path}: label PNG has mode {mode!r}; expected RGB (id = R + 256*G)")
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield (1-based line number, cells) for every non-blank row of a CSV file."""
+    if not path.is_file():
+        raise BrodenFormatError(f"{path}: missing (a Broden directory needs it)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        start = 1
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                yield start, row
+            start = reader.line_num + 1
+
+
+def _int_cell(path: Path, line: int, column: str, value: str, minimum: int = 0) -> int:
+    value = value.strip()
+    if not _INT_RE.match(value):
+        raise BrodenFormatError(f"{path}, line {line}: column {column!r} must be an integer, got {value!r}")
+    number = int(value)
+    if number < minimum:
+        raise BrodenFormatError(f"{path}, line {line}: column {column!r} must be >= {minimum}, got {number}")
+    return number
+
+
+def _float_cell(path: Path, line: int, column: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise BrodenFormatError(f"{path}, line {line}: column {column!r} must be a number, got {value!r}") from None
+
+
+def _header(path: Path, rows: Iterator[tuple[int, list[str]]], required: tuple[str, ...]) -> dict[str, int]:
+    """Read the header row and return column name -> position; every `required` column must exist."""
+    first = next(rows, None)
+    if first is None:
+        raise BrodenFormatError(f"{path}: empty file; expected a header with columns {list(required)}")
+    _, header = first
+    header = [h.strip() for h in header]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise BrodenFormatError(f"{path}, line 1: header lacks columns {missing}; got {header}")
+    return {name: i for i, name in enumerate(header)}
+
+
+def _cell(path: Path, line: int, row: list[str], cols: dict[str, int], name: str) -> str:
+    i = cols[name]
+    if i >= len(row):
+        raise BrodenFormatError(f"{path}, line {line}: row has {len(row)} cells, no column {name!r}")
+    return row[i]
+
+
+def _read_categories(root: Path) -> list[str]:
+    path = root / "category.csv"
+    rows = _read_csv(path)
+    cols = _header(path, rows, ("name",))
+    categories: list[str] = []
+    for line, row in rows:
+        name = _cell(path, line, row, cols, "name").strip()
+        if not name:
+            raise BrodenFormatError(f"{path}, line {line}: empty category name")
+        if name in categories:
+            raise BrodenFormatError(f"{path}, line {line}: category {name!r} listed twice")
+        categories.append(name)
+    if not categories:
+        raise BrodenFormatError(f"{path}: lists no category")
+    return categories
+
+
+def _read_label_names(root: Path) -> dict[int, str]:
+    path = root / "label.csv"
+    rows = _read_csv(path)
+    cols = _header(path, rows, ("number", "name"))
+    names: dict[int, str] = {}
+    for line, row in rows:
+        number = _int_cell(path, line, "number", _cell(path, line, row, cols, "number"), minimum=1)
+        if number in names:
+            raise BrodenFormatError(f"{path}, line {line}: label id {number} listed twice")
+        names[number] = _cell(path, line, row, cols, "name").strip()
+    return names
+
+
+def _read_coverage(root: Path, category: str, known: dict[int, str]) -> dict[int, float]:
+    path = root / f"c_{category}.csv"
+    rows = _read_csv(path)
+    cols = _header(path, rows, ("number", "coverage"))
+    coverage: dict[int, float] = {}
+    for line, row in rows:
+        number = _int_cell(path, line, "number", _cell(path, line, row, cols, "number"), minimum=1)
+        if number not in known:
+            raise BrodenFormatError(f"{path}, line {line}: label id {number} is not in label.csv")
+        coverage[number] = _float_cell(path, line, "coverage", _cell(path, line, row, cols, "coverage"))
+    return coverage
+
+
+def _parse_index(root: Path, categories: list[str], known: dict[int, str]) -> list[ImageRecord]:
+    path = root / "index.csv"
+    rows = _read_csv(path)
+    first = next(rows, None)
+    expected = list(INDEX_FIXED_COLUMNS) + categories
+    if first is None:
+        raise BrodenFormatError(f"{path}: empty file; expected header {','.join(expected)}")
+    header = [h.strip() for h in first[1]]
+    if header != expected:
+        raise BrodenFormatError(
+            f"{path}, line 1: not a Broden index header; expected {','.join(expected)} "
+            f"(image,split,ih,iw,sh,sw then the categories of category.csv), got {','.join(header)}")
+    records: list[ImageRecord] = []
+    for line, row in rows:
+        if len(row) != len(expected):
+            raise BrodenFormatError(f"{path}, line {line}: {len(row)} cells, expected {len(expected)}")
+        image = row[0].strip()
+        split = row[1].strip()
+        if not image:
+            raise BrodenFormatError(f"{path}, line {line}: empty 'image' cell")
+        if not split:
+            raise BrodenFormatError(f"{path}, line {line}: empty 'split' cell")
+        ih, iw, sh, sw = (_int_cell(path, line, c, row[2 + i], minimum=1)
+                          for i, c in enumerate(("ih", "iw", "sh", "sw")))
+        layers: dict[str, list[str]] = {}
+        image_labels: dict[str, list[int]] = {}
+        for c, cell in zip(categories, row[6:]):
+            cell = cell.strip()
+            if not cell:
+                continue
+            for entry in cell.split(";"):
+                entry = entry.strip()
+                if not entry:
+                    raise BrodenFormatError(
+                        f"{path}, line {line}: column {c!r} has an empty entry in {cell!r} "
+                        f"(entries are ';'-separated ids or PNG paths)")
+                if _INT_RE.match(entry):
+                    number = int(entry)
+                    if number < 1:
+                        raise BrodenFormatError(
+                            f"{path}, line {line}: column {c!r}: image-level label {number} must be a positive id")
+                    if number not in known:
+                        raise BrodenFormatError(
+                            f"{path}, line {line}: column {c!r}: label id {number} is not in label.csv")
+                    image_labels.setdefault(c, []).append(number)
+                else:
+                    layers.setdefault(c, []).append(entry)
+        records.append(ImageRecord(len(records), line, image, split, ih, iw, sh, sw, layers, image_labels))
+    return records
+
+
+def load_meta(root: str | Path, check_files: bool = False) -> BrodenMeta:
+    """Parse category.csv, label.csv, every c_<cat>.csv and index.csv of a Broden directory.
+
+    A label's primary category is the one whose c_<cat>.csv gives it the largest
+    coverage, ties going to the later category (reference rule). With
+    `check_files`, every referenced image and PNG must exist.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise BrodenFormatError(f"{root}: not a directory (expected a Broden dataset directory)")
+    categories = _read_categories(root)
+    names = _read_label_names(root)
+    coverage = {c: _read_coverage(root, c, names) for c in categories}
+
+    num_labels = max(names, default=0) + 1
+    label_names = [""] * num_labels
+    label_names[0] = "-"
+    label_category = np.full(num_labels, -1, dtype=np.int64)
+    labels: dict[int, LabelInfo] = {}
+    for number, name in sorted(names.items()):
+        label_names[number] = name
+        cov = {c: coverage[c][number] for c in categories if number in coverage[c]}
+        best, best_cov = None, None
+        for ci, c in enumerate(categories):
+            # '>=' so that a tie goes to the later category
+            if c in cov and (best_cov is None or cov[c] >= best_cov):
+                best, best_cov = ci, cov[c]
+        if best is not None:
+            label_category[number] = best
+        labels[number] = LabelInfo(number, name, categories[best] if best is not None else None, cov)
+
+    meta = BrodenMeta(root, categories, labels, label_names, label_category,
+                      _parse_index(root, categories, names))
+    if check_files:
+        problems = _missing_files(meta)
+        if problems:
+            raise BrodenFormatError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return meta
+
+
+def _missing_files(meta: BrodenMeta) -> list[str]:
+    index = meta.root / "index.csv"
+    problems: list[str] = []
+    for r in meta.records:
+        if not meta.image_path(r).is_file():
+            problems.append(f"{index}, line {r.line}: image {r.image!r} not found under {meta.root / 'images'}")
+        for c, pngs in r.layers.items():
+            for p in pngs:
+                if not meta.png_path(p).is_file():
+                    problems.append(f"{index}, line {r.line}: column {c!r}: PNG {p!r} not found "
+                                    f"under {meta.root / 'images'}")
+    return problems
+
+
+def check_label_plane(meta: BrodenMeta, record: ImageRecord, relpath: str, plane: np.ndarray,
+                      known: np.ndarray | None = None) -> None:
+    """Raise BrodenFormatError if a decoded PNG disagrees with sh/sw or holds ids label.csv lacks.
+
+    `known` is an optional precomputed (65536,) bool table of valid ids (0 included).
+    """
+    where = f"{meta.root / 'index.csv'}, line {record.line}: PNG {relpath!r}"
+    if plane.shape != (record.sh, record.sw):
+        raise BrodenFormatError(f"{where} is {plane.shape[0]}x{plane.shape[1]} (h x w), "
+                                f"expected sh x sw = {record.sh}x{record.sw}")
+    if known is None:
+        known = known_id_table(meta)
+    bad = ~known[plane]
+    if bad.any():
+        ids = np.unique(plane[bad])
+        raise BrodenFormatError(f"{where} holds label ids not in label.csv: {ids[:10].tolist()}")
+
+
+def known_id_table(meta: BrodenMeta) -> np.ndarray:
+    """(65536,) bool: True for 0 and every id of label.csv (PNG ids lie in 0..65535)."""
+    known = np.zeros(65536, dtype=bool)
+    known[0] = True
+    ids = np.fromiter(meta.labels.keys(), dtype=np.int64, count=len(meta.labels))
+    known[ids[ids < 65536]] = True
+    return known
+
+
+def validate(root: str | Path, check_files: bool = True, decode: bool = False,
+             strict: bool = False) -> list[str]:
+    """Check a Broden directory; return the list of problems found (empty: valid).
+
+    Structural errors (missing tables, bad header, malformed cells, unknown
+    image-level ids) raise BrodenFormatError from `load_meta`. `check_files`
+    also reports missing images and PNGs; `decode` decodes every PNG and image
+    and reports size mismatches and unknown ids. With `strict`, any problem raises.
+    """
+    meta = load_meta(root)
+    problems: list[str] = []
+    if check_files or decode:
+        problems.extend(_missing_files(meta))
+    if decode:
+        known = known_id_table(meta)
+        index = meta.root / "index.csv"
+        for r in meta.records:
+            path = meta.image_path(r)
+            if path.is_file():
+                try:
+                    with Image.open(path) as img:
+                        w, h = img.size
+                        img.load()
+                    if (h, w) != (r.ih, r.iw):
+                        problems.append(f"{index}, line {r.line}: image {r.image!r} is {h}x{w} (h x w), "
+                                        f"expected ih x iw = {r.ih}x{r.iw}")
+                except OSError as e:
+                    problems.append(f"{index}, line {r.line}: image {r.image!r} cannot be decoded ({e})")
+            for pngs in r.layers.values():
+                for p in pngs:
+                    if not meta.png_path(p).is_file():
+                        continue
+                    try:
+                        check_label_plane(meta, r, p, decode_label_png(meta.png_path(p)), known)
+                    except BrodenFormatError as e:
+                        problems.append(str(e))
+    if strict and problems:
+        raise BrodenFormatError(f"{len(problems)} problem(s) in {meta.root}:\n" + "\n".join(problems))
+    return problems

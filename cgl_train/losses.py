@@ -1,0 +1,460 @@
+"""Concept Group Learning losses (paper section 3; choices in design/cgl.md).
+
+Every function is vectorised over groups, pairs and maps, and numerically safe:
+no NaN/inf in values or gradients for all-zero maps, a single image, or a group
+of one filter. Reductions run in float32 at least, so AMP half-precision maps
+do not overflow.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from broden.errors import InputError
+from cgl_train.groups import Captured, GroupSpec, LayerGroups
+
+__all__ = ["soft_receptive_field", "soft_receptive_field_bn", "ReceptiveFieldScale",
+           "soft_iou_distance", "sample_pairs", "group_activation_loss", "spatial_loss",
+           "block_norm", "group_relevance", "layer_relevance", "group_relevance_bn",
+           "proximal_group_step", "CGLOptions", "cgl_terms", "CGLObjective",
+           "GROUP_FORMS", "SPATIAL_COORDS", "BLOCK_NORM_MODES", "TERMS"]
+
+GROUP_FORMS = ("paper", "per_image")
+SPATIAL_COORDS = ("pixel", "normalized")
+BLOCK_NORM_MODES = ("penalty", "proximal")
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, with 0 where den == 0 (gradients stay finite: no 0/0 in backward)."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """sqrt with a zero (not infinite) gradient at 0."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+# ---------------------------------------------------------------- soft receptive field
+
+def soft_receptive_field(pre: torch.Tensor, p1: torch.Tensor | float, p2: torch.Tensor | float,
+                         eps: float = 1e-5) -> torch.Tensor:
+    """psi = sigmoid(p1 * pre / S + p2), S = per-channel std over N*H*W, plus eps (eq. 1).
+
+    S is the population std (divisor N*H*W, finite for one value) and is NOT
+    detached: gradients flow through it, as in the authors' code (srb-cv/cgl).
+    pre: (N, C, H, W) -> psi (N, C, H, W).
+    """
+    if pre.dim() != 4:
+        raise InputError(f"soft_receptive_field: expected a (N, C, H, W) map, got shape {tuple(pre.shape)}")
+    pre = _upcast(pre)
+    var = pre.var(dim=(0, 2, 3), unbiased=False, keepdim=True)  # (1, C, 1, 1)
+    std = _safe_sqrt(var) + eps
+    return torch.sigmoid(p1 * pre / std + p2)
+
+
+def soft_receptive_field_bn(bn_out: torch.Tensor, gamma: torch.Tensor, p1: torch.Tensor | float,
+                            p2: torch.Tensor | float, eps: float = 1e-5) -> torch.Tensor:
+    """psi = sigmoid(p1 * tau + p2), tau = bn_out / gamma = a_hat + beta / gamma (eq. 4).
+
+    Divides by the BN's gamma (not its running variance, the authors' bug); a
+    gamma with |gamma| < eps is replaced by eps with gamma's sign (+eps at 0).
+    bn_out: (N, C, H, W), gamma: (C,) -> psi (N, C, H, W).
+    """
+    if bn_out.dim() != 4 or gamma.dim() != 1 or gamma.shape[0] != bn_out.shape[1]:
+        raise InputError(f"soft_receptive_field_bn: expected bn_out (N, C, H, W) and gamma (C,), got "
+                         f"{tuple(bn_out.shape)} and {tuple(gamma.shape)}")
+    bn_out = _upcast(bn_out)
+    gamma = _upcast(gamma)
+    sign = torch.where(gamma < 0, -torch.ones_like(gamma), torch.ones_like(gamma))
+    safe_gamma = torch.where(gamma.abs() < eps, sign * eps, gamma)
+    tau = bn_out / safe_gamma.view(1, -1, 1, 1)
+    return torch.sigmoid(p1 * tau + p2)
+
+
+class ReceptiveFieldScale(nn.Module):
+    """The (P1, P2) pair shared by every layer: fixed buffers (1, 0) by default, Parameters if learnable.
+
+    Beware: learned under L_g alone, P1 -> 0 makes every psi equal and L_g zero.
+    """
+
+    def __init__(self, p1: float = 1.0, p2: float = 0.0, learnable: bool = False, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.learnable = learnable
+        self.eps = eps
+        if learnable:
+            self.p1 = nn.Parameter(torch.tensor(float(p1)))
+            self.p2 = nn.Parameter(torch.tensor(float(p2)))
+        else:
+            self.register_buffer("p1", torch.tensor(float(p1)))
+            self.register_buffer("p2", torch.tensor(float(p2)))
+
+    def forward(self, captured: Captured) -> torch.Tensor:
+        """psi of a capture: the BN variant when it carries a gamma, else the std variant."""
+        if captured.gamma is not None:
+            return soft_receptive_field_bn(captured.pre, captured.gamma, self.p1, self.p2, self.eps)
+        return soft_receptive_field(captured.pre, self.p1, self.p2, self.eps)
+
+
+# ---------------------------------------------------------------- group activation loss
+
+def soft_iou_distance(p: torch.Tensor, q: torch.Tensor, dims: int | Sequence[int] | None = None) -> torch.Tensor:
+    """D = 2|p-q|_1 / (|p|_1 + |q|_1 + |p-q|_1) over `dims` (all when None); D(0, 0) = 0 (eq. 2).
+
+    For indicator maps D = 1 - IoU.
+    """
+    p, q = _upcast(p), _upcast(q)
+    if dims is None:
+        dims = tuple(range(p.dim()))
+    diff = (p - q).abs().sum(dim=dims)
+    den = p.abs().sum(dim=dims) + q.abs().sum(dim=dims) + diff
+    return _safe_div(2 * diff, den)
+
+
+def sample_pairs(spec: GroupSpec, generator: torch.Generator, pairs_per_filter: int = 3) -> torch.Tensor:
+    """LongTensor (G, r, 2) of CHANNEL indices (i != j, both in group g), r = pairs_per_filter * f.
+
+    Pairs are drawn uniformly with replacement among the f(f-1) ordered pairs
+    (r exceeds f(f-1) for f <= 3). A group of one filter has no pairs: r = 0.
+    The tensor is on the CPU (the generator's device); move it as needed.
+    """
+    if pairs_per_filter < 1:
+        raise InputError(f"pairs_per_filter must be >= 1, got {pairs_per_filter}")
+    f, groups = spec.size, spec.groups
+    if f < 2:
+        return torch.zeros(groups, 0, 2, dtype=torch.int64)
+    r = pairs_per_filter * f
+    i = torch.randint(0, f, (groups, r), generator=generator, dtype=torch.int64)
+    j = torch.randint(0, f - 1, (groups, r), generator=generator, dtype=torch.int64)
+    j = j + (j >= i).long()  # skip i: uniform over the f - 1 others
+    offset = (torch.arange(groups, dtype=torch.int64) * f).view(groups, 1)
+    return torch.stack([i + offset, j + offset], dim=-1)
+
+
+def group_activation_loss(psi: torch.Tensor, spec: GroupSpec, pairs: torch.Tensor,
+                          form: str = "paper") -> torch.Tensor:
+    """L_g of one layer: sum over groups of the mean over its pairs of D(psi_i, psi_j) (eq. 5).
+
+    form="paper": the L1 norms run over the minibatch and space together (one
+    ratio per pair); form="per_image": one ratio per image, then the mean over
+    images (the authors' code). psi (N, C, H, W); pairs (G, r, 2) channel indices.
+    """
+    if form not in GROUP_FORMS:
+        raise InputError(f"group form must be one of {GROUP_FORMS}, got {form!r}")
+    if psi.dim() != 4 or psi.shape[1] != spec.channels:
+        raise InputError(f"group_activation_loss: psi must be (N, {spec.channels}, H, W), got {tuple(psi.shape)}")
+    if pairs.dim() != 3 or pairs.shape[0] != spec.groups or pairs.shape[2] != 2:
+        raise InputError(f"group_activation_loss: pairs must be ({spec.groups}, r, 2), got {tuple(pairs.shape)}")
+    psi = _upcast(psi)
+    groups, r = pairs.shape[0], pairs.shape[1]
+    if r == 0:
+        return psi.sum() * 0.0  # no pairs (groups of one filter): zero, still on the graph
+    flat = pairs.to(psi.device).reshape(-1, 2)  # (G*r, 2)
+    left, right = flat[:, 0], flat[:, 1]
+    # |psi_c|_1 is shared by all the pairs using channel c: compute it once per channel
+    norm_dims = (0, 2, 3) if form == "paper" else (2, 3)
+    norms = psi.abs().sum(dim=norm_dims)  # (C,) or (N, C)
+    diff = (psi.index_select(1, left) - psi.index_select(1, right)).abs().sum(dim=norm_dims)  # (P,) or (N, P)
+    den = norms.index_select(-1, left) + norms.index_select(-1, right) + diff
+    dist = _safe_div(2 * diff, den)
+    if form == "per_image":
+        dist = dist.mean(dim=0)  # (P,)
+    return dist.view(groups, r).mean(dim=1).sum()
+
+
+# ---------------------------------------------------------------- spatial loss
+
+def spatial_loss(psi: torch.Tensor, coords: str = "pixel") -> torch.Tensor:
+    """L_s: mean over images and maps of sum_j psi_j |j - c|_2 / sum_j psi_j, c = psi's centroid.
+
+    coords="pixel": j = (row, col) in pixels; coords="normalized": both divided
+    by max(H, W), which keeps distances isotropic and makes L_s independent of
+    the map size. An all-zero map contributes 0. psi (N, C, H, W) -> scalar.
+    """
+    if coords not in SPATIAL_COORDS:
+        raise InputError(f"spatial coordinates must be one of {SPATIAL_COORDS}, got {coords!r}")
+    if psi.dim() != 4:
+        raise InputError(f"spatial_loss: expected a (N, C, H, W) map, got shape {tuple(psi.shape)}")
+    psi = _upcast(psi)
+    h, w = psi.shape[2], psi.shape[3]
+    scale = float(max(h, w)) if coords == "normalized" else 1.0
+    rows = torch.arange(h, device=psi.device, dtype=psi.dtype) / scale  # (H,)
+    cols = torch.arange(w, device=psi.device, dtype=psi.dtype) / scale  # (W,)
+    mass = psi.sum(dim=(2, 3))  # (N, C)
+    cy = _safe_div((psi.sum(dim=3) * rows).sum(dim=2), mass)  # (N, C)
+    cx = _safe_div((psi.sum(dim=2) * cols).sum(dim=2), mass)  # (N, C)
+    dy2 = (rows.view(1, 1, h, 1) - cy[..., None, None]) ** 2  # (N, C, H, 1)
+    dx2 = (cols.view(1, 1, 1, w) - cx[..., None, None]) ** 2  # (N, C, 1, W)
+    dist = _safe_sqrt(dy2 + dx2)  # (N, C, H, W)
+    spread = _safe_div((psi * dist).sum(dim=(2, 3)), mass)  # (N, C)
+    return spread.mean()
+
+
+# ---------------------------------------------------------------- block norm and relevance
+
+def _group_weights(weight: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
+    if weight.shape[0] != spec.channels:
+        raise InputError(f"{'layer ' + repr(spec.layer) if spec.layer else 'weight'}: {weight.shape[0]} "
+                         f"output channels, group config says {spec.channels}")
+    return weight[: spec.grouped].reshape(spec.groups, -1)  # (G, f * Cin * kh * kw)
+
+
+def group_relevance(weight: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
+    """beta_gl = |w_gl|_F per group (eq. 7): Tensor (G,); free filters excluded."""
+    w = _upcast(_group_weights(weight, spec))
+    return _safe_sqrt((w * w).sum(dim=1))
+
+
+def block_norm(weight: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
+    """R_bn of one layer: sum over groups of |w_g|_F (eq. 6); free filters excluded."""
+    return group_relevance(weight, spec).sum()
+
+
+def layer_relevance(weight: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
+    """beta_l = sum over groups of beta_gl (eq. 7): a scalar."""
+    return group_relevance(weight, spec).sum()
+
+
+def group_relevance_bn(weight: torch.Tensor, spec: GroupSpec, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """Gamma-aware relevance (G,): |w_i * |gamma_i| / sqrt(running_var_i + bn.eps)|_F over each group.
+
+    A conv followed by BN is scale-invariant in its weights; w_i * gamma_i /
+    sqrt(var_i + eps) is the effective filter of the conv+BN pair at inference.
+    gamma = 1 without affine; running_var = 1 without running statistics.
+    """
+    c = weight.shape[0]
+    if bn.num_features != c:
+        raise InputError(f"group_relevance_bn: batch-norm has {bn.num_features} features, weight has {c} filters")
+    gamma = bn.weight if bn.weight is not None else torch.ones(c, device=weight.device)
+    var = bn.running_var if bn.running_var is not None else torch.ones(c, device=weight.device)
+    factor = gamma.abs() / torch.sqrt(var + bn.eps)  # (C,)
+    scaled = _upcast(weight) * factor.view(-1, *([1] * (weight.dim() - 1)))
+    return group_relevance(scaled, spec)
+
+
+@torch.no_grad()
+def proximal_group_step(weight: torch.Tensor, spec: GroupSpec, threshold: float) -> None:
+    """In place: w_g <- w_g * max(0, 1 - threshold / |w_g|_F) for every group (group soft-threshold).
+
+    The proximal operator of threshold * R_bn: groups with |w_g|_F <= threshold
+    become exactly zero. Use threshold = lr * lambda_bn after each optimizer step.
+    """
+    if threshold < 0:
+        raise InputError(f"proximal threshold must be >= 0, got {threshold}")
+    norms = group_relevance(weight, spec)  # (G,)
+    factor = torch.clamp(1 - _safe_div(torch.full_like(norms, float(threshold)), norms), min=0.0)
+    factor = torch.where(norms > 0, factor, torch.zeros_like(factor))
+    per_channel = factor.to(weight.dtype).repeat_interleave(spec.size)  # (G*f,)
+    weight[: spec.grouped].mul_(per_channel.view(-1, *([1] * (weight.dim() - 1))))
+
+
+# ---------------------------------------------------------------- the combined objective
+
+@dataclass
+class CGLOptions:
+    """Every CGL setting that changes a result; defaults are the paper's (design/cgl.md)."""
+
+    lambda_bn: float = 0.0  # weight of the block norm R_bn (authors: 1e-3, 5e-3, 1e-2)
+    lambda_g: float = 0.0  # weight of the group activation loss L_g (authors: 1e-3, toy)
+    lambda_s: float = 0.0  # weight of the spatial loss L_s (authors: 1e-2)
+    pairs_per_filter: int = 3  # r = pairs_per_filter * f random pairs per group, fresh each step
+    group_form: str = "paper"  # "paper": one D per pair over batch+space; "per_image": authors' code
+    spatial_coords: str = "pixel"  # "pixel" (authors) or "normalized" (divided by max(H, W))
+    learn_p: bool = False  # learn P1, P2 (paper) instead of fixing them at 1, 0 (authors' code)
+    spatial_layers: str = "grouped"  # L_s on: "grouped" (all grouped layers), "last", or "a,b" conv names
+    psi_eps: float = 1e-5  # epsilon added to S (std variant) and minimum |gamma| (BN variant)
+    block_norm_mode: str = "penalty"  # "penalty": add lambda_bn*R_bn to the loss; "proximal": soft-threshold
+
+    def __post_init__(self) -> None:
+        for key in ("lambda_bn", "lambda_g", "lambda_s", "psi_eps"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise InputError(f"CGL option {key!r} must be a number >= 0, got {value!r}")
+        if isinstance(self.pairs_per_filter, bool) or not isinstance(self.pairs_per_filter, int) \
+                or self.pairs_per_filter < 1:
+            raise InputError(f"CGL option 'pairs_per_filter' must be an integer >= 1, got {self.pairs_per_filter!r}")
+        for key, valid in (("group_form", GROUP_FORMS), ("spatial_coords", SPATIAL_COORDS),
+                           ("block_norm_mode", BLOCK_NORM_MODES)):
+            if getattr(self, key) not in valid:
+                raise InputError(f"CGL option {key!r} must be one of {valid}, got {getattr(self, key)!r}")
+        if not isinstance(self.spatial_layers, str) or not self.spatial_layers.strip():
+            raise InputError(f"CGL option 'spatial_layers' must be 'grouped', 'last' or comma-separated "
+                             f"conv names, got {self.spatial_layers!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for checkpoints and logs."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CGLOptions":
+        """Inverse of `to_dict`; unknown keys are an InputError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise InputError(f"unknown CGL option(s) {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**dict(data))
+
+    def spatial_layer_names(self, layer_groups: Sequence[LayerGroups]) -> list[str]:
+        """The conv names L_s applies to, resolved against the grouped layers."""
+        grouped = [lg.name for lg in layer_groups]
+        if self.spatial_layers == "grouped":
+            return grouped
+        if self.spatial_layers == "last":
+            return grouped[-1:]
+        names = [n.strip() for n in self.spatial_layers.split(",") if n.strip()]
+        missing = [n for n in names if n not in grouped]
+        if missing:
+            raise InputError(f"CGL option 'spatial_layers': {missing} are not grouped layers; "
+                             f"grouped layers: {grouped}")
+        return names
+
+
+TERMS = ("r_bn", "l_g", "l_s")
+
+
+def _capture_of(captured: Mapping[str, Captured], name: str) -> Captured:
+    if name not in captured:
+        raise InputError(f"no activation captured for grouped layer {name!r} (captured: {sorted(captured)}); "
+                         f"run the forward pass inside GroupActivations")
+    return captured[name]
+
+
+def cgl_terms(captured: Mapping[str, Captured], layer_groups: Sequence[LayerGroups], scale: ReceptiveFieldScale,
+              generator: torch.Generator, options: CGLOptions, model: nn.Module | None = None,
+              terms: Sequence[str] = TERMS) -> dict[str, torch.Tensor]:
+    """The unweighted CGL terms summed over the grouped layers: {"r_bn", "l_g", "l_s"} (those in `terms`).
+
+    r_bn needs `model` (for the conv weights); l_g and l_s need `captured`.
+    L_s of several layers is the sum of each layer's mean, like L_g and R_bn.
+    """
+    unknown = set(terms) - set(TERMS)
+    if unknown:
+        raise InputError(f"unknown CGL term(s) {sorted(unknown)}; valid: {TERMS}")
+    device = _device_of(captured, model)
+    sums: dict[str, list[torch.Tensor]] = {t: [] for t in terms}
+    if "r_bn" in terms:
+        if model is None:
+            raise InputError("cgl_terms: the block norm r_bn needs the model (model=...)")
+        modules = dict(model.named_modules())
+        sums["r_bn"] = [block_norm(modules[lg.name].weight, lg.spec) for lg in layer_groups]
+    spatial = set(options.spatial_layer_names(layer_groups)) if "l_s" in terms else set()
+    for lg in layer_groups:
+        need_g, need_s = "l_g" in terms, lg.name in spatial
+        if not (need_g or need_s):
+            continue
+        psi = scale(_capture_of(captured, lg.name))  # (N, C, H, W)
+        if need_g:
+            pairs = sample_pairs(lg.spec, generator, options.pairs_per_filter)
+            sums["l_g"].append(group_activation_loss(psi, lg.spec, pairs, options.group_form))
+        if need_s:
+            sums["l_s"].append(spatial_loss(psi, options.spatial_coords))
+    return {t: torch.stack(v).sum() if v else torch.zeros((), device=device) for t, v in sums.items()}
+
+
+def _device_of(captured: Mapping[str, Captured], model: nn.Module | None) -> torch.device:
+    for cap in captured.values():
+        return cap.pre.device
+    if model is not None:
+        for param in model.parameters():
+            return param.device
+    return torch.device("cpu")
+
+
+class CGLObjective(nn.Module):
+    """lambda_bn R_bn + lambda_g L_g + lambda_s L_s for a model's grouped layers.
+
+    Holds the shared (P1, P2) and the seeded pair generator; `state_dict()`
+    carries both (the generator's state as extra state), so a resumed run draws
+    the same pairs. Terms with lambda = 0 are skipped unless `monitor=True`,
+    which computes them without gradient for the logs.
+    """
+
+    def __init__(self, model: nn.Module, layer_groups: Sequence[LayerGroups], options: CGLOptions,
+                 seed: int = 0, monitor: bool = False) -> None:
+        super().__init__()
+        self.layer_groups = list(layer_groups)
+        self.options = options
+        self.monitor = monitor
+        self.seed = int(seed)
+        self.scale = ReceptiveFieldScale(learnable=options.learn_p, eps=options.psi_eps)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        # monitoring draws its own pairs, so turning it on leaves the training pairs unchanged
+        self.monitor_generator = torch.Generator().manual_seed(self.seed + 1)
+        # a plain reference, not a submodule: the objective's state_dict stays small
+        object.__setattr__(self, "_model", model)
+        options.spatial_layer_names(self.layer_groups)  # validate early
+
+    def lambdas(self) -> dict[str, float]:
+        """Each term's weight."""
+        return {"r_bn": self.options.lambda_bn, "l_g": self.options.lambda_g, "l_s": self.options.lambda_s}
+
+    def needs_activations(self) -> bool:
+        """True when L_g or L_s is used (or monitored): run the forward inside GroupActivations."""
+        return self.monitor or self.options.lambda_g > 0 or self.options.lambda_s > 0
+
+    def forward(self, captured: Mapping[str, Captured]) -> dict[str, torch.Tensor]:
+        """{"total": weighted sum, plus each computed term, unweighted}.
+
+        With block_norm_mode="proximal", r_bn is reported but left out of the
+        total: call `proximal_step(lr)` after each optimizer step instead.
+        """
+        lam = self.lambdas()
+        active = [t for t in TERMS if lam[t] > 0]
+        out = cgl_terms(captured, self.layer_groups, self.scale, self.generator, self.options,
+                        self._model, terms=active) if active else {}
+        if self.monitor:
+            rest = [t for t in TERMS if t not in active]
+            if rest:
+                with torch.no_grad():
+                    out.update(cgl_terms(captured, self.layer_groups, self.scale, self.monitor_generator,
+                                         self.options, self._model, terms=rest))
+        total = torch.zeros((), device=_device_of(captured, self._model))
+        for term in active:
+            if term == "r_bn" and self.options.block_norm_mode == "proximal":
+                continue
+            total = total + lam[term] * out[term]
+        out["total"] = total
+        return out
+
+    @torch.no_grad()
+    def proximal_step(self, lr: float) -> None:
+        """Group soft-threshold each grouped conv with threshold lr * lambda_bn (proximal mode only)."""
+        if self.options.block_norm_mode != "proximal" or self.options.lambda_bn == 0:
+            return
+        modules = dict(self._model.named_modules())
+        for lg in self.layer_groups:
+            proximal_group_step(modules[lg.name].weight, lg.spec, lr * self.options.lambda_bn)
+
+    @torch.no_grad()
+    def relevances(self) -> dict[str, dict[str, Any]]:
+        """Per grouped layer: beta (per group), beta_l, and beta_bn (per group) when a BN follows."""
+        modules = dict(self._model.named_modules())
+        result = {}
+        for lg in self.layer_groups:
+            weight = modules[lg.name].weight
+            beta = group_relevance(weight, lg.spec)
+            entry: dict[str, Any] = {"beta": beta.tolist(), "beta_l": float(beta.sum()), "beta_bn": None}
+            if lg.bn is not None:
+                entry["beta_bn"] = group_relevance_bn(weight, lg.spec, modules[lg.bn]).tolist()
+            result[lg.name] = entry
+        return result
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The pair generator's state and the seed (saved with state_dict)."""
+        return {"pair_generator": self.generator.get_state(),
+                "monitor_generator": self.monitor_generator.get_state(), "seed": self.seed}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the pair generator (load_state_dict)."""
+        self.generator.set_state(state["pair_generator"])
+        self.monitor_generator.set_state(state["monitor_generator"])
+        self.seed = int(state["seed"])

@@ -1,0 +1,76 @@
+"""`dissect layers MODEL`: list layer names, module types and output shapes, to choose --layers."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from dissect.hooks import layer_shapes
+from dissect.models import conv_layer_names, load_model, module_type_name
+
+DEFAULT_INPUT_SIZE = 224
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `layers` subcommand."""
+    p = subparsers.add_parser(
+        "layers", help="list a model's layers and their output shapes",
+        description="List layer names (for --layers), module types and output shapes (C, h, w). "
+                    "Shows every Conv2d by default, every module with --all.")
+    p.add_argument("model", metavar="MODEL",
+                   help="checkpoint, state_dict (with --arch), TorchScript archive or pickled module")
+    p.add_argument("--arch", metavar="NAME", default=None,
+                   help="architecture of a state_dict (torchvision classification model or cgl_train model)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load a whole pickled module; this runs code from the file, so only for files you trust")
+    p.add_argument("--input-size", type=int, metavar="N", default=None,
+                   help=f"input image side in pixels (default: the checkpoint's, else {DEFAULT_INPUT_SIZE})")
+    p.add_argument("--all", action="store_true", help="list every module, not only Conv2d layers")
+    p.set_defaults(func=run)
+
+
+def _format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model, run one zero image through it and print the layer table."""
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, input_size=args.input_size)
+    size = loaded.input_size or DEFAULT_INPUT_SIZE
+    module = loaded.module
+    modules = dict(module.named_modules())
+    names = [n for n in modules if n] if args.all else conv_layer_names(module)
+    print(f"model: {loaded.source} ({loaded.kind}{', ' + loaded.arch if loaded.arch else ''}), "
+          f"input {size}x{size}")
+    if not names:
+        print("no Conv2d layers; use --all to list every module")
+        return 0
+
+    note = ""
+    if isinstance(module, torch.jit.ScriptModule):
+        shapes: dict[str, tuple[int, ...]] = {}
+        note = "output shapes need forward hooks, which TorchScript models do not support"
+    else:
+        shapes = layer_shapes(module, names, (size, size), strict=not args.all)
+
+    header = ("layer", "type", "output (C, h, w)")
+    grouped = bool(loaded.groups)
+    if grouped:
+        header += ("groups",)
+    rows = []
+    for name in names:
+        shape = shapes.get(name)
+        row = (name, module_type_name(modules[name]), str(shape) if shape is not None else "-")
+        if grouped:
+            cfg = loaded.groups.get(name)
+            row += (f"{cfg['groups']}" if cfg else "",)
+        rows.append(row)
+    print(_format_table(rows, header))
+    if note:
+        print(f"note: {note}")
+    elif args.all and len(shapes) < len(names):
+        print("'-': the module did not run on this input or returns no single tensor")
+    return 0

@@ -1,0 +1,400 @@
+"""Load a model to dissect from any of the forms users have, safely.
+
+Forms: a cgl_train checkpoint, a bare state_dict (+ an architecture name), a
+TorchScript archive, or a whole pickled module (only when the user says they
+trust the file, because unpickling runs arbitrary code).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import re
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from broden.errors import InputError
+from cgl_train.checkpoint import CheckpointError, is_checkpoint, validate_checkpoint
+
+__all__ = ["NORMALIZATIONS", "DEFAULT_NORMALIZATION", "LoadedModel", "load_model", "model_from_module",
+           "conv_layer_names", "default_layers", "module_type_name", "known_arches",
+           "resolve_normalization"]
+
+log = logging.getLogger(__name__)
+
+# mean/std per RGB channel on the 0..1 scale: x = (img / 255 - mean) / std.
+NORMALIZATIONS: dict[str, dict[str, list[float]]] = {
+    "imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    # NetDissect-Lite subtracts its mean pixel on the 0..255 scale and divides by one std.
+    "lite": {"mean": [124.69 / 255, 118.69 / 255, 109.54 / 255],
+             "std": [57.12 / 255, 57.12 / 255, 57.12 / 255]},
+    "none": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
+}
+DEFAULT_NORMALIZATION = "imagenet"
+
+KINDS = ("checkpoint", "state_dict", "torchscript", "pickle", "module")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to dissect, with everything about its origin that results must record."""
+    module: nn.Module                    # eval mode
+    kind: str                            # one of KINDS
+    source: str                          # file path, or "<memory>"
+    arch: str | None                     # registry name when known
+    fingerprint: str                     # sha256 of the file bytes (or of the state_dict tensors)
+    normalization: dict[str, list[float]]
+    input_size: int | None
+    groups: dict[str, dict[str, int]] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """The `model` block of summary.json (docs/contracts.md)."""
+        return {"source": self.source, "kind": self.kind, "arch": self.arch,
+                "fingerprint": self.fingerprint, "metrics": self.metrics,
+                "normalization": self.normalization, "input_size": self.input_size}
+
+
+# ---------------------------------------------------------------- normalisation and sizes
+
+def resolve_normalization(normalize: str | Mapping[str, Any] | None,
+                          default: str = DEFAULT_NORMALIZATION) -> dict[str, list[float]]:
+    """Turn a name from NORMALIZATIONS (or a {"mean", "std"} dict) into a mean/std dict."""
+    if normalize is None:
+        normalize = default
+    if isinstance(normalize, str):
+        if normalize not in NORMALIZATIONS:
+            raise InputError(f"--normalize: unknown normalisation {normalize!r}; "
+                             f"valid: {', '.join(NORMALIZATIONS)}")
+        spec = NORMALIZATIONS[normalize]
+    else:
+        spec = normalize
+    try:
+        mean = [float(x) for x in spec["mean"]]
+        std = [float(x) for x in spec["std"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"normalization: expected a name ({', '.join(NORMALIZATIONS)}) or a dict "
+                         f"with 'mean' and 'std' lists of 3 numbers, got {normalize!r}") from e
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise InputError(f"normalization: 'mean' and 'std' need 3 values each and std > 0, got {normalize!r}")
+    return {"mean": mean, "std": std}
+
+
+def _check_input_size(input_size: int | None, what: str = "--input-size") -> int | None:
+    if input_size is None:
+        return None
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size <= 0:
+        raise InputError(f"{what}: expected a positive integer (pixels), got {input_size!r}")
+    return input_size
+
+
+# ---------------------------------------------------------------- architectures
+
+def _cgl_models() -> dict[str, Any]:
+    """cgl_train.models.MODELS, or {} while that module does not exist."""
+    try:
+        from cgl_train import models as cgl_models  # lazy: dissect must not need training code
+    except ModuleNotFoundError as e:
+        if e.name in ("cgl_train.models", "cgl_train"):
+            return {}
+        raise
+    return dict(cgl_models.MODELS)
+
+
+def _torchvision_classifiers() -> list[str]:
+    import torchvision
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def known_arches() -> dict[str, list[str]]:
+    """Architecture names `--arch` accepts, by source."""
+    return {"cgl_train": sorted(_cgl_models()), "torchvision": _torchvision_classifiers()}
+
+
+def _build_cgl(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    from cgl_train.models import build_model
+    return build_model(arch, **kwargs)
+
+
+def _build_tv(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    import torchvision
+    return torchvision.models.get_model(arch, weights=None, **kwargs)
+
+
+def _build_arch(arch: str, kwargs: Mapping[str, Any], source: str,
+                prefer: str = "cgl_train") -> nn.Module:
+    """Build `arch` (weights=None: no downloads) from cgl_train.models or torchvision, `prefer` first.
+
+    Checkpoints prefer cgl_train (they name its registry); bare state_dicts prefer torchvision,
+    whose names users pass with --arch (cgl_train's 'alexnet' differs only in out-of-place ReLUs).
+    """
+    builders = {"cgl_train": (_cgl_models(), _build_cgl), "torchvision": (_torchvision_classifiers(), _build_tv)}
+    order = [prefer] + [k for k in builders if k != prefer]
+    for label in order:
+        names, build = builders[label]
+        if arch in names:
+            try:
+                return build(arch, kwargs)
+            except InputError as e:  # cgl_train's own checks, which do not know the file
+                raise InputError(f"{source}: {e}") from e
+            except (TypeError, ValueError) as e:  # a constructor argument the architecture does not take
+                raise InputError(f"{source}: cannot build {label} architecture {arch!r} with arguments "
+                                 f"{dict(kwargs)!r}: {e}") from e
+    names = known_arches()
+    raise InputError(f"{source}: unknown architecture {arch!r}; valid --arch names: "
+                     f"cgl_train: {', '.join(names['cgl_train']) or '(none)'}; "
+                     f"torchvision: {', '.join(names['torchvision'])}")
+
+
+def _load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
+    """load_state_dict(strict) with a message that says which keys disagree and what to try."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatch (file vs model)", wrong_shape)):
+            if keys:
+                more = f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{label}: {', '.join(keys[:8])}{more}")
+        raise InputError(f"{source}: the weights do not fit architecture {arch!r} ({'; '.join(parts)}); "
+                         f"check --arch (and --num-classes)")
+    module.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------- state_dict helpers
+
+def _is_state_dict(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and len(obj) > 0
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+
+
+def _unwrap_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    """The state_dict in `obj`: obj itself, or obj['state_dict'] / obj['model'] (training scripts)."""
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if _is_state_dict(obj.get(key)):
+                return obj[key]
+    return None
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+    """Drop DataParallel/DDP's `module.` prefix, but only when every key has it (a model may own a 'module')."""
+    sd = dict(state_dict)
+    while sd and all(k.startswith(prefix) for k in sd):
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """Output count of the last weight matrix (a Linear, or a 1x1 conv classifier as in SqueezeNet)."""
+    for key in reversed(list(state_dict)):
+        value = state_dict[key]
+        if key.endswith("weight") and value.ndim >= 2:
+            return int(value.shape[0])
+    return None
+
+
+# ---------------------------------------------------------------- fingerprints
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_dict_sha256(module: nn.Module) -> str:
+    """Hash of names, dtypes, shapes and bytes of every tensor in the state_dict (sorted by name)."""
+    h = hashlib.sha256()
+    sd = module.state_dict()
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        # viewing as bytes works for every dtype, bfloat16 included (numpy has no bfloat16)
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- loading
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zips with code/ and constants.pkl (torch.save zips have neither)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """torch.load with weights_only=True; explain a refusal; weights_only=False only when trusted."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if not trust_pickle:
+            if match:
+                raise InputError(
+                    f"{path}: the file holds a pickled class ({match.group(1)}), not only weights. "
+                    f"Unpickling it runs arbitrary code from the file, so it is refused by default. "
+                    f"Pass --trust-pickle (trust_pickle=True) to load it anyway, only for files you trust; "
+                    f"better, save model.state_dict() and pass --arch.") from e
+            raise InputError(f"{path}: cannot be read as a torch file (weights only): {e}") from e
+    except Exception as e:  # torch raises several types for a corrupt or foreign file
+        if not trust_pickle:
+            raise InputError(f"{path}: cannot be read as a torch checkpoint, state_dict, TorchScript "
+                             f"archive or pickled module: {e}") from e
+    log.warning("%s: loading with weights_only=False (--trust-pickle): this runs code from the file", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise InputError(f"{path}: cannot be read as a torch file even with --trust-pickle: {e}") from e
+
+
+def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = False,
+               normalize: str | None = None, input_size: int | None = None,
+               num_classes: int | None = None) -> LoadedModel:
+    """Load a checkpoint, state_dict (+ arch), TorchScript archive or (trusted) pickled module, on CPU.
+
+    Normalisation comes from the checkpoint when it has one, else from `normalize`
+    (default 'imagenet'). `input_size` overrides the checkpoint's input size.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file (expected a checkpoint, state_dict, "
+                         f"TorchScript archive or pickled module)")
+    input_size = _check_input_size(input_size)
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):
+        raise InputError(f"--num-classes: expected a positive integer, got {num_classes!r}")
+    fingerprint = _file_sha256(path)
+
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                # torch.jit.load's deprecation notice is not actionable for someone dissecting a file
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as e:
+            raise InputError(f"{path}: looks like a TorchScript archive but torch.jit.load failed: {e}") from e
+        return _finish(module, "torchscript", source, arch, fingerprint,
+                       resolve_normalization(normalize), input_size)
+
+    obj = _torch_load(path, trust_pickle)
+    if is_checkpoint(obj):
+        try:
+            ckpt = validate_checkpoint(obj, path)
+        except CheckpointError as e:
+            raise InputError(str(e)) from e
+        return _from_checkpoint(ckpt, path, arch, normalize, input_size, fingerprint)
+
+    if isinstance(obj, nn.Module):  # only reachable with trust_pickle
+        return _finish(obj, "pickle", source, arch, fingerprint, resolve_normalization(normalize), input_size)
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), nn.Module):
+        return _finish(obj["model"], "pickle", source, arch, fingerprint,
+                       resolve_normalization(normalize), input_size)
+
+    state_dict = _unwrap_state_dict(obj)
+    if state_dict is None:
+        keys = f" with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping) else ""
+        raise InputError(f"{path}: holds a {type(obj).__name__}{keys}; expected a cgl checkpoint, a state_dict "
+                         f"(name -> tensor, possibly under 'state_dict' or 'model'), a TorchScript archive "
+                         f"or a pickled nn.Module")
+    if arch is None:
+        raise InputError(f"{path}: is a state_dict, which does not say which architecture it is for; pass "
+                         f"--arch NAME (a torchvision classification model such as resnet18, or a "
+                         f"cgl_train model; `dissect layers` lists the layers once it loads)")
+    state_dict = _strip_prefix(state_dict)
+    inferred = _infer_num_classes(state_dict)
+    if num_classes is not None and inferred is not None and num_classes != inferred:
+        raise InputError(f"--num-classes {num_classes}: the weights in {path} have {inferred} outputs")
+    n = num_classes if num_classes is not None else inferred
+    module = _build_arch(arch, {"num_classes": n} if n is not None else {}, source, prefer="torchvision")
+    _load_weights(module, state_dict, arch, source)
+    return _finish(module, "state_dict", source, arch, fingerprint, resolve_normalization(normalize), input_size)
+
+
+def _from_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, normalize: str | None,
+                     input_size: int | None, fingerprint: str) -> LoadedModel:
+    if arch is not None and arch != ckpt["arch"]:
+        raise InputError(f"--arch {arch}: {path} is a checkpoint of architecture {ckpt['arch']!r}; "
+                         f"leave --arch out for checkpoints")
+    norm = resolve_normalization(ckpt["normalization"])
+    if normalize is not None and resolve_normalization(normalize) != norm:
+        # the checkpoint records what the network was trained with, so it wins over the flag
+        log.warning("%s: --normalize %s ignored: the checkpoint was trained with mean=%s std=%s",
+                    path, normalize, norm["mean"], norm["std"])
+    module = _build_arch(ckpt["arch"], ckpt["arch_kwargs"], str(path))
+    _load_weights(module, ckpt["state_dict"], ckpt["arch"], str(path))
+    size = input_size if input_size is not None else _check_input_size(ckpt["input_size"], f"{path}: input_size")
+    groups = {layer: {k: int(v) for k, v in cfg.items()} for layer, cfg in ckpt["groups"].items()}
+    unknown = [name for name in groups if name not in dict(module.named_modules())]
+    if unknown:
+        raise InputError(f"{path}: field 'groups' names layers the model does not have: {', '.join(unknown)}")
+    metrics = dict(ckpt["metrics"]) if ckpt.get("metrics") else None
+    return _finish(module, "checkpoint", str(path), ckpt["arch"], fingerprint, norm, size,
+                   groups=groups, metrics=metrics, checkpoint=ckpt)
+
+
+def _finish(module: nn.Module, kind: str, source: str, arch: str | None, fingerprint: str,
+            normalization: dict[str, list[float]], input_size: int | None, **extra: Any) -> LoadedModel:
+    module.eval()
+    log.info("loaded %s (%s%s), normalisation mean=%s std=%s", source, kind,
+             f", arch {arch}" if arch else "", normalization["mean"], normalization["std"])
+    return LoadedModel(module=module, kind=kind, source=source, arch=arch, fingerprint=fingerprint,
+                       normalization=normalization, input_size=input_size, **extra)
+
+
+def model_from_module(module: nn.Module, normalization: str | Mapping[str, Any] | None = None,
+                      input_size: int | None = None,
+                      groups: Mapping[str, Mapping[str, int]] | None = None) -> LoadedModel:
+    """Wrap an in-memory module for the Python API (put in eval mode; left on its device)."""
+    if not isinstance(module, nn.Module):
+        raise InputError(f"module: expected a torch.nn.Module, got {type(module).__name__}")
+    names = dict(module.named_modules())
+    groups = {layer: dict(cfg) for layer, cfg in (groups or {}).items()}
+    unknown = [layer for layer in groups if layer not in names]
+    if unknown:
+        raise InputError(f"groups: layers not in the module: {', '.join(unknown)}")
+    return _finish(module, "module", "<memory>", None, _state_dict_sha256(module),
+                   resolve_normalization(normalization), _check_input_size(input_size, "input_size"),
+                   groups=groups)
+
+
+# ---------------------------------------------------------------- layers
+
+def module_type_name(module: nn.Module) -> str:
+    """Class name; for TorchScript submodules the original Python class name."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", type(module).__name__)
+    return type(module).__name__
+
+
+def conv_layer_names(module: nn.Module) -> list[str]:
+    """Dotted names of every nn.Conv2d (TorchScript modules included), in definition order."""
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.Conv2d) or (isinstance(m, torch.jit.ScriptModule)
+                                             and module_type_name(m) == "Conv2d")]
+
+
+def default_layers(loaded: LoadedModel) -> list[str]:
+    """The checkpoint's grouped layers when it has any, else every Conv2d."""
+    if loaded.groups:
+        return list(loaded.groups)
+    return conv_layer_names(loaded.module)
