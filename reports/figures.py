@@ -1,0 +1,127 @@
+"""Matplotlib figures of the reports, each saved as a PNG file.
+
+Figures are built with the object-oriented API (matplotlib.figure.Figure), so
+no pyplot state or global backend is touched.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from matplotlib.figure import Figure
+
+from dissect.fsutil import atomic_path
+
+__all__ = ["save_figure", "detector_counts", "detectors_bar_chart", "group_bubble_plot",
+           "compare_bar_chart", "CATEGORY_COLORS"]
+
+log = logging.getLogger(__name__)
+
+CATEGORY_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860",
+                   "#da8bc3", "#8c8c8c", "#ccb974", "#64b5cd"]
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
+    """Save `fig` as PNG at `path` atomically and return the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        # No "Software" tag: matplotlib's carries its web address, and report files hold no URL.
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return path
+
+
+def detector_counts(units: Sequence[Mapping[str, Any]], categories: Sequence[str],
+                    rule: tuple[float, str]) -> list[tuple[str, str, int]]:
+    """(category, label, number of detector units) by top label, grouped by category in
+    `categories` order, labels by count descending then name (the reference bar chart's order)."""
+    from reports.render import is_detector
+
+    counts = Counter((u.get("category") or "", u.get("label") or "") for u in units
+                     if u.get("iou") is not None and is_detector(float(u["iou"]), rule))
+    rank = {c: i for i, c in enumerate(list(categories) + sorted({c for c, _ in counts} - set(categories)))}
+    ordered = sorted(counts.items(), key=lambda kv: (rank[kv[0][0]], -kv[1], kv[0][1]))
+    return [(c, label, n) for (c, label), n in ordered]
+
+
+def detectors_bar_chart(units: Sequence[Mapping[str, Any]], categories: Sequence[str],
+                        rule: tuple[float, str], path: str | Path, title: str = "") -> Path:
+    """Bar chart of detectors per label, grouped and coloured by category; saved at `path`."""
+    rows = detector_counts(units, categories, rule)
+    fig = Figure(figsize=(max(4.0, 0.28 * len(rows) + 1.5), 3.2))
+    ax = fig.add_subplot()
+    if not rows:
+        ax.text(0.5, 0.5, "no detectors", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+    else:
+        cats = list(dict.fromkeys(c for c, _, _ in rows))
+        colors = {c: CATEGORY_COLORS[i % len(CATEGORY_COLORS)] for i, c in enumerate(cats)}
+        ax.bar(range(len(rows)), [n for _, _, n in rows], color=[colors[c] for c, _, _ in rows])
+        ax.set_xticks(range(len(rows)), [label for _, label, _ in rows], rotation=90, fontsize=8)
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+        for c in cats:
+            xs = [i for i, row in enumerate(rows) if row[0] == c]
+            ax.bar(0, 0, color=colors[c], label=f"{c} ({len(xs)})")
+        ax.legend(fontsize=8, frameon=False, title="category (labels)", title_fontsize=8,
+                  loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    threshold, op = rule
+    ax.set_ylabel(f"units (IoU {op} {threshold:g})")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def group_bubble_plot(layers: Sequence[tuple[str, Sequence[Mapping[str, Any]] | None]],
+                      path: str | Path) -> Path | None:
+    """Concept groups: layers across, aligned concepts down, bubble area ~ relevance (paper Fig. 4).
+
+    Groups aligned to the same concept in one layer are summed into one bubble. Returns None
+    when no group is aligned to a concept.
+    """
+    cells: dict[tuple[str, str], float] = {}
+    concept_cat: dict[str, str] = {}
+    layer_names = [name for name, groups in layers if groups]
+    for name, groups in layers:
+        for g in groups or []:
+            concept = g.get("aligned_concept")
+            if concept is None:
+                continue
+            cells[(name, concept)] = cells.get((name, concept), 0.0) + float(g.get("relevance") or 0.0)
+            concept_cat.setdefault(concept, g.get("aligned_category") or "")
+    if not cells:
+        return None
+    concepts = sorted(concept_cat, key=lambda c: (concept_cat[c], c))
+    biggest = max(cells.values()) or 1.0
+    fig = Figure(figsize=(1.2 + 1.1 * len(layer_names), 1.0 + 0.38 * len(concepts)))
+    ax = fig.add_subplot()
+    xs, ys, sizes = [], [], []
+    for (name, concept), rel in cells.items():
+        xs.append(layer_names.index(name))
+        ys.append(concepts.index(concept))
+        sizes.append(30 + 900 * rel / biggest)
+    ax.scatter(xs, ys, s=sizes, alpha=0.6, color="#4c72b0", edgecolors="#1f3a60")
+    ax.set_xticks(range(len(layer_names)), layer_names)
+    ax.set_yticks(range(len(concepts)), [f"{c} ({concept_cat[c]})" if concept_cat[c] else c
+                                         for c in concepts], fontsize=8)
+    ax.set_xlim(-0.6, len(layer_names) - 0.4)
+    ax.set_ylim(len(concepts) - 0.4, -0.6)
+    ax.set_title(f"concept groups (bubble area ~ relevance, max {biggest:.3g})", fontsize=10)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def compare_bar_chart(run_names: Sequence[str], layer_names: Sequence[str],
+                      values: Sequence[Sequence[float | None]], path: str | Path, ylabel: str) -> Path:
+    """Grouped bars: one group per layer, one bar per run (values[run][layer]; None = absent)."""
+    fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * len(layer_names) * max(1, len(run_names)) / 2), 3.2))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(run_names))
+    for r, name in enumerate(run_names):
+        xs = [i + (r - (len(run_names) - 1) / 2) * width for i in range(len(layer_names))]
+        ax.bar(xs, [v if v is not None else 0 for v in values[r]], width=width, label=name,
+               color=CATEGORY_COLORS[r % len(CATEGORY_COLORS)])
+    ax.set_xticks(range(len(layer_names)), layer_names)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save_figure(fig, path)

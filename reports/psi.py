@@ -1,0 +1,167 @@
+"""Soft receptive fields (CGL paper eq. 1, Figure 5) of chosen units over their top images.
+
+The only part of the reports that runs a model: the dissected model is loaded
+from summary["model"]["source"], fed the unit's top images (preprocessed with
+the normalisation and input size the dissection recorded), and the layer's
+output (the pre-activation when the layer is a conv) is turned into
+psi = sigmoid(P1 * a / S + P2), S = the unit's std over the shown images.
+No dissection statistic is recomputed.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+
+from broden.errors import InputError
+from cgl_train.losses import soft_receptive_field
+from reports.figures import save_figure
+
+if TYPE_CHECKING:
+    from reports.render import RunResults
+
+__all__ = ["parse_psi_units", "preprocess", "unit_psi", "render_psi_figures"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_psi_units(specs: Sequence[str] | None) -> dict[str, list[int]]:
+    """Parse `LAYER:U,U` strings (repeatable; the last ':' splits, so layer names may hold ':')."""
+    result: dict[str, list[int]] = {}
+    for spec in specs or []:
+        layer, sep, units = spec.rpartition(":")
+        if not sep or not layer or not units:
+            raise InputError(f"--psi-units {spec!r}: expected LAYER:UNIT[,UNIT...], e.g. conv2:5,17")
+        try:
+            numbers = [int(u) for u in units.split(",") if u.strip()]
+        except ValueError as e:
+            raise InputError(f"--psi-units {spec!r}: units must be 0-based integers separated by commas") from e
+        if not numbers:
+            raise InputError(f"--psi-units {spec!r}: no unit given")
+        result.setdefault(layer, [])
+        result[layer] += [u for u in numbers if u not in result[layer]]
+    return result
+
+
+def preprocess(images: torch.Tensor, normalization: Mapping[str, Sequence[float]],
+               input_size: int | None) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> model input: optional square resize (bilinear, antialias), then
+    x = (img / 255 - mean) / std (docs/contracts.md conventions)."""
+    x = images.float() / 255.0
+    if input_size is not None and tuple(x.shape[-2:]) != (input_size, input_size):
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.as_tensor(normalization["mean"], dtype=x.dtype, device=x.device)[None, :, None, None]
+    std = torch.as_tensor(normalization["std"], dtype=x.dtype, device=x.device)[None, :, None, None]
+    return (x - mean) / std
+
+
+def unit_psi(pre: torch.Tensor, p1: float = 1.0, p2: float = 0.0, eps: float = 1e-5) -> torch.Tensor:
+    """psi of one unit over its shown images: pre (k, h, w) -> (k, h, w) in (0, 1).
+
+    S is the unit's std over these k images (all positions), as eq. 1 takes it over a minibatch.
+    """
+    return soft_receptive_field(pre[:, None], p1, p2, eps=eps)[:, 0]
+
+
+def _load_images(paths: Sequence[str], images_dir: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for p in paths:
+        try:
+            with Image.open(images_dir / p) as im:
+                out[p] = np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise InputError(f"--psi-units: cannot read top image {images_dir / p} ({e}); psi maps need "
+                             "the dataset the run was dissected on") from e
+    return out
+
+
+def _layer_outputs(module: torch.nn.Module, layer: str, images: dict[str, np.ndarray],
+                   normalization: Mapping[str, Sequence[float]], input_size: int | None,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Layer output (C, h, w) per image, one forward pass per image size."""
+    from dissect.hooks import LayerRecorder
+
+    by_size: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for p, arr in images.items():
+        by_size[arr.shape].append(p)
+    result = {}
+    with LayerRecorder(module, [layer]) as rec, torch.no_grad():
+        for names in by_size.values():
+            batch = torch.from_numpy(np.stack([images[p] for p in names])).permute(0, 3, 1, 2).to(device)
+            out = rec.forward(preprocess(batch, normalization, input_size))[layer]  # (n, C, h, w)
+            if out.dim() != 4:
+                raise InputError(f"--psi-units {layer}: the layer outputs shape {tuple(out.shape)}, "
+                                 "expected a (N, C, h, w) feature map")
+            result.update(zip(names, out.cpu()))
+    return result
+
+
+def _figure(images: Sequence[np.ndarray], psi: torch.Tensor, title: str, path: Path) -> Path:
+    k = len(images)
+    fig = Figure(figsize=(1.9 * k + 0.8, 2.3))
+    axes = fig.subplots(1, k, squeeze=False)[0]
+    mappable = None
+    for ax, img, p in zip(axes, images, psi):
+        heat = F.interpolate(p[None, None].float(), size=img.shape[:2], mode="bilinear",
+                             align_corners=False)[0, 0].numpy()  # (H, W)
+        ax.imshow(img)
+        mappable = ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if mappable is not None:
+        fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.02, label="psi")
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def render_psi_figures(run: "RunResults", psi_units: Mapping[str, Sequence[int]], fig_dir: str | Path,
+                       p1: float = 1.0, p2: float = 0.0, top_k: int | None = None, device: str = "cpu",
+                       trust_pickle: bool = False, eps: float = 1e-5) -> dict[str, list[dict[str, Any]]]:
+    """Draw psi heat maps over each chosen unit's top images; returns layer -> [{unit, path, caption}]."""
+    from dissect.models import load_model
+    from reports.render import safe_name
+
+    summary = run.summary
+    model_info = summary["model"]
+    images_dir = Path(summary["dataset"]["root"]) / "images"
+    if not images_dir.is_dir():
+        raise InputError(f"--psi-units: the dataset images are gone from {images_dir}; psi maps need them")
+    arch = model_info.get("arch") if model_info.get("kind") == "state_dict" else None
+    loaded = load_model(model_info["source"], arch=arch, trust_pickle=trust_pickle)
+    dev = torch.device(device)
+    module = loaded.module.to(dev).eval()
+    # The recorded preprocessing is what the dissection saw; it wins over the loader's defaults.
+    normalization = model_info.get("normalization") or loaded.normalization
+    input_size = model_info.get("input_size")
+
+    figures: dict[str, list[dict[str, Any]]] = {}
+    for layer_name, units in psi_units.items():
+        layer = run.layer(layer_name)
+        by_unit = {int(u["unit"]): u for u in layer.units["units"]}
+        chosen = {u: [t["image"] for t in (by_unit[u].get("top_images") or [])[:top_k]] for u in units}
+        images = _load_images(sorted({p for ps in chosen.values() for p in ps}), images_dir)
+        outputs = _layer_outputs(module, layer_name, images, normalization, input_size, dev)
+        for u, paths in chosen.items():
+            if not paths:
+                log.warning("%s unit %d has no top images; no psi figure", layer_name, u)
+                continue
+            channels = outputs[paths[0]].shape[0]
+            if u >= channels:
+                raise InputError(f"--psi-units {layer_name}:{u}: the model's layer has {channels} channels")
+            pre = torch.stack([outputs[p][u] for p in paths])  # (k, h, w)
+            psi = unit_psi(pre, p1, p2, eps)
+            caption = (f"psi = sigmoid({p1:g} · a / S + {p2:g}) over its top {len(paths)} images, "
+                       f"S = the unit's std over them; label {by_unit[u].get('label')}, "
+                       f"IoU {float(by_unit[u].get('iou') or 0):.3f}")
+            path = _figure([images[p] for p in paths], psi,
+                           f"{layer_name} unit {u}: soft receptive field (P1={p1:g}, P2={p2:g})",
+                           Path(fig_dir) / f"psi-{safe_name(layer_name)}-unit{u:04d}.png")
+            figures.setdefault(layer_name, []).append({"unit": u, "path": str(path), "caption": caption})
+    return figures

@@ -1,0 +1,334 @@
+"""Render a dissection results directory as self-contained HTML pages.
+
+Reports are views over the files `dissect run` wrote (docs/contracts.md,
+"Dissection results"): nothing here recomputes a dissection. Pages open from
+file:// with no server: CSS, JS, figures and thumbnails are relative files
+under DIR/report/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jinja2
+import numpy as np
+
+from broden.errors import InputError
+from dissect.fsutil import write_json_atomic, write_text_atomic
+
+__all__ = ["RunResults", "LayerResults", "read_run", "render_report", "detector_rule",
+           "is_detector", "safe_name", "template_env", "DEFAULT_DETECTOR_THRESHOLD"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT = "dissect-results"
+RESULTS_VERSION = 1
+# Lite's report counts a unit as a detector at IoU >= 0.04 (netdissect.md section 2, step 7).
+DEFAULT_DETECTOR_THRESHOLD = 0.04
+DEFAULT_DETECTOR_RULE = ">="
+UNIQUE_DEFINITIONS = {
+    "paper": "per category, distinct best labels among units scoring > threshold in that "
+             "category; total = sum over categories (the CGL paper's scripts)",
+    "top_label": "distinct top labels among units whose top label passes the detector rule "
+                 "(NetDissect-Lite's report header)",
+}
+
+
+@dataclass
+class LayerResults:
+    """One layer of a results directory: its summary entry, units.json and array files."""
+
+    meta: dict[str, Any]
+    units: dict[str, Any]
+    dir: Path
+
+    @property
+    def name(self) -> str:
+        """The layer's module name, e.g. `features.10`."""
+        return str(self.meta["name"])
+
+    def array(self, filename: str, shape_prefix: Sequence[int] | None = None) -> np.ndarray:
+        """Load `<layer>/<filename>`; check that its leading dimensions equal `shape_prefix`."""
+        path = self.dir / filename
+        if not path.is_file():
+            raise InputError(f"{path}: missing; a results directory holds it for every layer "
+                             "(rerun `dissect run`)")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise InputError(f"{path}: not a readable .npy array ({e})") from e
+        if shape_prefix is not None and tuple(arr.shape[:len(shape_prefix)]) != tuple(shape_prefix):
+            raise InputError(f"{path}: shape {tuple(arr.shape)}, expected leading dimensions "
+                             f"{tuple(shape_prefix)}")
+        return arr
+
+
+@dataclass
+class RunResults:
+    """A whole results directory, read once."""
+
+    root: Path
+    summary: dict[str, Any]
+    layers: list[LayerResults] = field(default_factory=list)
+
+    def layer(self, name: str) -> LayerResults:
+        """The layer called `name`; InputError lists the valid names otherwise."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise InputError(f"{self.root}: no layer {name!r}; layers: {[l.name for l in self.layers]}")
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"{path}: missing; is this a results directory written by `dissect run`?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+
+
+def _require(obj: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise InputError(f"{where}: missing field(s) {missing}")
+
+
+def read_run(results_dir: str | Path) -> RunResults:
+    """Read summary.json and every <layer>/units.json of a results directory, validating the contract."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: not a directory; expected the --out directory of `dissect run`")
+    summary_path = root / "summary.json"
+    summary = _read_json(summary_path)
+    if not isinstance(summary, dict) or summary.get("format") != RESULTS_FORMAT:
+        raise InputError(f"{summary_path}: field 'format' must be {RESULTS_FORMAT!r}")
+    if summary.get("version") != RESULTS_VERSION:
+        raise InputError(f"{summary_path}: field 'version' is {summary.get('version')!r}; "
+                         f"this toolkit reads version {RESULTS_VERSION}")
+    _require(summary, ["options", "model", "dataset", "labels", "layers"], str(summary_path))
+    run = RunResults(root=root, summary=summary)
+    for i, meta in enumerate(summary["layers"]):
+        where = f"{summary_path}: layers[{i}]"
+        _require(meta, ["name", "dir", "num_units", "detectors", "unique_detectors", "rud"], where)
+        layer_dir = root / meta["dir"]
+        units = _read_json(layer_dir / "units.json")
+        _require(units, ["layer", "num_units", "units", "top_k"], str(layer_dir / "units.json"))
+        if len(units["units"]) != meta["num_units"]:
+            raise InputError(f"{layer_dir / 'units.json'}: {len(units['units'])} units, "
+                             f"summary.json says num_units={meta['num_units']}")
+        run.layers.append(LayerResults(meta=meta, units=units, dir=layer_dir))
+    return run
+
+
+def detector_rule(options: Mapping[str, Any]) -> tuple[float, str]:
+    """(threshold, rule) of the detector rule recorded in the run's options (dissect.config names:
+    `iou_threshold`, `detector_rule` '>=' or '>'); Lite's 0.04 and '>=' when a run lacks them."""
+    threshold = options.get("iou_threshold", DEFAULT_DETECTOR_THRESHOLD)
+    rule = options.get("detector_rule", DEFAULT_DETECTOR_RULE)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise InputError(f"summary.json options.iou_threshold: expected a number, got {threshold!r}")
+    if rule not in (">=", ">"):
+        raise InputError(f"summary.json options.detector_rule: expected '>=' or '>', got {rule!r}")
+    return float(threshold), rule
+
+
+def is_detector(iou: float, rule: tuple[float, str]) -> bool:
+    """Whether a unit whose top label scores `iou` is a detector under `rule` = (threshold, op)."""
+    threshold, op = rule
+    return iou > threshold if op == ">" else iou >= threshold
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a layer name (`features.10` stays, `a/b` -> `a_b`)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return cleaned if cleaned.strip(".") else "layer"
+
+
+def template_env() -> jinja2.Environment:
+    """The jinja2 environment over the shipped templates, autoescaping everything."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("reports", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _fmt_num
+    env.filters["exact"] = _exact
+    return env
+
+
+def _fmt_num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _exact(value: Any) -> str:
+    """A number written so that parsing it back gives the same float (for data attributes)."""
+    if value is None:
+        return ""
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _copy_static(env: jinja2.Environment, out: Path) -> None:
+    for name in ("report.css", "report.js"):
+        source = env.loader.get_source(env, name)[0]  # type: ignore[union-attr]
+        target = out / name
+        if not target.is_file() or target.read_text() != source:
+            write_text_atomic(target, source)
+
+
+def _layer_rows(run: RunResults, categories: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for layer in run.layers:
+        m = layer.meta
+        uniq = m["unique_detectors"]
+        rows.append({
+            "name": layer.name, "page": safe_name(layer.name) + ".html", "num_units": m["num_units"],
+            "shape": m.get("shape"), "detectors": m["detectors"],
+            "per_category": {c: {"detectors": m.get("detectors_per_category", {}).get(c, 0),
+                                 "paper": uniq.get("paper", {}).get("per_category", {}).get(c, 0),
+                                 "top_label": uniq.get("top_label", {}).get("per_category", {}).get(c, 0)}
+                             for c in categories},
+            "unique_paper": uniq.get("paper", {}).get("total"),
+            "unique_top_label": uniq.get("top_label", {}).get("total"),
+            "rud_paper": m["rud"].get("paper"), "rud_top_label": m["rud"].get("top_label"),
+            "groups": m.get("groups") or [],
+        })
+    return rows
+
+
+def _unit_cards(layer: LayerResults, rule: tuple[float, str], strips: Mapping[int, str | None],
+                top_k: int) -> list[dict[str, Any]]:
+    cards = []
+    for u in layer.units["units"]:
+        iou = u.get("iou")
+        per_cat = sorted(((c, v) for c, v in (u.get("per_category") or {}).items()),
+                         key=lambda cv: -(cv[1].get("iou") or 0.0))
+        cards.append({
+            "unit": int(u["unit"]), "label": u.get("label") or "", "category": u.get("category") or "",
+            "iou": iou, "threshold": u.get("threshold"), "group": u.get("group"),
+            "detector": iou is not None and is_detector(float(iou), rule),
+            "per_category": per_cat, "strip": strips.get(int(u["unit"])),
+            "top_images": (u.get("top_images") or [])[:top_k],
+        })
+    return cards
+
+
+def _definitions(options: Mapping[str, Any], rule: tuple[float, str]) -> dict[str, str]:
+    """The unique-detector definitions, worded with the rules this run used."""
+    unique_rule = options.get("unique_rule", ">")
+    return {"paper": f"per category, distinct best labels among units whose score in that category is "
+                     f"{unique_rule} {rule[0]:g}; total = sum over categories (the CGL paper's scripts)",
+            "top_label": f"distinct top labels among units whose top label's IoU is {rule[1]} {rule[0]:g} "
+                         "(NetDissect-Lite's report header)"}
+
+
+def _check_request(run: RunResults, top_k: int | None,
+                   psi_units: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Validate --top-k and --psi-units against the run before any file is written; k per layer."""
+    for name, units in psi_units.items():
+        layer = run.layer(name)
+        bad = [u for u in units if not 0 <= int(u) < layer.meta["num_units"]]
+        if bad:
+            raise InputError(f"--psi-units {name}: unit(s) {bad} out of range 0..{layer.meta['num_units'] - 1}")
+    layer_k = {}
+    for layer in run.layers:
+        stored_k = int(layer.units["top_k"])
+        layer_k[layer.name] = stored_k if top_k is None else int(top_k)
+        if not 1 <= layer_k[layer.name] <= stored_k:
+            raise InputError(f"--top-k {top_k}: layer {layer.name} stored {stored_k} top images "
+                             f"per unit; choose 1..{stored_k}")
+    return layer_k
+
+
+def render_report(results_dir: str | Path, out_dir: str | Path | None = None, top_k: int | None = None,
+                  psi_units: Mapping[str, Sequence[int]] | None = None, *, thumb_height: int = 112,
+                  dim: float = 0.2, jpeg_quality: int = 85, psi_p1: float = 1.0, psi_p2: float = 0.0,
+                  device: str = "cpu", trust_pickle: bool = False) -> Path:
+    """Write DIR/report/index.html and one page per layer; return the index page's path.
+
+    `top_k` images per unit (default: all the run stored); `psi_units` maps a layer name to
+    the units whose soft receptive fields (psi heat maps) are drawn, which loads the model.
+    `dim` is the brightness kept outside the mask (the reference's 20%).
+    """
+    # Imported here so that reading results (compare) does not pull in matplotlib and torch.
+    from reports import figures, thumbnails
+
+    run = read_run(results_dir)
+    psi_units = dict(psi_units or {})
+    layer_k = _check_request(run, top_k, psi_units)
+    out = Path(out_dir) if out_dir is not None else run.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    # A failed re-render must not leave an older index that looks complete over newer pages.
+    (out / "index.html").unlink(missing_ok=True)
+    summary = run.summary
+    categories = list(summary["dataset"].get("categories") or [])
+    rule = detector_rule(summary["options"])
+    env = template_env()
+    _copy_static(env, out)
+
+    dataset_root = Path(summary["dataset"]["root"])
+    images_dir = dataset_root / "images"
+    dataset_note = None if images_dir.is_dir() else (
+        f"The dataset images are not available at {images_dir}; top images are not shown. "
+        "Restore the dataset at that path and run `dissect report` again.")
+    settings = {"top_k": top_k, "thumb_height": thumb_height, "dim": dim, "jpeg_quality": jpeg_quality,
+                "detector_threshold": rule[0], "detector_rule": rule[1], "psi_p1": psi_p1, "psi_p2": psi_p2}
+
+    layer_rows = _layer_rows(run, categories)
+    has_groups = any(row["groups"] for row in layer_rows)
+    bubble = None
+    if has_groups:
+        bubble_path = figures.group_bubble_plot(
+            [(row["name"], row["groups"]) for row in layer_rows], out / "figures" / "concept-groups.png")
+        bubble = bubble_path.relative_to(out).as_posix() if bubble_path else None
+
+    psi_figures: dict[str, list[dict[str, Any]]] = {}
+    if psi_units:
+        from reports import psi
+        psi_figures = psi.render_psi_figures(run, psi_units, out / "figures", p1=psi_p1, p2=psi_p2,
+                                             top_k=top_k, device=device, trust_pickle=trust_pickle)
+
+    for layer, row in zip(run.layers, layer_rows):
+        k = layer_k[layer.name]
+        strips: dict[int, str | None] = {}
+        if dataset_note is None:
+            strips = thumbnails.unit_strips(layer, dataset_root, out, top_k=k, thumb_height=thumb_height,
+                                            dim=dim, quality=jpeg_quality)
+        bar = figures.detectors_bar_chart(layer.units["units"], categories, rule,
+                                          out / "figures" / f"{safe_name(layer.name)}-detectors.png",
+                                          title=f"{layer.name}: detectors per label")
+        cards = _unit_cards(layer, rule, strips, k)
+        page = env.get_template("layer.html").render(
+            title=f"{layer.name} — dissection report", run=summary, layer=row, cards=cards,
+            categories=[c for c in categories if any(card["category"] == c for card in cards)],
+            bar_chart=bar.relative_to(out).as_posix(), dataset_note=dataset_note,
+            psi=[dict(f, src=Path(f["path"]).relative_to(out).as_posix()) for f in psi_figures.get(layer.name, [])],
+            top_k=k, settings=settings, all_layers=layer_rows)
+        write_text_atomic(out / row["page"], page)
+        log.info("wrote %s", out / row["page"])
+
+    index = env.get_template("index.html").render(
+        title="Dissection report", run=summary, layers=layer_rows, categories=categories,
+        definitions=_definitions(summary["options"], rule), bubble=bubble, has_groups=has_groups, dataset_note=dataset_note,
+        settings=settings, options=sorted(summary["options"].items()),
+        rud_last_two=summary.get("rud_last_two") or {},
+        metrics=sorted((summary["model"].get("metrics") or {}).items()), all_layers=layer_rows)
+    write_json_atomic(out / "report.json", {
+        "results": str(run.root.resolve()), "settings": settings,
+        "psi_units": {name: [int(u) for u in units] for name, units in psi_units.items()},
+        "pages": ["index.html"] + [row["page"] for row in layer_rows]})
+    index_path = out / "index.html"
+    write_text_atomic(index_path, index)  # last: its presence means the report is complete
+    log.info("wrote %s", index_path)
+    return index_path

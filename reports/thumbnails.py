@@ -1,0 +1,181 @@
+"""Per-unit strips of top images with the thresholded activation mask drawn over them.
+
+The mask follows the dissection (netdissect.md section 2, step 3): the unit's
+saved map is upsampled bilinearly (half-pixel centres) to the image size and
+compared strictly with the unit's threshold. Inactive pixels are dimmed and the
+mask outline is drawn. Each strip is written once under report/thumbs/<layer>/;
+its file name carries a hash of everything that shapes it, so an unchanged
+strip is reused and a stale one replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from broden.errors import InputError
+from dissect.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from reports.render import LayerResults
+
+__all__ = ["activation_masks", "compose_tiles", "unit_strips", "OUTLINE_COLOR"]
+
+log = logging.getLogger(__name__)
+
+OUTLINE_COLOR = (255, 220, 0)
+_GAP = 2  # pixels of white between the tiles of a strip
+_PLACEHOLDER_GREY = 160
+_UNITS_PER_CHUNK = 32  # units whose images are decoded and composed together
+
+
+def activation_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks `bilinear_upsample(map) > threshold` at `size` = (H, W).
+
+    maps: (n, h, w) raw activation maps; thresholds: (n,) one per map. Returns (n, H, W) bool.
+    """
+    up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)  # (n, 1, H, W)
+    return up[:, 0] > thresholds.float()[:, None, None]
+
+
+def _inner_boundary(mask: torch.Tensor) -> torch.Tensor:
+    """Mask pixels with a 4-neighbour outside the mask (the image border counts as outside)."""
+    padded = F.pad(mask[:, None].float(), (1, 1, 1, 1), value=0.0)[:, 0]  # (n, H+2, W+2)
+    interior = (padded[:, :-2, 1:-1] * padded[:, 2:, 1:-1] * padded[:, 1:-1, :-2] * padded[:, 1:-1, 2:]) > 0
+    return mask & ~interior
+
+
+def compose_tiles(images: torch.Tensor, masks: torch.Tensor, height: int, dim: float = 0.2) -> np.ndarray:
+    """Dim inactive pixels to `dim`, resize to `height`, outline the mask.
+
+    images: (n, 3, H, W) uint8; masks: (n, H, W) bool. Returns (n, th, tw, 3) uint8 tiles.
+    """
+    n, _, H, W = images.shape
+    width = max(1, round(W * height / H))
+    scale = torch.where(masks, 1.0, float(dim))[:, None]  # (n, 1, H, W)
+    shaded = images.float() * scale
+    small = F.interpolate(shaded, size=(height, width), mode="bilinear", align_corners=False,
+                          antialias=True)  # (n, 3, th, tw)
+    small_mask = F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
+    edge = _inner_boundary(small_mask)  # (n, th, tw)
+    color = torch.tensor(OUTLINE_COLOR, dtype=small.dtype, device=small.device)[None, :, None, None]
+    small = torch.where(edge[:, None], color, small)
+    return small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _strip(tiles: Sequence[np.ndarray]) -> Image.Image:
+    height = max(t.shape[0] for t in tiles)
+    width = sum(t.shape[1] for t in tiles) + _GAP * (len(tiles) - 1)
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    x = 0
+    for t in tiles:
+        canvas[: t.shape[0], x: x + t.shape[1]] = t
+        x += t.shape[1] + _GAP
+    return Image.fromarray(canvas)
+
+
+def _load_image(path: Path) -> np.ndarray | None:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s: %s", path, e)
+        return None
+
+
+def _stat_key(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | Path, top_k: int,
+                thumb_height: int = 112, dim: float = 0.2, quality: int = 85) -> dict[int, str | None]:
+    """Write (or reuse) one JPEG strip per unit under out_dir/thumbs/<layer>/.
+
+    Returns unit -> strip path relative to out_dir (None for a unit with no top images).
+    A missing image becomes a grey tile and is logged.
+    """
+    from reports.render import safe_name
+
+    units: list[dict[str, Any]] = layer.units["units"]
+    U = len(units)
+    acts = layer.array("top_activations.npy", (U,))  # (U, k, h, w)
+    thresholds = layer.array("thresholds.npy", (U,))  # (U,)
+    if acts.ndim != 4:
+        raise InputError(f"{layer.dir / 'top_activations.npy'}: shape {acts.shape}, expected (units, k, h, w)")
+    top_k = min(top_k, acts.shape[1])  # units.json may list fewer images than maps were kept for
+    images_dir = Path(dataset_root) / "images"
+    thumbs = Path(out_dir) / "thumbs" / safe_name(layer.name)
+    thumbs.mkdir(parents=True, exist_ok=True)
+    params = f"k={top_k};h={thumb_height};dim={dim!r};q={quality};outline={OUTLINE_COLOR}"
+
+    result: dict[int, str | None] = {}
+    todo: list[tuple[int, int, str, list[str]]] = []  # (row, unit, file name, image paths)
+    for row, u in enumerate(units):
+        unit = int(u["unit"])
+        paths = [str(t["image"]) for t in (u.get("top_images") or [])[:top_k]]
+        if not paths:
+            result[unit] = None
+            continue
+        h = hashlib.sha1(params.encode())
+        h.update(np.ascontiguousarray(acts[row, : len(paths)]).tobytes())
+        h.update(np.float32(thresholds[row]).tobytes())
+        for p in paths:
+            h.update(f"|{p}|{_stat_key(images_dir / p)}".encode())
+        name = f"unit{unit:04d}-{h.hexdigest()[:12]}.jpg"
+        result[unit] = (thumbs / name).relative_to(out_dir).as_posix()
+        if not (thumbs / name).is_file():
+            todo.append((row, unit, name, paths))
+    _remove_stale(thumbs, {Path(p).name for p in result.values() if p})
+    if not todo:
+        return result
+
+    for first in range(0, len(todo), _UNITS_PER_CHUNK):  # bounds memory on layers with many units
+        _write_strips(todo[first: first + _UNITS_PER_CHUNK], acts, thresholds, images_dir, thumbs,
+                      thumb_height, dim, quality)
+    log.info("%s: wrote %d unit strips, reused %d", layer.name, len(todo), len(result) - len(todo))
+    return result
+
+
+def _write_strips(todo: Sequence[tuple[int, int, str, list[str]]], acts: np.ndarray, thresholds: np.ndarray,
+                  images_dir: Path, thumbs: Path, thumb_height: int, dim: float, quality: int) -> None:
+    """Draw and save the strips of `todo` = [(row in units.json, unit, file name, image paths)]."""
+    # Each needed image is read once, then maps are upsampled in one batch per image size.
+    cache = {p: _load_image(images_dir / p) for p in {p for *_, paths in todo for p in paths}}
+    by_size: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)  # size -> (todo idx, j)
+    for i, (_, _, _, paths) in enumerate(todo):
+        for j, p in enumerate(paths):
+            if cache[p] is not None:
+                by_size[cache[p].shape[:2]].append((i, j))
+    tiles: dict[tuple[int, int], np.ndarray] = {}
+    for size, pairs in by_size.items():
+        rows = np.array([todo[i][0] for i, _ in pairs])
+        cols = np.array([j for _, j in pairs])
+        maps = torch.from_numpy(acts[rows, cols].astype(np.float32))  # (n, h, w)
+        masks = activation_masks(maps, torch.from_numpy(thresholds[rows].astype(np.float32)), size)  # (n, H, W)
+        imgs = torch.from_numpy(np.stack([cache[todo[i][3][j]] for i, j in pairs])).permute(0, 3, 1, 2)
+        for (i, j), tile in zip(pairs, compose_tiles(imgs, masks, thumb_height, dim)):
+            tiles[(i, j)] = tile
+
+    placeholder = np.full((thumb_height, thumb_height, 3), _PLACEHOLDER_GREY, dtype=np.uint8)
+    for i, (_, unit, name, paths) in enumerate(todo):
+        strip = _strip([tiles.get((i, j), placeholder) for j in range(len(paths))])
+        with atomic_path(thumbs / name) as tmp:
+            # 4:4:4 chroma keeps the thin mask outline from bleeding into its neighbours
+            strip.save(tmp, format="JPEG", quality=quality, optimize=True, subsampling=0)
+
+
+def _remove_stale(thumbs: Path, keep: set[str]) -> None:
+    for path in thumbs.glob("unit*.jpg"):
+        if path.name not in keep:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,120 @@
+"""`dissect compare`: md, csv and html tables equal the runs' summary.json numbers and differences."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from dissect.cli import main
+from results_fixture import make_dataset, make_results_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict, dict]:
+    root = tmp_path_factory.mktemp("cmp")
+    dataset = make_dataset(root / "broden", seed=0)
+    a = make_results_dir(root / "wd", seed=10, metrics={"val_acc": 0.8, "top5": {"acc": 0.95}},
+                         dataset_root=dataset)
+    b = make_results_dir(root / "cgl", seed=11, metrics={"val_acc": 0.7}, dataset_root=dataset)
+    return a, b, json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+
+
+def _unique(summary: dict, layer: str, category: str | None, definition: str = "paper") -> int:
+    meta = next(l for l in summary["layers"] if l["name"] == layer)["unique_detectors"][definition]
+    return meta["total"] if category is None else meta["per_category"][category]
+
+
+def test_csv_values_and_differences(runs, capsys: pytest.CaptureFixture) -> None:
+    a, b, sa, sb = runs
+    assert main(["compare", str(a), str(b), "--format", "csv", "--names", "wd,cgl"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    got = {(r["table"], r["run"], r["layer"], r["category"], r["metric"]): (r["value"], r["diff_vs_first"])
+           for r in rows}
+    for layer in ("conv1", "conv2"):
+        for cat in ("color", "shape", None):
+            va, vb = _unique(sa, layer, cat), _unique(sb, layer, cat)
+            key = ("unique_per_category", "cgl", layer, cat or "", "unique_paper")
+            assert got[key] == (str(vb), str(vb - va))
+            assert got[key[:1] + ("wd",) + key[2:]] == (str(va), "0")
+    sum_a = _unique(sa, "conv1", None) + _unique(sa, "conv2", None)
+    sum_b = _unique(sb, "conv1", None) + _unique(sb, "conv2", None)
+    assert got[("unique_per_layer", "cgl", "", "", "unique_paper_sum")] == (str(sum_b), str(sum_b - sum_a))
+    value, diff = got[("rud", "cgl", "", "", "rud_last_two_paper")]
+    assert float(value) == sb["rud_last_two"]["paper"]
+    assert float(diff) == pytest.approx(sb["rud_last_two"]["paper"] - sa["rud_last_two"]["paper"])
+    assert got[("metrics", "cgl", "", "", "val_acc")][0] == "0.7"
+    assert float(got[("metrics", "cgl", "", "", "val_acc")][1]) == pytest.approx(-0.1)
+    assert got[("metrics", "wd", "", "", "top5.acc")] == ("0.95", "0.0")
+    assert got[("metrics", "cgl", "", "", "top5.acc")] == ("", "")  # not recorded for that run
+
+
+def test_markdown_table(runs, capsys: pytest.CaptureFixture) -> None:
+    a, b, sa, sb = runs
+    assert main(["compare", str(a), str(b), "--names", "wd,cgl", "--definition", "top_label"]) == 0
+    md = capsys.readouterr().out
+    assert "`top_label` definition" in md
+    lines = [line for line in md.splitlines() if line.startswith("| cgl | conv2 |")]
+    assert len(lines) == 1
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    expected = []
+    for cat in ("color", "shape", None):
+        vb, va = _unique(sb, "conv2", cat, "top_label"), _unique(sa, "conv2", cat, "top_label")
+        expected.append(f"{vb} ({vb - va:+d})")
+    assert cells == ["cgl", "conv2"] + expected
+    first = [line for line in md.splitlines() if line.startswith("| wd | conv1 |")][0]
+    assert "(" not in first  # no differences on the first run's rows
+    assert "| run | val_acc | top5.acc | RUD conv1 | RUD conv2 | RUD last two layers |" in md
+
+
+def test_html_page(runs, tmp_path: Path) -> None:
+    a, b, sa, sb = runs
+    out = tmp_path / "cmp" / "compare.html"
+    assert main(["compare", str(a), str(b), "--format", "html", "--out", str(out), "--names", "wd,cgl"]) == 0
+    text = out.read_text()
+    assert "http://" not in text and "https://" not in text
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cells: list[dict[str, str]] = []
+            self.images: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            d = {k: v or "" for k, v in attrs}
+            if tag == "td" and "data-metric" in d:
+                self.cells.append(d)
+            if tag in ("img", "script", "link"):
+                self.images.append(d.get("src") or d.get("href") or "")
+
+    parser = Cells()
+    parser.feed(text)
+    assert parser.images and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    png = (tmp_path / "cmp" / "compare-figures" / "unique-per-layer.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and b"http" not in png
+    table2 = {(c["data-run"], c["data-layer"]): c for c in parser.cells
+              if c["data-metric"] == "unique_paper" and not c["data-category"]}
+    for layer in ("conv1", "conv2"):
+        vb, va = _unique(sb, layer, None), _unique(sa, layer, None)
+        assert int(table2[("cgl", layer)]["data-value"]) == vb
+        assert int(table2[("cgl", layer)]["data-diff"]) == vb - va
+    rud = next(c for c in parser.cells if c["data-metric"] == "rud_last_two_paper" and c["data-run"] == "cgl")
+    assert float(rud["data-value"]) == sb["rud_last_two"]["paper"]
+
+
+def test_compare_errors(runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a, b, _, _ = runs
+    assert main(["compare", str(a)]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--names", "only-one"]) == 2
+    assert "--names" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--format", "html"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["compare", str(a), str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    out = tmp_path / "t.md"
+    assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
+    assert out.read_text().startswith("# Dissection runs compared")

@@ -1,0 +1,314 @@
+"""HTML reports: rendered from a tiny real dissection and from the contract fixture."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from broden.errors import InputError
+from dissect.cli import main
+from reports.psi import parse_psi_units, unit_psi
+from reports.render import read_run, render_report
+from reports.thumbnails import OUTLINE_COLOR, activation_masks, compose_tiles
+from results_fixture import make_dataset, make_results_dir
+
+
+class Tags(HTMLParser):
+    """Every start tag with its attributes, in document order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, {k: v or "" for k, v in attrs}))
+
+
+def parse(path: Path) -> list[tuple[str, dict[str, str]]]:
+    parser = Tags()
+    parser.feed(path.read_text())
+    return parser.tags
+
+
+def cells(path: Path) -> dict[tuple[str, str, str], str]:
+    """(layer, metric, category) -> text of the index page's data-metric cells."""
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = ""
+            self.key: tuple[str, str, str] | None = None
+            self.found: dict[tuple[str, str, str], str] = {}
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "tr" and "data-layer" in a:
+                self.layer = a["data-layer"]
+            if tag == "td" and "data-metric" in a:
+                self.key = (self.layer, a["data-metric"], a.get("data-category") or "")
+
+        def handle_data(self, data):
+            if self.key is not None:
+                self.found[self.key] = data.strip()
+                self.key = None
+
+    parser = Cells()
+    parser.feed(path.read_text())
+    return parser.found
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`dissect run` on a 4+6-unit tiny_cnn checkpoint over 6 images, then `dissect report`."""
+    from cgl_train.checkpoint import make_checkpoint, save_checkpoint
+    from cgl_train.models import build_model
+
+    root = tmp_path_factory.mktemp("real")
+    dataset = make_dataset(root / "broden", seed=0)
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 2, "input_size": 32, "width1": 4, "width2": 6}
+    model = build_model("tiny_cnn", **kwargs)
+    ckpt = make_checkpoint(arch="tiny_cnn", arch_kwargs=kwargs, state_dict=model.state_dict(),
+                           groups={"conv2": {"groups": 2, "free": 0, "channels": 6}},
+                           normalization={"mean": [0.5] * 3, "std": [0.25] * 3}, input_size=32,
+                           metrics={"val_acc": 0.75})
+    save_checkpoint(ckpt, root / "model.pth")
+    out = root / "results"
+    assert main(["run", str(root / "model.pth"), "--dataset", str(dataset), "--out", str(out), "--quiet",
+                 "--device", "cpu", "--top-k", "3", "--layers", "conv1", "conv2"]) == 0
+    assert main(["report", str(out), "--psi-units", "conv2:0,3"]) == 0
+    return out
+
+
+def test_unit_cards_equal_units_json(real_run: Path) -> None:
+    summary = json.loads((real_run / "summary.json").read_text())
+    threshold = summary["options"]["iou_threshold"]
+    for layer in summary["layers"]:
+        units = json.loads((real_run / layer["dir"] / "units.json").read_text())["units"]
+        cards = [a for tag, a in parse(real_run / "report" / f"{layer['name']}.html")
+                 if "unit-card" in a.get("class", "").split()]
+        assert [int(c["data-unit"]) for c in cards] == [u["unit"] for u in units]
+        for card, unit in zip(cards, units):
+            assert float(card["data-iou"]) == unit["iou"]  # exact: written with repr
+            assert card["data-label"] == unit["label"]
+            assert card["data-category"] == (unit["category"] or "")
+            assert card["data-detector"] == ("1" if unit["iou"] >= threshold else "0")
+        assert sum(c["data-detector"] == "1" for c in cards) == layer["detectors"]
+
+
+def test_index_numbers_equal_summary(real_run: Path) -> None:
+    summary = json.loads((real_run / "summary.json").read_text())
+    found = cells(real_run / "report" / "index.html")
+    for layer in summary["layers"]:
+        name = layer["name"]
+        assert found[(name, "num_units", "")] == str(layer["num_units"])
+        assert found[(name, "detectors", "")] == str(layer["detectors"])
+        for cat in summary["dataset"]["categories"]:
+            assert found[(name, "detectors", cat)] == str(layer["detectors_per_category"].get(cat, 0))
+            for d in ("paper", "top_label"):
+                assert found[(name, f"unique_{d}", cat)] == \
+                    str(layer["unique_detectors"][d]["per_category"].get(cat, 0))
+        for d in ("paper", "top_label"):
+            assert found[(name, f"unique_{d}_total", "")] == str(layer["unique_detectors"][d]["total"])
+            assert float(found[(name, f"rud_{d}", "")]) == pytest.approx(layer["rud"][d], abs=5e-4)
+    index = (real_run / "report" / "index.html").read_text()
+    assert 'data-metric="val_acc" data-value="0.75"' in index
+    for d, value in summary["rud_last_two"].items():
+        assert f'data-definition="{d}" data-value="{value!r}"' in index
+
+
+def test_every_reference_exists_and_nothing_leaves_the_page(real_run: Path) -> None:
+    report = real_run / "report"
+    pages = sorted(report.glob("*.html"))
+    assert {p.name for p in pages} == {"index.html", "conv1.html", "conv2.html"}
+    refs = 0
+    for page in pages:
+        for tag, attrs in parse(page):
+            for key in ("src", "href"):
+                ref = attrs.get(key)
+                if not ref or ref.startswith("#"):
+                    continue
+                assert "://" not in ref and not ref.startswith("/"), (page, ref)
+                assert (page.parent / ref.split("#")[0]).is_file(), (page, ref)
+                refs += 1
+    assert refs > 20  # pages, CSS, JS, figures and one thumbnail strip per unit
+    files = [p for p in report.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".html", ".css", ".js", ".json", ".png", ".jpg"}
+    for path in files:  # binary files too: PNG metadata must not carry a URL either
+        data = path.read_bytes()
+        assert b"http://" not in data and b"https://" not in data, path
+
+
+def test_psi_figures_and_groups(real_run: Path) -> None:
+    summary = json.loads((real_run / "summary.json").read_text())
+    page = real_run / "report" / "conv2.html"
+    tags = parse(page)
+    psi = [a for tag, a in tags if tag == "figure" and "psi" in a.get("class", "")]
+    assert [int(a["data-unit"]) for a in psi] == [0, 3]
+    for unit in (0, 3):
+        assert (real_run / "report" / "figures" / f"psi-conv2-unit{unit:04d}.png").is_file()
+    groups = next(l for l in summary["layers"] if l["name"] == "conv2")["groups"]
+    rows = [a for tag, a in tags if tag == "tr" and "data-group" in a]
+    assert [int(r["data-group"]) for r in rows] == [g["index"] for g in groups]
+    assert [float(r["data-relevance"]) for r in rows] == [g["relevance"] for g in groups]
+    assert json.loads((real_run / "report" / "report.json").read_text())["psi_units"] == {"conv2": [0, 3]}
+
+
+def _naive_bilinear(m: np.ndarray, H: int, W: int) -> np.ndarray:
+    """Half-pixel-centre bilinear upsampling, written out pixel by pixel."""
+    h, w = m.shape
+    out = np.zeros((H, W))
+    for i in range(H):
+        for j in range(W):
+            y = max((i + 0.5) * h / H - 0.5, 0.0)
+            x = max((j + 0.5) * w / W - 0.5, 0.0)
+            y0, x0 = int(math.floor(y)), int(math.floor(x))
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            wy, wx = y - y0, x - x0
+            out[i, j] = ((1 - wy) * (1 - wx) * m[y0, x0] + (1 - wy) * wx * m[y0, x1]
+                         + wy * (1 - wx) * m[y1, x0] + wy * wx * m[y1, x1])
+    return out
+
+
+def test_activation_masks_match_naive_bilinear() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0, 1, size=(2, 3, 4)).astype(np.float32)
+    thresholds = np.array([0.4, 0.6], dtype=np.float32)
+    masks = activation_masks(torch.from_numpy(maps), torch.from_numpy(thresholds), (9, 10)).numpy()
+    for n in range(2):
+        up = _naive_bilinear(maps[n].astype(np.float64), 9, 10)
+        away = np.abs(up - thresholds[n]) > 1e-5  # float32 rounding may flip exact ties only
+        assert away.sum() > 60
+        assert np.array_equal(masks[n][away], (up > thresholds[n])[away])
+
+
+def test_compose_tiles_dims_and_outlines() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(1, 3, 8, 8), dtype=np.uint8)
+    mask = np.zeros((1, 8, 8), dtype=bool)
+    mask[0, 2:6, 0:5] = True
+    tile = compose_tiles(torch.from_numpy(image), torch.from_numpy(mask), height=8, dim=0.2)[0]  # (8, 8, 3)
+    img = image[0].transpose(1, 2, 0).astype(np.float64)
+    for i in range(8):
+        for j in range(8):
+            if not mask[0, i, j]:
+                expected = np.round(img[i, j] * 0.2)
+            else:
+                neighbours = [(i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)]
+                edge = any(not (0 <= a < 8 and 0 <= b < 8) or not mask[0, a, b] for a, b in neighbours)
+                expected = np.array(OUTLINE_COLOR) if edge else img[i, j]
+            assert np.abs(tile[i, j].astype(np.float64) - expected).max() <= 1, (i, j)
+
+
+def test_strips_follow_threshold_and_are_reused(tmp_path: Path) -> None:
+    results = make_results_dir(tmp_path, seed=1)
+    acts_path = results / "conv1" / "top_activations.npy"
+    acts = np.load(acts_path)
+    acts[0] = 0.0   # below every threshold (0.3..0.7): the whole tile dimmed
+    acts[1] = 10.0  # above: nothing dimmed
+    np.save(acts_path, acts)
+    render_report(results, thumb_height=32)
+    units = json.loads((results / "conv1" / "units.json").read_text())["units"]
+    strips = {}
+    for tag, a in parse(results / "report" / "conv1.html"):
+        if tag == "img" and a.get("class") == "strip":
+            strips[int(a["alt"].split()[-1])] = a["src"]
+    assert sorted(strips) == [u["unit"] for u in units]
+    k = len(units[0]["top_images"])
+    first = np.asarray(Image.open(tmp_path / "broden" / "images" /
+                                  units[0]["top_images"][0]["image"]).convert("RGB")).astype(np.float64)
+    dark = np.asarray(Image.open(results / "report" / strips[0]).convert("RGB")).astype(np.float64)
+    bright = np.asarray(Image.open(results / "report" / strips[1]).convert("RGB")).astype(np.float64)
+    assert dark.shape == (32, k * 32 + (k - 1) * 2, 3)  # 32x32 images at height 32, 2 px gaps
+    assert abs(dark[:, :32].mean() - 0.2 * first.mean()) < 4  # JPEG tolerance
+    first_bright = np.asarray(Image.open(tmp_path / "broden" / "images" /
+                                         units[1]["top_images"][0]["image"]).convert("RGB")).astype(np.float64)
+    assert np.abs(bright[3:29, 3:29] - first_bright[3:29, 3:29]).mean() < 4  # inside the outline: untouched
+
+    before = {p.name: p.stat().st_mtime_ns for p in (results / "report" / "thumbs" / "conv1").iterdir()}
+    render_report(results, thumb_height=32)
+    after = {p.name: p.stat().st_mtime_ns for p in (results / "report" / "thumbs" / "conv1").iterdir()}
+    assert after == before  # reused, not rewritten
+
+    acts[2] = 10.0  # unit 2's saved maps change: only its strip is redrawn
+    np.save(acts_path, acts)
+    render_report(results, thumb_height=32)
+    again = {p.name: p.stat().st_mtime_ns for p in (results / "report" / "thumbs" / "conv1").iterdir()}
+    changed = set(again) ^ set(before)
+    assert len(changed) == 2 and all(name.startswith("unit0002-") for name in changed)
+    assert {n: t for n, t in again.items() if not n.startswith("unit0002-")} == \
+        {n: t for n, t in before.items() if not n.startswith("unit0002-")}
+
+
+def test_report_renders_without_the_dataset(tmp_path: Path) -> None:
+    results = make_results_dir(tmp_path, seed=2)
+    shutil.rmtree(tmp_path / "broden")
+    index = render_report(results)
+    page = (results / "report" / "conv1.html").read_text()
+    assert 'id="dataset-note"' in page and str(tmp_path / "broden" / "images") in page
+    assert 'class="strip"' not in page
+    assert 'id="dataset-note"' in index.read_text()
+    assert not (results / "report" / "thumbs" / "conv1").exists() or \
+        not any((results / "report" / "thumbs" / "conv1").iterdir())
+
+
+def test_bar_chart_counts_and_bubble_plot(tmp_path: Path) -> None:
+    from reports.figures import detector_counts
+    from reports.render import detector_rule
+
+    results = make_results_dir(tmp_path, seed=4)
+    run = read_run(results)
+    rule = detector_rule(run.summary["options"])
+    for layer in run.layers:
+        counts = detector_counts(layer.units["units"], run.summary["dataset"]["categories"], rule)
+        assert sum(n for _, _, n in counts) == layer.meta["detectors"]
+        for cat, n in layer.meta["detectors_per_category"].items():
+            assert sum(m for c, _, m in counts if c == cat) == n
+        assert [c for c, _, _ in counts] == sorted((c for c, _, _ in counts),
+                                                   key=run.summary["dataset"]["categories"].index)
+    render_report(results)
+    index = (results / "report" / "index.html").read_text()
+    assert 'src="figures/concept-groups.png"' in index  # the fixture's conv2 groups are aligned
+    for name in ("conv1", "conv2"):
+        png = results / "report" / "figures" / f"{name}-detectors.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_inputs_exit_2_with_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = make_results_dir(tmp_path, seed=5)
+    assert main(["report", str(results), "--top-k", "4"]) == 2
+    assert "--top-k 4" in capsys.readouterr().err
+    assert main(["report", str(results), "--psi-units", "conv2:99"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert main(["report", str(results), "--psi-units", "nolayer:1"]) == 2
+    assert "nolayer" in capsys.readouterr().err
+    summary = json.loads((results / "summary.json").read_text())
+    summary["format"] = "something-else"
+    (results / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "summary.json" in err and "format" in err
+    assert not (results / "report" / "index.html").exists()
+    with pytest.raises(InputError, match="expected LAYER:UNIT"):
+        parse_psi_units(["conv2"])
+
+
+def test_parse_psi_units() -> None:
+    assert parse_psi_units(["conv2:5,17", "features.10:3", "conv2:5,2"]) == \
+        {"conv2": [5, 17, 2], "features.10": [3]}
+
+
+def test_unit_psi_matches_the_formula() -> None:
+    rng = np.random.default_rng(3)
+    pre = rng.normal(size=(3, 4, 5))
+    s = math.sqrt(sum((v - pre.mean()) ** 2 for v in pre.ravel()) / pre.size)
+    for p1, p2 in ((1.0, 0.0), (2.0, -0.5)):
+        expected = 1 / (1 + np.exp(-(p1 * pre / (s + 1e-5) + p2)))
+        got = unit_psi(torch.from_numpy(pre), p1, p2).numpy()
+        assert np.allclose(got, expected, atol=1e-6)
