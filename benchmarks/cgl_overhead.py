@@ -1,0 +1,106 @@
+"""Time of one training step with every CGL term vs plain weight decay, side by side.
+
+Same model, batch, device and code path (cgl_train.engine.train_step, the
+function training runs); the two modes' steps alternate so that machine noise
+hits both alike. Reports the median over --steps timed steps after --warmup.
+
+    python benchmarks/cgl_overhead.py                       # tiny_cnn, CPU, batch 32, 64 px
+    python benchmarks/cgl_overhead.py --arch alexnet --batch 128 --device cuda   # the GPU target (< 1.3x)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cgl_train.config import TrainConfig  # noqa: E402
+from cgl_train.engine import Trainer, build_trainer, resolve_device, train_step  # noqa: E402
+from cgl_train.groups import GroupActivations  # noqa: E402
+from cgl_train.models import DEFAULT_INPUT_SIZE  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the benchmark."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="tiny_cnn", help="a cgl_train.models name (default tiny_cnn)")
+    p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--size", type=int, default=None, help="input size (default: 64 for tiny_cnn, else 224)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: 2 for tiny_cnn, else 1000")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--groups", type=int, default=5, help="G per grouped layer (default 5)")
+    p.add_argument("--lambda-bn", type=float, default=1e-3)
+    p.add_argument("--lambda-g", type=float, default=1e-3)
+    p.add_argument("--lambda-s", type=float, default=1e-2)
+    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, acts: GroupActivations | None) -> float:
+    _sync(trainer.device)
+    start = time.perf_counter()
+    train_step(trainer, x, y, acts)
+    _sync(trainer.device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both modes, print the medians and their ratio."""
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    size = args.size or DEFAULT_INPUT_SIZE[args.arch]
+    classes = args.num_classes or (2 if args.arch == "tiny_cnn" else 1000)
+    common = dict(arch=args.arch, groups=args.groups, amp=args.amp, seed=args.seed, monitor=False,
+                  batch_size=args.batch, device=str(device))
+    modes = {
+        "weight decay": TrainConfig(**common),
+        "R_bn + L_g + L_s": TrainConfig(**common, lambda_bn=args.lambda_bn, lambda_g=args.lambda_g,
+                                        lambda_s=args.lambda_s),
+    }
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, size, size, generator=g).to(device)  # (N, 3, H, W)
+    y = torch.randint(0, classes, (args.batch,), generator=g).to(device)  # (N,)
+    trainers = {name: build_trainer(cfg, classes, size, device) for name, cfg in modes.items()}
+    acts = {name: (GroupActivations(t.net, t.layer_groups, copy=False).__enter__()
+                   if t.objective.needs_activations() else None) for name, t in trainers.items()}
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    try:
+        for i in range(args.warmup + args.steps):
+            for name, t in trainers.items():  # alternate, so drifts in machine load hit both
+                dt = _timed_step(t, x, y, acts[name])
+                if i >= args.warmup:
+                    times[name].append(dt)
+    finally:
+        for a in acts.values():
+            if a is not None:
+                a.__exit__(None, None, None)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    base = med["weight decay"]
+    layers = trainers["R_bn + L_g + L_s"].layer_groups
+    print(f"arch {args.arch}, batch {args.batch}, {size} px, device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"amp {trainers['weight decay'].use_amp}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"grouped layers: {len(layers)} ({', '.join(lg.name for lg in layers)}), G = {args.groups}; "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'mode':<20}{'median ms/step':>16}{'min':>10}{'max':>10}{'ratio':>8}")
+    for name, v in times.items():
+        print(f"{name:<20}{med[name] * 1e3:>16.1f}{min(v) * 1e3:>10.1f}{max(v) * 1e3:>10.1f}"
+              f"{med[name] / base:>8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Training data: the paper's synthetic shapes set or an ImageFolder root.
+
+Both yield (normalised float image (3, H, W), int label). Normalisation travels
+in the checkpoint (`x = (img / 255 - mean) / std`):
+- synthetic shapes: mean 0.5, std 0.5 per channel (maps 0..255 to -1..1; the
+  images are pure colours on white, so dataset statistics would be arbitrary);
+  no augmentation (the paper mentions none).
+- ImageFolder (ImageNet / Places365 layout: root/train/<class>/*, root/val/<class>/*):
+  torchvision's ImageNet mean/std; train = RandomResizedCrop(input_size) +
+  horizontal flip, val = Resize(input_size * 256 / 224) + CenterCrop(input_size).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from broden.errors import InputError
+from cgl_train.config import TrainConfig
+
+__all__ = ["SYNTHETIC_NORMALIZATION", "IMAGENET_NORMALIZATION", "DataBundle", "SyntheticShapes",
+           "synthetic_cache_dir", "prepare_synthetic", "build_datasets", "normalize_uint8"]
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+DEFAULT_IMAGEFOLDER_SIZE = 224
+
+
+@dataclass
+class DataBundle:
+    """Train/val datasets and what a checkpoint must record about them."""
+
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    class_names: list[str]
+    normalization: dict[str, list[float]]
+    input_size: int
+    info: dict[str, Any] = field(default_factory=dict)  # kind, root, sizes: recorded in the log
+
+
+def normalize_uint8(img: torch.Tensor, normalization: dict[str, list[float]]) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 `(img / 255 - mean) / std`."""
+    mean = torch.tensor(normalization["mean"], dtype=torch.float32, device=img.device).view(3, 1, 1)
+    std = torch.tensor(normalization["std"], dtype=torch.float32, device=img.device).view(3, 1, 1)
+    return (img.float() / 255.0 - mean) / std
+
+
+class SyntheticShapes(Dataset):
+    """One split of a generated shapes dir (classes.csv), labelled 'binary' or 'classes45'."""
+
+    def __init__(self, root: str | Path, split: str, labeling: str = "binary",
+                 normalization: dict[str, list[float]] | None = None) -> None:
+        from broden.synthetic import load_classes  # late: only synthetic runs need the generator
+
+        self.root = Path(root)
+        self.normalization = normalization or SYNTHETIC_NORMALIZATION
+        column = {"binary": "binary", "classes45": "class45"}.get(labeling)
+        if column is None:
+            raise InputError(f"labeling {labeling!r}: expected 'binary' or 'classes45'")
+        table = load_classes(self.root)
+        rows = table[table["split"] == split]
+        if len(rows) == 0:
+            raise InputError(f"{self.root / 'classes.csv'}: no rows with split {split!r}")
+        self.paths = [self.root / "images" / str(p) for p in rows["image"]]
+        self.labels = [int(v) for v in rows[column]]
+        self.labeling = labeling
+        if labeling == "binary":
+            self.class_names = ["no_square", "square"]
+        else:
+            names = table.drop_duplicates("class45").sort_values("class45")
+            self.class_names = [str(n) for n in names["class45_name"]]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[i]) as im:
+            arr = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+        img = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        return normalize_uint8(img, self.normalization), self.labels[i]
+
+
+def synthetic_cache_dir(config: TrainConfig) -> Path:
+    """Where `--data synthetic` generates its set: --synthetic-dir, else a per-parameter cache dir."""
+    if config.synthetic_dir:
+        return Path(config.synthetic_dir)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    name = (f"shapes-pc{config.synthetic_per_class}-s{config.synthetic_size}"
+            f"-seed{config.synthetic_seed}-val{config.synthetic_val_fraction:g}")
+    return base / "concept-dissect" / "synthetic" / name
+
+
+def prepare_synthetic(config: TrainConfig, progress: bool = True) -> Path:
+    """Generate the synthetic set once (an identical earlier generation is reused)."""
+    from broden.synthetic import generate_shapes_dataset
+
+    out = synthetic_cache_dir(config)
+    log.info("synthetic shapes set at %s", out)
+    return Path(generate_shapes_dataset(out, per_class=config.synthetic_per_class,
+                                        size=config.synthetic_size, seed=config.synthetic_seed,
+                                        val_fraction=config.synthetic_val_fraction,
+                                        progress=progress))
+
+
+def _synthetic(config: TrainConfig, root: Path) -> DataBundle:
+    if config.input_size is not None and config.input_size != config.synthetic_size:
+        raise InputError(f"option input_size = {config.input_size}: synthetic images are "
+                         f"{config.synthetic_size} px (set --synthetic-size instead)")
+    train = SyntheticShapes(root, "train", config.labeling)
+    val = SyntheticShapes(root, "val", config.labeling)
+    return DataBundle(train, val, len(train.class_names), train.class_names,
+                      dict(SYNTHETIC_NORMALIZATION), config.synthetic_size,
+                      {"kind": "synthetic", "root": str(root), "labeling": config.labeling,
+                       "train_images": len(train), "val_images": len(val)})
+
+
+def _image_folder(config: TrainConfig, root: Path) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise InputError(f"--data {root}: expected an ImageFolder root with {split}/<class>/ "
+                             f"subfolders (ImageNet/Places365 layout), or 'synthetic'")
+    size = config.input_size or DEFAULT_IMAGEFOLDER_SIZE
+    norm = dict(IMAGENET_NORMALIZATION)
+    normalize = transforms.Normalize(norm["mean"], norm["std"])
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    val_tf = transforms.Compose([transforms.Resize(round(size * 256 / 224)), transforms.CenterCrop(size),
+                                 transforms.ToTensor(), normalize])
+    try:
+        train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+        val = datasets.ImageFolder(str(root / "val"), transform=val_tf)
+    except (FileNotFoundError, RuntimeError) as e:  # torchvision's "found no valid file" errors
+        raise InputError(f"--data {root}: {e}") from e
+    if train.classes != val.classes:
+        raise InputError(f"--data {root}: train/ and val/ have different class folders "
+                         f"({len(train.classes)} vs {len(val.classes)})")
+    return DataBundle(train, val, len(train.classes), list(train.classes), norm, size,
+                      {"kind": "imagefolder", "root": str(root),
+                       "train_images": len(train), "val_images": len(val)})
+
+
+def build_datasets(config: TrainConfig, progress: bool = True) -> DataBundle:
+    """Datasets for `config.data`: 'synthetic' (generated on first use) or an ImageFolder root."""
+    if config.data == "synthetic":
+        return _synthetic(config, prepare_synthetic(config, progress))
+    root = Path(config.data)
+    if not root.is_dir():
+        raise InputError(f"--data {config.data!r}: not a directory; expected 'synthetic' or an "
+                         f"ImageFolder root with train/ and val/")
+    return _image_folder(config, root)

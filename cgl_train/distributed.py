@@ -1,0 +1,113 @@
+"""torch.distributed plumbing for `cgl-train` under torchrun (env RANK / WORLD_SIZE).
+
+One process per device; the global batch is split evenly across ranks, each
+rank computes its losses on its share, DDP averages the gradients, and only
+rank 0 writes logs and checkpoints. Backend: nccl on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from broden.errors import InputError
+
+__all__ = ["DistInfo", "env_world_size", "init_distributed", "shutdown_distributed", "per_rank_batch",
+           "shard_indices", "all_reduce_sum", "average_gradients", "wrap_ddp", "barrier"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    """Where this process stands in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this module created the process group (and destroys it)
+
+    @property
+    def enabled(self) -> bool:
+        """True when more than one process trains."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only writer of logs and checkpoints."""
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE from the environment (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group described by torchrun's env vars (no-op for one process)."""
+    world = env_world_size()
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        owns = True
+        log.info("joined process group: rank %d of %d (%s)", rank, world, backend)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, owns_group=owns)
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    """Destroy the process group if `init_distributed` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if info.enabled:
+        dist.barrier()
+
+
+def per_rank_batch(global_batch: int, info: DistInfo) -> int:
+    """Each rank's share of the global batch; it must divide evenly."""
+    if global_batch % info.world_size:
+        raise InputError(f"option batch_size = {global_batch} is the GLOBAL batch and must be "
+                         f"divisible by the number of processes ({info.world_size})")
+    return global_batch // info.world_size
+
+
+def shard_indices(n: int, info: DistInfo) -> list[int]:
+    """This rank's strided share of range(n), without padding (so every item counts once)."""
+    return list(range(info.rank, n, info.world_size))
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum `t` over ranks in place (no-op for one process); returns `t`."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
+    """Average the gradients of parameters DDP does not manage (e.g. learnable P1, P2)."""
+    if not info.enabled:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(info.world_size)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `model` when distributed; the model itself otherwise."""
+    if not info.enabled:
+        return model
+    ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)

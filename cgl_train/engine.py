@@ -1,0 +1,429 @@
+"""The training engine: L = L_task + lambda_bn R_bn + lambda_g L_g + lambda_s L_s (paper eq. 8).
+
+`train(config)` runs a whole (resumable, optionally distributed) training and
+writes `out/config.json`, `out/log.jsonl`, `out/latest.pth` and `out/best.pth`.
+`build_trainer` + `train_step` are the same pieces one step at a time (the
+overhead benchmark times them).
+
+Choices (recorded in every checkpoint through the config):
+- Weight decay applies to every parameter NOT covered by R_bn: with
+  lambda_bn > 0 the grouped filters of the grouped convs get none (R_bn
+  replaces it, eq. 6); their free filters, every bias, BN and the classifier get
+  the usual coupled L2 decay. With lambda_bn = 0 every parameter decays (the
+  baseline). P1, P2 (when learned) never decay.
+- `prox`: R_bn is applied by a group soft-threshold after each optimizer step
+  (threshold lr * lambda_bn) instead of through its gradient.
+- Data order is a pure function of (seed, epoch) (DistributedSampler's
+  permutation, also with one process); the global torch RNG (augmentation,
+  dropout) is reseeded from (seed, epoch, rank) at each epoch; the pair
+  generator's state travels in the checkpoint. So `--resume` continues a run
+  exactly (bit for bit on CPU).
+- Validation top-5 is null when the task has fewer than 5 classes.
+- The logged `total` is eq. 8 (task + weighted terms, whatever way R_bn is
+  applied); weight decay is not part of it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+
+from broden.errors import InputError
+from cgl_train.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cgl_train.config import RESUME_MAY_DIFFER, TrainConfig
+from cgl_train.data import DataBundle, build_datasets
+from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, init_distributed,
+                                   per_rank_batch, shard_indices, shutdown_distributed, wrap_ddp)
+from cgl_train.groups import GroupActivations, LayerGroups, layer_groups_config
+from cgl_train.losses import CGLObjective, CGLOptions
+from cgl_train.models import build_model, default_group_layers
+from dissect.fsutil import write_json_atomic, write_text_atomic
+from dissect.progress import progress
+
+__all__ = ["TrainResult", "Trainer", "resolve_device", "lr_at", "cgl_options", "build_trainer",
+           "train_step", "train_one_epoch", "evaluate", "train", "TERM_NAMES"]
+
+log = logging.getLogger(__name__)
+
+TERM_NAMES = ("task", "r_bn", "l_g", "l_s", "total")
+
+
+@dataclass
+class TrainResult:
+    """What `train` produced."""
+
+    out: Path                      # the run directory
+    latest: Path                   # out/latest.pth
+    best: Path | None              # out/best.pth (None if never validated)
+    metrics: dict[str, Any]        # the last epoch's log entry
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's log entry
+    epochs_completed: int = 0
+
+
+@dataclass
+class Trainer:
+    """Everything one training step needs."""
+
+    config: TrainConfig
+    net: nn.Module                  # the bare model (checkpoints, hooks, evaluation)
+    model: nn.Module                # `net`, DDP-wrapped when distributed (forward/backward)
+    layer_groups: list[LayerGroups]
+    objective: CGLObjective
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dist: DistInfo
+    use_amp: bool
+    free_decay: list[tuple[nn.Parameter, int]]  # (grouped conv weight, first free channel): free filters still decay
+    arch_kwargs: dict[str, Any]
+
+
+def _parse_device(name: str) -> torch.device:
+    try:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"option device = {name!r}: {e}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"option device = {name!r}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
+    """'auto' -> cuda when present, else cpu; under DDP on CUDA without an index, this rank's GPU."""
+    device = _parse_device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", dist.local_rank if dist and dist.enabled else 0)
+        torch.cuda.set_device(device)
+    return device
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """Learning rate of 0-based `epoch` under the configured schedule."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+    if config.lr_schedule == "step":
+        return config.lr * config.lr_gamma ** (epoch // config.lr_step)
+    return config.lr
+
+
+def cgl_options(config: TrainConfig) -> CGLOptions:
+    """The losses module's options from a TrainConfig."""
+    return CGLOptions(lambda_bn=config.lambda_bn, lambda_g=config.lambda_g, lambda_s=config.lambda_s,
+                      pairs_per_filter=config.pairs_per_filter, group_form=config.group_form,
+                      spatial_coords=config.spatial_coords, learn_p=config.learn_p,
+                      spatial_layers=config.spatial_layers,
+                      block_norm_mode="proximal" if config.prox else "penalty")
+
+
+def _param_groups(config: TrainConfig, net: nn.Module, layer_groups: list[LayerGroups],
+                  objective: CGLObjective) -> tuple[list[dict[str, Any]], list[tuple[nn.Parameter, int]]]:
+    modules = dict(net.named_modules())
+    covered: list[nn.Parameter] = []
+    free_decay: list[tuple[nn.Parameter, int]] = []
+    if config.lambda_bn > 0:
+        for lg in layer_groups:
+            w = modules[lg.name].weight
+            covered.append(w)
+            if lg.spec.grouped < lg.spec.channels:
+                free_decay.append((w, lg.spec.grouped))
+    covered_ids = {id(p) for p in covered}
+    decay = [p for p in net.parameters() if id(p) not in covered_ids]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if covered:
+        groups.append({"params": covered, "weight_decay": 0.0})
+    scale_params = list(objective.parameters())
+    if scale_params:
+        groups.append({"params": scale_params, "weight_decay": 0.0})
+    return groups, free_decay
+
+
+def build_trainer(config: TrainConfig, num_classes: int, input_size: int, device: torch.device,
+                  dist: DistInfo | None = None) -> Trainer:
+    """Model (seeded init), grouped layers, CGL objective, SGD and grad scaler for `config`."""
+    dist = dist or DistInfo()
+    arch_kwargs = {**config.arch_kwargs, "num_classes": num_classes, "input_size": input_size}
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and every rerun
+    net = build_model(config.arch, **arch_kwargs).to(device)
+    layer_groups = default_group_layers(config.arch, net, groups=config.groups, layers=config.layers,
+                                        group_overrides=config.group_overrides, free=config.free,
+                                        free_overrides=config.free_overrides)
+    objective = CGLObjective(net, layer_groups, cgl_options(config), seed=config.seed,
+                             monitor=config.monitor).to(device)
+    groups, free_decay = _param_groups(config, net, layer_groups, objective)
+    optimizer = torch.optim.SGD(groups, lr=lr_at(config, 0), momentum=config.momentum)
+    use_amp = bool(config.amp and device.type == "cuda")
+    if config.amp and not use_amp:
+        log.warning("--amp is used on CUDA only; training in float32 on %s", device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    model = wrap_ddp(net, dist, device)
+    return Trainer(config, net, model, layer_groups, objective, optimizer, scaler, device, dist, use_amp,
+                   free_decay, arch_kwargs)
+
+
+def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
+               acts: GroupActivations | None) -> torch.Tensor:
+    """One optimizer step on a batch; returns float64 (7,): task, r_bn, l_g, l_s, total, correct, count.
+
+    Terms that were not computed (lambda 0 and monitoring off) are NaN.
+    `acts` must wrap `trainer.net` when the objective needs activations.
+    """
+    cfg, opt = trainer.config, trainer.optimizer
+    images = images.to(trainer.device, non_blocking=True)  # (N, 3, H, W)
+    labels = labels.to(trainer.device, non_blocking=True)  # (N,)
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=trainer.device.type, dtype=torch.float16, enabled=trainer.use_amp):
+        logits = trainer.model(images)  # (N, K)
+    task = F.cross_entropy(logits.float(), labels)
+    # the CGL terms run outside autocast: the losses upcast half maps and reduce in float32
+    terms = trainer.objective(acts.captured if acts is not None else {})
+    loss = task + terms["total"]
+    trainer.scaler.scale(loss).backward()
+    if trainer.use_amp:
+        trainer.scaler.unscale_(opt)
+    with torch.no_grad():
+        for weight, start in trainer.free_decay:
+            if weight.grad is not None:  # coupled L2 on the free filters, as SGD's weight_decay does
+                weight.grad[start:].add_(weight[start:], alpha=cfg.weight_decay)
+    average_gradients(list(trainer.objective.parameters()), trainer.dist)
+    trainer.scaler.step(opt)
+    trainer.scaler.update()
+    trainer.objective.proximal_step(opt.param_groups[0]["lr"])
+    if acts is not None:
+        acts.clear()
+    with torch.no_grad():
+        nan = torch.full((), float("nan"), device=trainer.device, dtype=torch.float64)
+        values = [task.detach().double()]
+        lam = {"r_bn": cfg.lambda_bn, "l_g": cfg.lambda_g, "l_s": cfg.lambda_s}
+        total = task.detach().double()
+        for name in ("r_bn", "l_g", "l_s"):
+            v = terms[name].detach().double() if name in terms else nan
+            values.append(v)
+            if lam[name] > 0:
+                total = total + lam[name] * v
+        values.append(total)
+        values.append((logits.argmax(dim=1) == labels).sum().double())
+        values.append(torch.tensor(float(labels.numel()), device=trainer.device, dtype=torch.float64))
+        return torch.stack(values)
+
+
+def _bar_kwargs(trainer: Trainer, desc: str, total: int | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"desc": desc, "total": total, "leave": False}
+    if trainer.config.quiet or not trainer.dist.is_main:
+        kw["disable"] = True
+    return kw
+
+
+def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int) -> dict[str, Any]:
+    """One pass over `loader` (at most max_train_batches); returns the epoch's mean terms and accuracy."""
+    cfg = trainer.config
+    lr = lr_at(cfg, epoch)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    trainer.net.train()
+    trainer.objective.train()
+    limit = cfg.max_train_batches
+    total = min(len(loader), limit) if limit else len(loader)
+    sums = torch.zeros(7, dtype=torch.float64, device=trainer.device)
+    batches = 0
+    needs = trainer.objective.needs_activations()
+    acts = GroupActivations(trainer.net, trainer.layer_groups, copy=False) if needs else None
+    start = time.perf_counter()
+    if acts is not None:
+        acts.__enter__()
+    try:
+        bar = progress(loader, **_bar_kwargs(trainer, f"epoch {epoch + 1}/{cfg.epochs} train", total))
+        for images, labels in bar:
+            if limit is not None and batches >= limit:
+                break
+            sums += train_step(trainer, images, labels, acts)
+            batches += 1
+        bar.close()
+    finally:
+        if acts is not None:
+            acts.__exit__(None, None, None)
+    counts = torch.tensor([batches], dtype=torch.float64, device=trainer.device)
+    all_reduce_sum(sums, trainer.dist)
+    all_reduce_sum(counts, trainer.dist)
+    steps = max(float(counts.item()), 1.0)  # batches summed over ranks
+    values = sums.tolist()
+    result: dict[str, Any] = {name: (None if math.isnan(values[i]) else values[i] / steps)
+                              for i, name in enumerate(TERM_NAMES)}
+    result["train_top1"] = values[5] / values[6] if values[6] else None
+    result["lr"] = lr
+    result["train_time"] = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+             dist: DistInfo | None = None, max_batches: int | None = None,
+             quiet: bool = True) -> dict[str, float | None]:
+    """Top-1, top-5 (None when num_classes < 5) and mean cross-entropy, summed over DDP ranks."""
+    dist = dist or DistInfo()
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits
+    count = torch.zeros(1, dtype=torch.int64, device=device)
+    kw: dict[str, Any] = {"desc": "val", "leave": False}
+    if quiet or not dist.is_main:
+        kw["disable"] = True
+    for b, (images, labels) in enumerate(progress(loader, **kw)):
+        if max_batches is not None and b >= max_batches:
+            break
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images).float()  # (N, K)
+        top = logits.topk(k, dim=1).indices  # (N, k)
+        hits = top == labels[:, None]  # (N, k)
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += hits[:, 0].sum().double()
+        sums[2] += hits.any(dim=1).sum().double()
+        count += labels.numel()
+    all_reduce_sum(sums, dist)
+    all_reduce_sum(count, dist)
+    n = int(count.item())
+    if n == 0:
+        return {"val_top1": None, "val_top5": None, "val_loss": None, "val_images": 0}
+    loss, top1, top5 = (float(v) for v in sums.tolist())
+    return {"val_top1": top1 / n, "val_top5": top5 / n if num_classes >= 5 else None,
+            "val_loss": loss / n, "val_images": n}
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_009 + rank) % (2 ** 63)
+
+
+def _loaders(trainer: Trainer, data: DataBundle) -> tuple[DataLoader, DistributedSampler, DataLoader]:
+    cfg, dist = trainer.config, trainer.dist
+    batch = per_rank_batch(cfg.batch_size, dist)
+    # with one process too, so the data order is the same function of (seed, epoch) as under DDP
+    sampler = DistributedSampler(data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=False)
+    pin = trainer.device.type == "cuda"
+    train_loader = DataLoader(data.train, batch_size=batch, sampler=sampler, num_workers=cfg.workers,
+                              pin_memory=pin, drop_last=False)
+    val_set = Subset(data.val, shard_indices(len(data.val), dist))
+    val_loader = DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=cfg.workers, pin_memory=pin)
+    return train_loader, sampler, val_loader
+
+
+def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[str, Any],
+                history: list[dict[str, Any]], best_top1: float | None) -> dict[str, Any]:
+    cfg = trainer.config
+    return make_checkpoint(
+        arch=cfg.arch, arch_kwargs=trainer.arch_kwargs, state_dict=trainer.net.state_dict(),
+        groups=layer_groups_config(trainer.layer_groups), normalization=data.normalization,
+        input_size=data.input_size, train_options=cfg.to_dict(), metrics=metrics, epoch=epoch,
+        seed=cfg.seed, optimizer=trainer.optimizer.state_dict(), scaler=trainer.scaler.state_dict(),
+        objective={k: (v.detach().cpu() if torch.is_tensor(v) else v)
+                   for k, v in trainer.objective.state_dict().items()},
+        cgl_options=trainer.objective.options.to_dict(), history=history, best_top1=best_top1,
+        class_names=data.class_names, data=data.info, world_size=trainer.dist.world_size)
+
+
+def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    saved = dict(ckpt.get("train_options") or {})
+    now = config.to_dict()
+    differ = sorted(k for k in set(saved) | set(now)
+                    if k not in RESUME_MAY_DIFFER and saved.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise InputError(f"{path}: cannot resume with different options ({shown}); only "
+                         f"{', '.join(RESUME_MAY_DIFFER)} may change")
+
+
+def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
+    write_text_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train `config` end to end (resuming from out/latest.pth with config.resume); see the module doc."""
+    config.validate()
+    out = Path(config.out)
+    latest, best_path = out / "latest.pth", out / "best.pth"
+    if not config.resume and latest.exists():
+        raise InputError(f"--out {out} already holds a run ({latest}); pass --resume to continue it "
+                         f"or choose another --out")
+    if config.resume and not latest.is_file():
+        raise InputError(f"--resume: no checkpoint to resume at {latest}")
+    dist = init_distributed(_parse_device(config.device))
+    try:
+        device = resolve_device(config.device, dist)
+        return _train(config, out, latest, best_path, device, dist)
+    finally:
+        shutdown_distributed(dist)
+
+
+def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device: torch.device,
+           dist: DistInfo) -> TrainResult:
+    show = not config.quiet and dist.is_main
+    if dist.is_main:  # rank 0 generates the synthetic set; the others wait and reuse it
+        data = build_datasets(config, progress=show)
+    barrier(dist)
+    if not dist.is_main:
+        data = build_datasets(config, progress=False)
+    trainer = build_trainer(config, data.num_classes, data.input_size, device, dist)
+    history: list[dict[str, Any]] = []
+    best_top1: float | None = None
+    start_epoch = 0
+    if config.resume:
+        ckpt = load_checkpoint(latest)
+        _check_resumable(ckpt, config, latest)
+        trainer.net.load_state_dict(ckpt["state_dict"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        trainer.objective.load_state_dict(ckpt["objective"])
+        if ckpt.get("scaler"):
+            trainer.scaler.load_state_dict(ckpt["scaler"])
+        history = list(ckpt.get("history", []))
+        best_top1 = ckpt.get("best_top1")
+        start_epoch = int(ckpt["epoch"])
+        log.info("resuming %s at epoch %d", latest, start_epoch)
+    if dist.is_main:
+        write_json_atomic(out / "config.json", config.to_dict())
+    train_loader, sampler, val_loader = _loaders(trainer, data)
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        torch.manual_seed(_epoch_seed(config.seed, epoch, dist.rank))
+        entry: dict[str, Any] = {"epoch": epoch + 1}
+        entry.update(train_one_epoch(trainer, train_loader, epoch))
+        last = epoch + 1 == config.epochs
+        val: dict[str, Any] = {"val_top1": None, "val_top5": None, "val_loss": None}
+        if last or (epoch + 1) % config.val_every == 0:
+            val = evaluate(trainer.net, val_loader, device, data.num_classes, dist,
+                           config.max_val_batches, quiet=not show)
+        entry.update(val)
+        entry["p1"] = float(trainer.objective.scale.p1.detach())
+        entry["p2"] = float(trainer.objective.scale.p2.detach())
+        entry["relevance"] = trainer.objective.relevances()
+        entry["time"] = entry.pop("train_time")
+        history.append(entry)
+        improved = entry["val_top1"] is not None and (best_top1 is None or entry["val_top1"] > best_top1)
+        if improved:
+            best_top1 = entry["val_top1"]
+        metrics = {k: entry.get(k) for k in ("val_top1", "val_top5", "val_loss", "train_top1")}
+        metrics["train_loss"] = entry["total"]
+        metrics["train_task_loss"] = entry["task"]
+        if dist.is_main:
+            _write_log(out, history)
+            ckpt = _checkpoint(trainer, data, epoch + 1, metrics, history, best_top1)
+            save_checkpoint(ckpt, latest)
+            if improved:
+                save_checkpoint(ckpt, best_path)
+            log.info("epoch %d: task %.4f total %.4f val top-1 %s", epoch + 1, entry["task"],
+                     entry["total"], entry["val_top1"])
+        barrier(dist)
+    return TrainResult(out=out, latest=latest, best=best_path if best_path.exists() else None,
+                       metrics=history[-1] if history else {}, history=history,
+                       epochs_completed=len(history))

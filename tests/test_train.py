@@ -1,0 +1,315 @@
+"""cgl_train engine, data, config and CLI on tiny seeded data (tiny_cnn with 8/16 filters)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from broden.errors import InputError
+from broden.synthetic import generate_shapes_dataset, load_classes
+from cgl_train.checkpoint import load_checkpoint
+from cgl_train.cli import main
+from cgl_train.config import TrainConfig, parse_layer_ints
+from cgl_train.data import IMAGENET_NORMALIZATION, SyntheticShapes, build_datasets
+from cgl_train.engine import build_trainer, evaluate, lr_at, train, train_step
+from cgl_train.groups import GroupActivations
+from cgl_train.losses import cgl_terms
+from cgl_train.models import build_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """45 images of 32 px (36 train, 9 val), the generator users get."""
+    return generate_shapes_dataset(tmp_path_factory.mktemp("synth") / "shapes", per_class=1, size=32,
+                                   seed=0, progress=False)
+
+
+def config(shapes: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data="synthetic", synthetic_dir=str(shapes), synthetic_per_class=1, synthetic_size=32,
+                out=str(out), arch_kwargs={"width1": 8, "width2": 16}, groups=4, epochs=1, batch_size=12,
+                workers=0, quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def batch(shapes: Path, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = SyntheticShapes(shapes, "train", "binary")
+    items = [ds[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+# ---------------------------------------------------------------- optimisation
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_full_objective(shapes, tmp_path):
+    cfg = config(shapes, tmp_path, lambda_bn=1e-2, lambda_g=1e-1, lambda_s=1e-2, lr=0.05)
+    trainer = build_trainer(cfg, num_classes=2, input_size=32, device=CPU)
+    x, y = batch(shapes)
+    lam = {"r_bn": cfg.lambda_bn, "l_g": cfg.lambda_g, "l_s": cfg.lambda_s}
+
+    def objective() -> float:
+        # the same pairs before and after: a fixed generator of its own
+        net = trainer.net
+        with torch.no_grad(), GroupActivations(net, trainer.layer_groups) as acts:
+            task = F.cross_entropy(net(x), y)
+            terms = cgl_terms(acts.captured, trainer.layer_groups, trainer.objective.scale,
+                              torch.Generator().manual_seed(7), trainer.objective.options, model=net)
+        return float(task + sum(lam[k] * v for k, v in terms.items()))
+
+    before = objective()
+    with GroupActivations(trainer.net, trainer.layer_groups, copy=False) as acts:
+        for _ in range(15):
+            values = train_step(trainer, x, y, acts)
+    after = objective()
+    assert torch.isfinite(values).all()
+    assert after < before
+
+
+def test_weight_decay_skips_exactly_what_r_bn_covers(shapes, tmp_path):
+    # conv1: 8 filters in 3 groups of 2 + 2 free; conv2: 16 in 3 groups of 5 + 1 free
+    cfg = config(shapes, tmp_path, groups=3, lambda_bn=0.5, weight_decay=0.1, lr=0.1, momentum=0.0,
+                 monitor=False)
+    trainer = build_trainer(cfg, num_classes=2, input_size=32, device=CPU)
+    ref = copy.deepcopy(trainer.net)
+    x, y = batch(shapes, 6)
+    # independent: R_bn by a loop over groups, gradient by autograd, SGD update by hand
+    r_bn = 0
+    covered = {}
+    for name, f, groups in (("conv1", 2, 3), ("conv2", 5, 3)):
+        w = getattr(ref, name).weight
+        for g in range(groups):
+            r_bn = r_bn + torch.sqrt((w[g * f:(g + 1) * f] ** 2).sum())
+        mask = torch.ones(w.shape[0], 1, 1, 1)
+        mask[: groups * f] = 0  # grouped filters: no weight decay
+        covered[f"{name}.weight"] = mask
+    loss = F.cross_entropy(ref(x), y) + 0.5 * r_bn
+    names = [n for n, _ in ref.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in ref.named_parameters()])
+    expected = {}
+    for n, p, g in zip(names, (p for _, p in ref.named_parameters()), grads):
+        decay = 0.1 * p.detach() * covered.get(n, 1.0)
+        expected[n] = p.detach() - 0.1 * (g + decay)
+
+    values = train_step(trainer, x, y, None)
+    got = dict(trainer.net.named_parameters())
+    for n in names:
+        assert torch.allclose(got[n], expected[n], atol=1e-6), n
+    # terms not computed (lambda 0, monitoring off) are NaN; task and r_bn are the values above
+    assert math.isnan(values[2]) and math.isnan(values[3])
+    assert values[1].item() == pytest.approx(float(r_bn.detach()), rel=1e-5)
+
+
+def test_proximal_mode_zeroes_groups_below_the_threshold_and_spares_free_filters(shapes, tmp_path):
+    # threshold lr * lambda_bn = 0.1 * 100 exceeds every group norm of the fresh init
+    cfg = config(shapes, tmp_path, groups=3, lambda_bn=100.0, prox=True, lr=0.1, monitor=False)
+    trainer = build_trainer(cfg, num_classes=2, input_size=32, device=CPU)
+    x, y = batch(shapes, 4)
+    train_step(trainer, x, y, None)
+    w1, w2 = trainer.net.conv1.weight, trainer.net.conv2.weight
+    assert torch.count_nonzero(w1[:6]) == 0 and torch.count_nonzero(w2[:15]) == 0
+    assert torch.count_nonzero(w1[6:]) > 0 and torch.count_nonzero(w2[15:]) > 0
+
+
+def test_lr_schedules_by_hand(shapes, tmp_path):
+    c = config(shapes, tmp_path, lr=0.2, epochs=4)
+    assert [lr_at(c, e) for e in range(4)] == pytest.approx([0.2, 0.2 * (1 + math.cos(math.pi / 4)) / 2,
+                                                             0.1, 0.2 * (1 + math.cos(3 * math.pi / 4)) / 2])
+    c = config(shapes, tmp_path, lr=0.2, lr_schedule="step", lr_step=2, lr_gamma=0.5, epochs=5)
+    assert [lr_at(c, e) for e in range(5)] == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.05])
+    c = config(shapes, tmp_path, lr=0.2, lr_schedule="constant")
+    assert lr_at(c, 3) == 0.2
+
+
+@pytest.mark.parametrize("num_classes", [6, 3])
+def test_evaluate_matches_a_naive_top_k(num_classes):
+    g = torch.Generator().manual_seed(num_classes)
+    logits = torch.randn(11, num_classes, generator=g)
+    labels = torch.randint(0, num_classes, (11,), generator=g)
+    model = nn.Linear(num_classes, num_classes, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(num_classes))  # the model returns its input as logits
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=4)
+    got = evaluate(model, loader, CPU, num_classes)
+    top1 = top5 = 0
+    nll = 0.0
+    for row, y in zip(logits.tolist(), labels.tolist()):
+        order = sorted(range(num_classes), key=lambda k: -row[k])
+        top1 += order[0] == y
+        top5 += y in order[:5]
+        nll += -(row[y] - math.log(sum(math.exp(v) for v in row)))
+    assert got["val_top1"] == pytest.approx(top1 / 11)
+    assert got["val_loss"] == pytest.approx(nll / 11, rel=1e-5)
+    assert got["val_images"] == 11
+    if num_classes >= 5:
+        assert got["val_top5"] == pytest.approx(top5 / 11)
+    else:
+        assert got["val_top5"] is None
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+def test_checkpoint_round_trip_rebuilds_the_same_model(shapes, tmp_path):
+    cfg = config(shapes, tmp_path / "run", lambda_bn=1e-3, labeling="classes45")
+    result = train(cfg)
+    ckpt = load_checkpoint(result.latest)
+    assert ckpt["arch"] == "tiny_cnn" and ckpt["epoch"] == 1 and ckpt["seed"] == 0
+    assert ckpt["arch_kwargs"] == {"width1": 8, "width2": 16, "num_classes": 45, "input_size": 32}
+    assert ckpt["groups"] == {"conv1": {"groups": 4, "free": 0, "channels": 8},
+                              "conv2": {"groups": 4, "free": 0, "channels": 16}}
+    assert ckpt["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert ckpt["input_size"] == 32
+    assert ckpt["train_options"] == cfg.to_dict()
+    model = build_model(ckpt["arch"], **ckpt["arch_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    data = build_datasets(cfg, progress=False)
+    again = evaluate(model, DataLoader(data.val, batch_size=5), CPU, 45)
+    # the same weights give the same validation numbers as the run recorded
+    assert again["val_top1"] == ckpt["metrics"]["val_top1"]
+    assert again["val_top5"] == ckpt["metrics"]["val_top5"] is not None
+    assert again["val_loss"] == pytest.approx(ckpt["metrics"]["val_loss"], rel=1e-6)
+    dmodels = pytest.importorskip("dissect.models")
+    loaded = dmodels.load_model(result.latest)
+    x, _ = batch(shapes, 3)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), model.eval()(x))
+    assert loaded.groups == ckpt["groups"]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(shapes, tmp_path):
+    kw = dict(lambda_bn=1e-3, lambda_g=1e-2, lambda_s=1e-3, epochs=2)
+    full = train(config(shapes, tmp_path / "full", **kw))
+    train(config(shapes, tmp_path / "split", **{**kw, "epochs": 1}))
+    with pytest.raises(InputError, match="--resume"):  # a finished run is never overwritten silently
+        train(config(shapes, tmp_path / "split", **kw))
+    with pytest.raises(InputError, match="lambda_g"):  # resuming must not change what is computed
+        train(config(shapes, tmp_path / "split", **{**kw, "lambda_g": 0.5, "resume": True}))
+    resumed = train(config(shapes, tmp_path / "split", **kw, resume=True))
+    a, b = load_checkpoint(full.latest), load_checkpoint(resumed.latest)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    strip = [{k: v for k, v in h.items() if k != "time"} for h in full.history]
+    assert [{k: v for k, v in h.items() if k != "time"} for h in resumed.history] == strip
+    lines = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
+    assert [{k: v for k, v in json.loads(s).items() if k != "time"} for s in lines] == strip
+
+
+# ---------------------------------------------------------------- CLI, log and config
+
+def test_cli_run_writes_a_log_with_every_term(shapes, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["--data", "synthetic", "--synthetic-dir", str(shapes), "--synthetic-per-class", "1",
+                 "--synthetic-size", "32", "--arch-kwargs", '{"width1": 8, "width2": 16}', "--out", str(out),
+                 "--epochs", "2", "--batch-size", "12", "--workers", "0", "--groups", "2,conv2=4",
+                 "--lambda-bn", "1e-3", "--lambda-g", "1e-2", "--quiet"])
+    assert code == 0
+    assert str(out / "latest.pth") in capsys.readouterr().out
+    entries = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in entries] == [1, 2]
+    for e in entries:
+        for key in ("task", "r_bn", "l_g", "l_s", "total", "train_top1", "val_top1", "lr", "time"):
+            assert isinstance(e[key], float), key
+        assert e["val_top5"] is None  # binary labeling: fewer than 5 classes
+        # lambda_s = 0: L_s is monitored for the log but not part of the objective
+        assert e["total"] == pytest.approx(e["task"] + 1e-3 * e["r_bn"] + 1e-2 * e["l_g"], rel=1e-9)
+    ckpt = load_checkpoint(out / "latest.pth")
+    assert ckpt["groups"]["conv1"]["groups"] == 2 and ckpt["groups"]["conv2"]["groups"] == 4
+    rel = entries[-1]["relevance"]
+    for name, groups in (("conv1", 2), ("conv2", 4)):
+        w = ckpt["state_dict"][f"{name}.weight"]
+        f = w.shape[0] // groups
+        naive = [float(torch.linalg.vector_norm(w[g * f:(g + 1) * f])) for g in range(groups)]
+        assert rel[name]["beta"] == pytest.approx(naive, rel=1e-5)
+        assert rel[name]["beta_l"] == pytest.approx(sum(naive), rel=1e-5)
+        assert sum(rel[name]["beta"]) * 1e-3 > 0
+    assert entries[-1]["r_bn"] > 0
+    assert json.loads((out / "config.json").read_text())["group_overrides"] == {"conv2": 4}
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--arch", "resnet9000"], ["resnet9000", "alexnet_b", "tiny_cnn", "vgg16"]),
+    (["--groups", "conv1=five"], ["--groups", "conv1=five"]),
+    (["--lambda-g", "-1"], ["lambda_g", "non-negative"]),
+    (["--lr-schedule", "linear"], ["lr-schedule", "cosine"]),
+    (["--group-form", "pairs"], ["paper", "per_image"]),
+])
+def test_cli_exits_2_on_a_bad_option_value_and_says_what_is_valid(argv, words, tmp_path, capsys):
+    assert main(argv + ["--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_says_weight_decay_applies_to_what_r_bn_does_not_cover(capsys):
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Weight decay (--weight-decay) applies to every parameter that R_bn does not cover" in text
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lambda_bn": 0.005, "groups": 8, "epochs": 3, "group_overrides": {"conv1": 2}}))
+    from cgl_train.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["--config", str(path), "--epochs", "7",
+                                                      "--groups", "conv2=4"]))
+    assert (cfg.lambda_bn, cfg.groups, cfg.epochs) == (0.005, 8, 7)
+    assert cfg.group_overrides == {"conv1": 2, "conv2": 4}
+    assert cfg.lr == TrainConfig().lr
+    path.write_text(json.dumps({"lamda_bn": 0.1}))
+    with pytest.raises(InputError, match="lamda_bn"):
+        TrainConfig.from_json(path)
+    assert parse_layer_ints("5,conv2=8", "--groups") == (5, {"conv2": 8})
+
+
+# ---------------------------------------------------------------- data
+
+def test_synthetic_items_are_normalised_images_with_their_labels(shapes):
+    table = load_classes(shapes)
+    train_rows = table[table["split"] == "train"]
+    for labeling, column in (("binary", "binary"), ("classes45", "class45")):
+        ds = SyntheticShapes(shapes, "train", labeling)
+        assert len(ds) == len(train_rows) == 36
+        x, y = ds[3]
+        row = train_rows.iloc[3]
+        raw = np.asarray(Image.open(shapes / "images" / row["image"]).convert("RGB"), dtype=np.float64)
+        expected = torch.from_numpy((raw / 255.0 - 0.5) / 0.5).permute(2, 0, 1).float()
+        assert x.dtype == torch.float32 and torch.allclose(x, expected, atol=1e-6)
+        assert y == int(row[column])
+    assert len(SyntheticShapes(shapes, "train", "classes45").class_names) == 45
+
+
+def test_image_folder_root(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("beach", "forest"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                img = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+                Image.fromarray(img).save(tmp_path / split / cls / f"{i}.png")
+    cfg = TrainConfig(data=str(tmp_path), input_size=32)
+    data = build_datasets(cfg, progress=False)
+    assert (data.num_classes, data.class_names, data.input_size) == (2, ["beach", "forest"], 32)
+    assert data.normalization == IMAGENET_NORMALIZATION
+    x, y = data.val[3]
+    assert x.shape == (3, 32, 32) and y == 1
+    assert data.train[0][0].shape == (3, 32, 32)
+    (tmp_path / "val" / "forest" / "0.png").unlink()
+    (tmp_path / "val" / "forest" / "1.png").unlink()
+    (tmp_path / "val" / "forest").rmdir()
+    with pytest.raises(InputError, match="different class folders"):
+        build_datasets(cfg, progress=False)
+    with pytest.raises(InputError, match="ImageFolder root"):
+        build_datasets(TrainConfig(data=str(tmp_path / "train" / "beach")), progress=False)
