@@ -1,0 +1,657 @@
+"""Streaming statistics of Network Dissection (netdissect.md sections 2-4).
+
+Three small classes, each with `add`, `merge`, `result`, `state_dict`,
+`load_state_dict` and `to`, so one code path serves streaming, caching,
+resuming and sharded (multi-GPU) runs:
+
+- `TopQuantile`: the EXACT per-unit quantile at level 1 - top_fraction
+  (the threshold T_k), from a bounded buffer of each unit's largest values.
+- `IoUTally`: exact int64 tallies G[l], I[u, l], A[u, c] and the IoU.
+- `TopImages`: per unit, the k images with the largest spatial-max activation.
+
+Tensors stay on the device the object lives on; counts are int64.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from broden.errors import InputError
+from dissect.upsample import mask_chunks
+
+__all__ = ["TopQuantile", "IoUTally", "TopImages", "INTERPOLATIONS", "UNIONS"]
+
+log = logging.getLogger(__name__)
+
+# numpy.quantile(method=...) names we reproduce; hazen is Hyndman-Fan type 5, the reference's.
+# Category presence uses bit-coded category sets up to this many categories (Broden has 6).
+_MAX_SET_CATEGORIES = 10
+INTERPOLATIONS = ("hazen", "linear", "lower", "higher", "nearest")
+UNIONS = ("lite", "original")
+
+
+def _device(device: Any) -> torch.device:
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def _require(state: dict, key: str, owner: str) -> Any:
+    if key not in state:
+        raise InputError(f"{owner} state_dict is missing the field {key!r}")
+    return state[key]
+
+
+def _check_format(state: dict, fmt: str) -> None:
+    got = state.get("format")
+    if got != fmt:
+        raise InputError(f"state_dict has format {got!r}, expected {fmt!r}")
+
+
+def _quantile_plan(n: int, q: float, method: str) -> tuple[int, int, float]:
+    """0-based ascending order-statistic indices (lo, hi) and weight of hi, exactly as numpy.quantile.
+
+    numpy computes the virtual index in float64 with these very expressions, so
+    the floor/round decisions agree bit for bit.
+    """
+    if method == "linear":
+        v = (n - 1) * q
+    elif method == "hazen":
+        alpha = beta = 0.5
+        v = n * q + (alpha + q * (1 - alpha - beta)) - 1
+    elif method == "lower":
+        i = int(math.floor((n - 1) * q))
+        return i, i, 0.0
+    elif method == "higher":
+        i = int(math.ceil((n - 1) * q))
+        return i, i, 0.0
+    elif method == "nearest":
+        i = int(round((n - 1) * q))  # round half to even, as np.around
+        return i, i, 0.0
+    else:
+        raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {method!r}")
+    if v >= n - 1:
+        return n - 1, n - 1, 0.0
+    if v < 0:
+        return 0, 0, 0.0
+    lo = int(math.floor(v))
+    return lo, lo + 1, v - lo
+
+
+class TopQuantile:
+    """Exact per-unit quantile at level 1 - top_fraction of all values added, streamed.
+
+    Only order statistics from index `lo` (0-based, ascending; see
+    `_quantile_plan`) upward are needed, so each unit keeps the k = n - lo
+    largest values seen (n = total_per_unit, fixed up front). Values at or
+    below the unit's current k-th largest can never enter the top k and are
+    dropped on arrival; survivors are appended to a buffer of 2k slots, which
+    is cut back to its k largest (torch.topk) only when full. With values in
+    random order that happens about ln(n / k) times in a whole run.
+
+    Memory bound: 2 * k * U float32 for the buffer (k ~ top_fraction * n,
+    e.g. 53,494 for AlexNet conv5 on Broden: 110 MB for 256 units), plus per
+    `add` a bool copy of the batch and the indices of the values that pass
+    (all of them while the buffer first fills, ~k/seen of them later).
+    Merging shards is exact: the merged buffer is the top k of the union.
+    NaN activations are kept (topk ranks them first) and make `result` raise.
+    """
+
+    def __init__(self, num_units: int, total_per_unit: int, top_fraction: float = 0.005,
+                 interpolation: str = "hazen", device: Any = None) -> None:
+        if int(num_units) < 1:
+            raise InputError(f"num_units must be >= 1, got {num_units}")
+        if int(total_per_unit) < 1:
+            raise InputError(f"total_per_unit must be >= 1, got {total_per_unit}")
+        if not 0.0 < float(top_fraction) < 1.0:
+            raise InputError(f"top_fraction must lie strictly between 0 and 1, got {top_fraction}")
+        if interpolation not in INTERPOLATIONS:
+            raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                             f"got {interpolation!r}")
+        self.num_units = int(num_units)
+        self.total_per_unit = int(total_per_unit)
+        self.top_fraction = float(top_fraction)
+        self.interpolation = interpolation
+        self.level = 1.0 - self.top_fraction
+        self._lo, self._hi, self._gamma = _quantile_plan(self.total_per_unit, self.level,
+                                                         interpolation)
+        self.k = self.total_per_unit - self._lo  # how many of the largest values we need
+        self.capacity = 2 * self.k
+        self.device = _device(device)
+        self.count = 0  # values added per unit
+        self._reset_buffers()
+
+    def _reset_buffers(self) -> None:
+        u, dev = self.num_units, self.device
+        # -inf marks an empty slot; valid values fill each row from the left (`_fill` of them)
+        self._buf = torch.full((u, self.capacity), -math.inf, dtype=torch.float32, device=dev)
+        self._fill = torch.zeros(u, dtype=torch.int64, device=dev)
+        self._floor = torch.full((u,), -math.inf, dtype=torch.float32, device=dev)
+        self._fill_bound = 0  # host-side upper bound of max(fill), saves a sync per add
+
+    def to(self, device: Any) -> "TopQuantile":
+        """Move the state to `device` (in place); returns self."""
+        self.device = torch.device(device)
+        for name in ("_buf", "_fill", "_floor"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
+
+    def _as_blocks(self, acts: torch.Tensor) -> torch.Tensor:
+        if acts.dim() == 4:
+            if acts.shape[1] != self.num_units:
+                raise InputError(f"activations have {acts.shape[1]} units, expected {self.num_units}")
+            return acts.reshape(acts.shape[0], self.num_units, -1)  # (B, U, h*w), a view
+        if acts.dim() == 2:
+            if acts.shape[0] != self.num_units:
+                raise InputError(f"activations have {acts.shape[0]} units, expected {self.num_units}")
+            return acts[None]  # (1, U, n)
+        raise InputError(f"activations must be (B, U, h, w) or (U, n), got shape {tuple(acts.shape)}")
+
+    def _compact(self) -> None:
+        # sorted so the valid values sit in the first `fill` slots (NaN sorts first and stays)
+        top = self._buf.topk(self.k, dim=1, largest=True, sorted=True).values
+        self._buf[:, :self.k] = top
+        self._buf[:, self.k:] = -math.inf
+        self._fill = self._fill.clamp(max=self.k)
+        self._floor = torch.where(self._fill >= self.k, top[:, self.k - 1],
+                                  torch.full_like(self._floor, -math.inf))
+        self._fill_bound = min(self._fill_bound, self.k)
+        log.debug("TopQuantile: buffer cut back to the %d largest values per unit", self.k)
+
+    def _candidates(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # values of v (B, U, p) above their unit's floor, grouped by unit: (unit, value, count per unit)
+        keep = ~(v <= self._floor.view(1, -1, 1))  # NaN is kept, so result() can refuse it
+        bi, ui, pi = keep.nonzero(as_tuple=True)
+        vals = v[bi, ui, pi]
+        order = torch.argsort(ui, stable=True)
+        ui, vals = ui[order], vals[order]
+        return ui, vals, torch.bincount(ui, minlength=self.num_units)
+
+    def add(self, acts: torch.Tensor) -> None:
+        """Add a batch of activations, (B, U, h, w) or (U, n)."""
+        v = self._as_blocks(acts).to(self.device)  # (B, U, p)
+        n = v.shape[0] * v.shape[2]
+        if self.count + n > self.total_per_unit:
+            raise InputError(f"TopQuantile was told to expect {self.total_per_unit} values per unit "
+                             f"but got {self.count + n}: check total_per_unit (N*h*w)")
+        self.count += n
+        if n == 0:
+            return
+        if n > self.k:  # only the k largest of a batch can matter
+            rows = v.transpose(0, 1).reshape(self.num_units, n)
+            v = rows.topk(self.k, dim=1, sorted=False).values[None]  # (1, U, k)
+            n = self.k
+        ui, vals, cnt = self._candidates(v)
+        if self._fill_bound + n > self.capacity and int((self._fill + cnt).max()) > self.capacity:
+            self._compact()  # now fill <= k and cnt <= n <= k: everything fits in 2k
+            ui, vals, cnt = self._candidates(v)
+        start = torch.cumsum(cnt, 0) - cnt  # (U,) first candidate of each unit
+        pos = self._fill[ui] + torch.arange(ui.numel(), device=self.device) - start[ui]
+        self._buf[ui, pos] = vals.float()
+        self._fill += cnt
+        self._fill_bound = min(self.capacity, self._fill_bound + n)
+
+    def merge(self, other: "TopQuantile") -> None:
+        """Fold in another shard's state (same configuration), exactly."""
+        for attr in ("num_units", "total_per_unit", "top_fraction", "interpolation"):
+            if getattr(self, attr) != getattr(other, attr):
+                raise InputError(f"cannot merge TopQuantile with different {attr}: "
+                                 f"{getattr(self, attr)!r} vs {getattr(other, attr)!r}")
+        if self.count + other.count > self.total_per_unit:
+            raise InputError(f"merged TopQuantile would hold {self.count + other.count} values per "
+                             f"unit, more than total_per_unit={self.total_per_unit}")
+        both = torch.cat([self._buf,
+                          other._buf.to(self.device)], dim=1)
+        top = both.topk(self.k, dim=1, sorted=True).values  # (U, k)
+        self._buf.fill_(-math.inf)
+        self._buf[:, :self.k] = top
+        self._fill = (self._fill + other._fill.to(self.device)).clamp(max=self.k)
+        self._floor = torch.where(self._fill >= self.k, top[:, self.k - 1],
+                                  torch.full_like(self._floor, -math.inf))
+        self._fill_bound = self.k
+        self.count += other.count
+
+    def result(self) -> torch.Tensor:
+        """The per-unit quantile, (U,) float32; raises unless exactly total_per_unit values were added."""
+        if self.count != self.total_per_unit:
+            raise InputError(f"TopQuantile has {self.count} values per unit, expected "
+                             f"total_per_unit={self.total_per_unit}: the stream is incomplete")
+        top = self._buf.topk(self.k, dim=1, sorted=True).values  # (U, k) descending
+        if bool(torch.isnan(top[:, 0]).any()):  # topk ranks NaN above everything
+            raise InputError("activations contained NaN values; a quantile threshold is undefined")
+        n = self.total_per_unit
+        a = top[:, n - 1 - self._lo].double()
+        b = top[:, n - 1 - self._hi].double()
+        if self._lo == self._hi:
+            return a.float()
+        t = self._gamma
+        diff = b - a
+        # numpy's _lerp: interpolate from the nearer end for stability
+        out = b - diff * (1 - t) if t >= 0.5 else a + diff * t
+        return out.float()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Compact state: the k largest values per unit and the counters."""
+        top = self._buf.topk(self.k, dim=1, sorted=True).values
+        return {"format": "dissect.stats.TopQuantile", "num_units": self.num_units,
+                "total_per_unit": self.total_per_unit, "top_fraction": self.top_fraction,
+                "interpolation": self.interpolation, "count": self.count,
+                "values": top.clone(),
+                "fill": self._fill.clamp(max=self.k).clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by `state_dict` (configuration must match)."""
+        _check_format(state, "dissect.stats.TopQuantile")
+        for attr in ("num_units", "total_per_unit", "top_fraction", "interpolation"):
+            if _require(state, attr, "TopQuantile") != getattr(self, attr):
+                raise InputError(f"TopQuantile state has {attr}={state[attr]!r}, "
+                                 f"this object has {getattr(self, attr)!r}")
+        values = _require(state, "values", "TopQuantile")
+        if tuple(values.shape) != (self.num_units, self.k):
+            raise InputError(f"TopQuantile state 'values' has shape {tuple(values.shape)}, "
+                             f"expected {(self.num_units, self.k)}")
+        self._reset_buffers()
+        self._buf[:, :self.k] = values.to(self.device, torch.float32)
+        self._fill = _require(state, "fill", "TopQuantile").to(self.device, torch.int64)
+        self._floor = torch.where(self._fill >= self.k, self._buf[:, self.k - 1],
+                                  torch.full_like(self._floor, -math.inf))
+        self._fill_bound = self.k
+        self.count = int(_require(state, "count", "TopQuantile"))
+
+
+class _Batch:
+    """One batch's tally in progress: fed the on-pixels of the masks, chunk by chunk."""
+
+    def __init__(self, tally: "IoUTally", labels: torch.Tensor, image_labels: torch.Tensor,
+                 b: int) -> None:
+        self.t = tally
+        dev, nl, nc, u = tally.device, tally.num_labels, tally.num_categories, tally.num_units
+        self.b = b
+        self.k = labels.shape[1]
+        self.p = labels.shape[2] * labels.shape[3]
+        self.labels = labels.to(dev).reshape(b, self.k, self.p)  # (B, K, P)
+        self.by_pixel = self.labels.permute(0, 2, 1).reshape(b * self.p, self.k)  # (B*P, K)
+        self.image_labels = image_labels.to(dev, torch.int64)  # (B, M)
+        self.counts = torch.zeros(b * u, dtype=torch.int64, device=dev)  # |mask| per (image, unit)
+        self.inter = torch.zeros(u * nl, dtype=torch.int64, device=dev)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending_count = 0
+        # Category presence goes through each pixel's SET of categories, coded as bits: one
+        # lookup per on-pixel instead of K, then (B*U, 2^C) set counts -> (B*U, C) presence.
+        self.sets = 1 << nc if nc <= _MAX_SET_CATEGORIES else 0
+        self.pixel_set = self._pixel_sets() if self.k and self.sets else None  # (B*P,)
+        width = (self.sets if self.sets else nc) if tally.union == "lite" else 0
+        self.present = torch.zeros(b * u * width, dtype=torch.int64, device=dev)  # lite presence
+
+    def _pixel_sets(self) -> torch.Tensor:
+        bits = self.t.category_bit[self.labels]  # (B, K, P)
+        out = bits[:, 0]
+        for layer in range(1, self.k):  # OR over the few label layers
+            out = out | bits[:, layer]
+        return out.reshape(-1)  # (B*P,)
+
+    def _set_members(self) -> torch.Tensor:
+        dev, nc = self.t.device, self.t.num_categories
+        codes = torch.arange(self.sets, device=dev)
+        return ((codes[:, None] >> torch.arange(nc, device=dev)) & 1).float()  # (2^C, C)
+
+    def on_pixels(self, bu: torch.Tensor, pix: torch.Tensor) -> None:
+        """Take mask pixels that are on: bu (n,) = image*U + unit, pix (n,) = y*sw + x."""
+        # pooled, because each tally pass costs a few (U*L)-sized bincounts whatever n is
+        self.pending.append((bu, pix))
+        self.pending_count += bu.numel()
+        if self.pending_count >= self.t.chunk_elements:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        bu = torch.cat([p[0] for p in self.pending])
+        pix = torch.cat([p[1] for p in self.pending])
+        self.pending, self.pending_count = [], 0
+        if bu.numel() == 0:
+            return
+        t = self.t
+        u, nl, nc = t.num_units, t.num_labels, t.num_categories
+        self.counts += torch.bincount(bu, minlength=self.b * u)
+        if self.k == 0:
+            return
+        at = (bu // u) * self.p + pix  # (n,) row of by_pixel
+        lab = self.by_pixel[at].long()  # (n, K)
+        self.inter += torch.bincount(((bu % u)[:, None] * nl + lab).reshape(-1), minlength=u * nl)
+        if t.union != "lite":
+            return
+        if self.pixel_set is not None:
+            keys = bu * self.sets + self.pixel_set[at]
+            self.present += torch.bincount(keys, minlength=self.b * u * self.sets)
+        else:
+            cat = t.label_category[lab]  # (n, K)
+            keys = (bu[:, None] * nc + cat)[cat >= 0]
+            self.present += torch.bincount(keys, minlength=self.b * u * nc)
+
+    def finish(self) -> None:
+        """Fold the batch into the tally: G, image-level intersections and A."""
+        self._flush()
+        t, b, dev = self.t, self.b, self.t.device
+        u, nl, nc = t.num_units, t.num_labels, t.num_categories
+        counts = self.counts.view(b, u)  # (B, U)
+        t.intersection += self.inter.view(u, nl)
+
+        # G: pixel labels of every layer, then image-level labels (sh*sw each)
+        if self.k:
+            t.truth += torch.bincount(self.labels.reshape(-1), minlength=nl)
+        image_labels = self.image_labels
+        img_cat_present = torch.zeros(b, nc, dtype=torch.bool, device=dev)  # (B, C)
+        if image_labels.numel():
+            m = image_labels.shape[1]
+            t.truth += torch.bincount(image_labels.reshape(-1), minlength=nl) * self.p
+            # I[u, l] += |mask_u| for each image-level label l of the image
+            src = (counts.t()[:, :, None] * (image_labels != 0)[None]).reshape(u, b * m)  # (U, B*M)
+            t.intersection.index_add_(1, image_labels.reshape(-1), src)
+            icat = t.label_category[image_labels]  # (B, M)
+            ok = icat >= 0
+            rows = torch.arange(b, device=dev)[:, None].expand(b, m)
+            img_cat_present[rows[ok], icat[ok]] = True
+        t.truth[0] = 0
+        t.intersection[:, 0] = 0
+
+        if t.union == "lite":
+            if self.sets:
+                seen = (self.present.view(b * u, self.sets) > 0).float()  # (B*U, 2^C)
+                pixel_present = (seen @ self._set_members() > 0).view(b, u, nc)
+            else:
+                pixel_present = self.present.view(b, u, nc) > 0
+            present = img_cat_present[:, None, :] | pixel_present  # (B, U, C)
+        else:
+            present_img = img_cat_present
+            if self.k and self.sets:
+                keys = torch.arange(b, device=dev).repeat_interleave(self.p) * self.sets + self.pixel_set
+                seen = (torch.bincount(keys, minlength=b * self.sets).view(b, self.sets) > 0).float()
+                present_img = present_img | (seen @ self._set_members() > 0)
+            elif self.k:
+                cats = t.label_category[self.labels.reshape(b, -1).long()]  # (B, K*P)
+                keys = (torch.arange(b, device=dev)[:, None] * nc + cats)[cats >= 0]
+                present_img = present_img | (torch.bincount(keys, minlength=b * nc).view(b, nc) > 0)
+            present = present_img[:, None, :]  # (B, 1, C)
+        t.activation += (present.long() * counts[:, :, None]).sum(dim=0)
+        t.images += b
+
+
+class IoUTally:
+    """Exact int64 tallies of unit masks against Broden labels, and the IoU.
+
+    Over all images: `truth[l]` = pixels labelled l (every label layer counts;
+    an image-level label counts sh*sw); `intersection[u, l]` = pixels where
+    mask_u is on and l is present, per layer, plus |mask_u| for each
+    image-level label l; `activation[u, c]` = |mask_u| summed over the images
+    where category c is "present":
+
+    - union="lite" (NetDissect-Lite `tally_job`, the default): c is present
+      for unit u in an image when some label of c (by its primary category)
+      lies under mask_u in any layer, or c has an image-level label there.
+    - union="original": c has any label anywhere in the image (any layer,
+      or image level).
+
+    iou[u, l] = I / (A[u, cat(l)] + G[l] - I + 1e-10), computed in float64.
+    Ids whose category is -1 (0 and unused ids) are tallied but get IoU 0.
+    Masks are read sparsely: past one scan of the masks (`add`) or of the
+    maps that can fire (`add_activations`), the cost scales with the number
+    of mask pixels that are on (about top_fraction of all), never with
+    units x labels.
+    """
+
+    def __init__(self, num_units: int, label_category: torch.Tensor, num_categories: int,
+                 union: str = "lite", device: Any = None, chunk_elements: int = 1 << 22) -> None:
+        if int(num_units) < 1:
+            raise InputError(f"num_units must be >= 1, got {num_units}")
+        if union not in UNIONS:
+            raise InputError(f"union must be one of {', '.join(UNIONS)}, got {union!r}")
+        label_category = torch.as_tensor(label_category)
+        if label_category.dim() != 1 or label_category.numel() < 1:
+            raise InputError("label_category must be a 1-D tensor over global label ids (L,), "
+                             f"got shape {tuple(label_category.shape)}")
+        if label_category.numel() and (int(label_category.min()) < -1
+                                       or int(label_category.max()) >= int(num_categories)):
+            raise InputError(f"label_category values must lie in -1..{int(num_categories) - 1}")
+        self.device = _device(device)
+        self.num_units = int(num_units)
+        self.num_categories = int(num_categories)
+        self.union = union
+        self.chunk_elements = int(chunk_elements)
+        cat = label_category.to(self.device, torch.int64).clone()
+        cat[0] = -1  # id 0 is "unlabeled": never makes a category present
+        self.label_category = cat
+        # per id, the bit of its category (0 for none): codes a pixel's set of categories
+        self.category_bit = torch.where(cat >= 0, torch.ones_like(cat) << cat.clamp(min=0),
+                                        torch.zeros_like(cat))
+        self.num_labels = int(cat.numel())
+        self.images = 0
+        u, l, c = self.num_units, self.num_labels, self.num_categories
+        self.truth = torch.zeros(l, dtype=torch.int64, device=self.device)
+        self.intersection = torch.zeros(u, l, dtype=torch.int64, device=self.device)
+        self.activation = torch.zeros(u, c, dtype=torch.int64, device=self.device)
+
+    def to(self, device: Any) -> "IoUTally":
+        """Move the state to `device` (in place); returns self."""
+        self.device = torch.device(device)
+        for name in ("label_category", "category_bit", "truth", "intersection", "activation"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
+
+    def _check_labels(self, b: int, size: tuple[int, int], labels: torch.Tensor,
+                      image_labels: torch.Tensor) -> None:
+        sh, sw = size
+        if labels.dim() != 4 or labels.shape[0] != b or tuple(labels.shape[2:]) != (sh, sw) \
+                or labels.is_floating_point():
+            raise InputError(f"labels must be an integer (B={b}, K, {sh}, {sw}) tensor, got "
+                             f"{labels.dtype} {tuple(labels.shape)}")
+        if image_labels.dim() != 2 or image_labels.shape[0] != b or image_labels.is_floating_point():
+            raise InputError(f"image_labels must be an integer (B={b}, M) tensor, got "
+                             f"{image_labels.dtype} {tuple(image_labels.shape)}")
+        for name, t in (("labels", labels), ("image_labels", image_labels)):
+            if t.numel():
+                lo, hi = torch.aminmax(t)
+                if int(lo) < 0 or int(hi) >= self.num_labels:
+                    raise InputError(f"{name} hold ids {int(lo)}..{int(hi)}, outside the "
+                                     f"{self.num_labels} global label ids 0..{self.num_labels - 1}")
+
+    def add(self, masks: torch.Tensor, labels: torch.Tensor, image_labels: torch.Tensor) -> None:
+        """Tally a batch: masks (B, U, sh, sw) bool, labels (B, K, sh, sw) ids, image_labels (B, M) ids."""
+        if masks.dtype != torch.bool or masks.dim() != 4 or masks.shape[1] != self.num_units:
+            raise InputError(f"masks must be a bool (B, {self.num_units}, sh, sw) tensor, got "
+                             f"{masks.dtype} {tuple(masks.shape)}")
+        b, u, sh, sw = masks.shape
+        self._check_labels(b, (sh, sw), labels, image_labels)
+        p = sh * sw
+        flat = masks.to(self.device).reshape(b * u, p)  # (B*U, P)
+        batch = _Batch(self, labels, image_labels, b)
+        rows_per_chunk = max(1, self.chunk_elements // p)
+        for r0 in range(0, b * u, rows_per_chunk):
+            on = torch.nonzero(flat[r0:r0 + rows_per_chunk].reshape(-1)).squeeze(1)  # (n,)
+            batch.on_pixels(on // p + r0, on % p)
+        batch.finish()
+
+    def add_activations(self, acts: torch.Tensor, thresholds: torch.Tensor, labels: torch.Tensor,
+                        image_labels: torch.Tensor) -> None:
+        """Tally a batch from raw maps: the same as `add(upsample(acts, size) > thresholds[u], ...)`.
+
+        acts (B, U, h, w), thresholds (U,); the label size (sh, sw) comes from
+        `labels`. Only maps that can fire are upsampled, and no dense
+        (B, U, sh, sw) mask is ever built: the fast path for a dissection.
+        """
+        if acts.dim() != 4 or acts.shape[1] != self.num_units:
+            raise InputError(f"acts must be (B, {self.num_units}, h, w), got {tuple(acts.shape)}")
+        if labels.dim() != 4:
+            raise InputError(f"labels must be (B, K, sh, sw), got shape {tuple(labels.shape)}")
+        b = acts.shape[0]
+        sh, sw = labels.shape[2:]
+        self._check_labels(b, (sh, sw), labels, image_labels)
+        p = sh * sw
+        batch = _Batch(self, labels, image_labels, b)
+        acts = acts.to(self.device)
+        for rows, masks in mask_chunks(acts, thresholds.to(self.device), (sh, sw),
+                                       self.chunk_elements):
+            on = torch.nonzero(masks.reshape(-1)).squeeze(1)  # (n,)
+            batch.on_pixels(rows[on // p], on % p)
+        batch.finish()
+
+    def merge(self, other: "IoUTally") -> None:
+        """Add another shard's tallies (same units, labels, categories and union)."""
+        if (self.num_units, self.num_labels, self.num_categories, self.union) != \
+                (other.num_units, other.num_labels, other.num_categories, other.union):
+            raise InputError("cannot merge IoUTally objects with different units, labels, "
+                             "categories or union mode")
+        if not torch.equal(self.label_category, other.label_category.to(self.device)):
+            raise InputError("cannot merge IoUTally objects with different label_category")
+        self.truth += other.truth.to(self.device)
+        self.intersection += other.intersection.to(self.device)
+        self.activation += other.activation.to(self.device)
+        self.images += other.images
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """dict(intersection (U, L), activation (U, C), truth (L,), iou (U, L) float32)."""
+        cat = self.label_category
+        has_cat = cat >= 0
+        act = self.activation[:, cat.clamp(min=0)].double() * has_cat  # (U, L) A[u, cat(l)]
+        inter = self.intersection.double()
+        iou = inter / (act + self.truth.double()[None, :] - inter + 1e-10)
+        iou = torch.where(has_cat[None, :], iou, torch.zeros_like(iou))
+        return {"intersection": self.intersection.clone(), "activation": self.activation.clone(),
+                "truth": self.truth.clone(), "iou": iou.float()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tallies and configuration, as tensors, ints and strings."""
+        return {"format": "dissect.stats.IoUTally", "num_units": self.num_units,
+                "num_categories": self.num_categories, "union": self.union,
+                "images": self.images, "label_category": self.label_category.clone(),
+                "truth": self.truth.clone(), "intersection": self.intersection.clone(),
+                "activation": self.activation.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by `state_dict` (configuration must match)."""
+        _check_format(state, "dissect.stats.IoUTally")
+        for attr in ("num_units", "num_categories", "union"):
+            if _require(state, attr, "IoUTally") != getattr(self, attr):
+                raise InputError(f"IoUTally state has {attr}={state[attr]!r}, "
+                                 f"this object has {getattr(self, attr)!r}")
+        cat = _require(state, "label_category", "IoUTally").to(self.device, torch.int64)
+        if not torch.equal(cat, self.label_category):
+            raise InputError("IoUTally state has a different label_category")
+        shapes = {"truth": (self.num_labels,), "intersection": (self.num_units, self.num_labels),
+                  "activation": (self.num_units, self.num_categories)}
+        for name, shape in shapes.items():
+            t = _require(state, name, "IoUTally")
+            if tuple(t.shape) != shape:
+                raise InputError(f"IoUTally state {name!r} has shape {tuple(t.shape)}, expected {shape}")
+            setattr(self, name, t.to(self.device, torch.int64).clone())
+        self.images = int(_require(state, "images", "IoUTally"))
+
+
+_NO_IMAGE = torch.iinfo(torch.int64).max  # index of an empty slot: sorts after every real image
+
+
+class TopImages:
+    """Per unit, the k images with the largest spatial-max activation, and their raw maps.
+
+    Order: score descending, ties to the smaller image index, so any sharding
+    followed by `merge` gives the same result as one pass.
+    """
+
+    def __init__(self, num_units: int, k: int = 10, device: Any = None) -> None:
+        if int(num_units) < 1 or int(k) < 1:
+            raise InputError(f"num_units and k must be >= 1, got {num_units} and {k}")
+        self.num_units = int(num_units)
+        self.k = int(k)
+        self.device = _device(device)
+        self.scores = torch.full((self.num_units, self.k), -math.inf, device=self.device)
+        self.indices = torch.full((self.num_units, self.k), _NO_IMAGE, dtype=torch.int64,
+                                  device=self.device)
+        self.maps: torch.Tensor | None = None  # (U, k, h, w) float16, shaped on the first add
+
+    def to(self, device: Any) -> "TopImages":
+        """Move the state to `device` (in place); returns self."""
+        self.device = torch.device(device)
+        self.scores = self.scores.to(self.device)
+        self.indices = self.indices.to(self.device)
+        if self.maps is not None:
+            self.maps = self.maps.to(self.device)
+        return self
+
+    def _combine(self, scores: torch.Tensor, indices: torch.Tensor, maps: torch.Tensor) -> None:
+        # scores/indices (U, k + n), maps (U, k + n, h, w): keep the k best by (score desc, index asc)
+        by_index = indices.argsort(dim=1, stable=True)
+        s = scores.gather(1, by_index)
+        order = s.argsort(dim=1, descending=True, stable=True)[:, :self.k]
+        pick = by_index.gather(1, order)  # (U, k)
+        self.scores = scores.gather(1, pick)
+        self.indices = indices.gather(1, pick)
+        u, _, h, w = maps.shape
+        self.maps = maps.gather(1, pick[:, :, None, None].expand(u, self.k, h, w))
+
+    def _empty_maps(self, h: int, w: int) -> torch.Tensor:
+        return torch.zeros(self.num_units, self.k, h, w, dtype=torch.float16, device=self.device)
+
+    def add(self, indices: torch.Tensor, acts: torch.Tensor) -> None:
+        """Offer a batch: indices (B,) dataset image indices, acts (B, U, h, w)."""
+        if acts.dim() != 4 or acts.shape[1] != self.num_units:
+            raise InputError(f"acts must be (B, {self.num_units}, h, w), got {tuple(acts.shape)}")
+        if indices.dim() != 1 or indices.shape[0] != acts.shape[0] or indices.is_floating_point():
+            raise InputError(f"indices must be an integer (B={acts.shape[0]},) tensor, got "
+                             f"{indices.dtype} {tuple(indices.shape)}")
+        b, u, h, w = acts.shape
+        if self.maps is None:
+            self.maps = self._empty_maps(h, w)
+        elif tuple(self.maps.shape[2:]) != (h, w):
+            raise InputError(f"acts maps are {h}x{w}, earlier batches were "
+                             f"{self.maps.shape[2]}x{self.maps.shape[3]}")
+        if b == 0:
+            return
+        acts = acts.to(self.device)
+        new_scores = acts.float().amax(dim=(2, 3)).t()  # (U, B)
+        new_idx = indices.to(self.device, torch.int64)[None, :].expand(u, b)
+        new_maps = acts.transpose(0, 1).to(torch.float16)  # (U, B, h, w)
+        self._combine(torch.cat([self.scores, new_scores], 1), torch.cat([self.indices, new_idx], 1),
+                      torch.cat([self.maps, new_maps], 1))
+
+    def merge(self, other: "TopImages") -> None:
+        """Fold in another shard's top images (same units and k)."""
+        if (self.num_units, self.k) != (other.num_units, other.k):
+            raise InputError("cannot merge TopImages with different num_units or k")
+        if other.maps is None:
+            return
+        if self.maps is None:
+            self.maps = self._empty_maps(*other.maps.shape[2:])
+        if self.maps.shape != other.maps.shape:
+            raise InputError("cannot merge TopImages with different map sizes")
+        self._combine(torch.cat([self.scores, other.scores.to(self.device)], 1),
+                      torch.cat([self.indices, other.indices.to(self.device)], 1),
+                      torch.cat([self.maps, other.maps.to(self.device)], 1))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """dict(indices (U, k') int64, scores (U, k') float32, maps (U, k', h, w) float16).
+
+        k' = min(k, images seen); rows sorted by score descending, ties by index.
+        """
+        filled = int((self.indices[0] != _NO_IMAGE).sum())
+        maps = self.maps if self.maps is not None else self._empty_maps(0, 0)
+        return {"indices": self.indices[:, :filled].clone(), "scores": self.scores[:, :filled].clone(),
+                "maps": maps[:, :filled].clone()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scores, indices and maps (empty (U, k, 0, 0) before the first add)."""
+        maps = self.maps if self.maps is not None else self._empty_maps(0, 0)
+        return {"format": "dissect.stats.TopImages", "num_units": self.num_units, "k": self.k,
+                "scores": self.scores.clone(), "indices": self.indices.clone(), "maps": maps.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by `state_dict` (num_units and k must match)."""
+        _check_format(state, "dissect.stats.TopImages")
+        for attr in ("num_units", "k"):
+            if _require(state, attr, "TopImages") != getattr(self, attr):
+                raise InputError(f"TopImages state has {attr}={state[attr]!r}, "
+                                 f"this object has {getattr(self, attr)!r}")
+        self.scores = _require(state, "scores", "TopImages").to(self.device, torch.float32).clone()
+        self.indices = _require(state, "indices", "TopImages").to(self.device, torch.int64).clone()
+        maps = _require(state, "maps", "TopImages").to(self.device, torch.float16)
+        self.maps = maps.clone() if maps.shape[2] * maps.shape[3] > 0 else None

@@ -1,0 +1,362 @@
+"""dissect.stats against numpy.quantile, a naive loop tally and a naive sort."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from broden.errors import InputError
+from dissect import stats
+from dissect.stats import INTERPOLATIONS, IoUTally, TopImages, TopQuantile
+from dissect.upsample import upsample
+
+# ---------------------------------------------------------------- TopQuantile
+
+
+def _quantile_data(seed: int = 0) -> torch.Tensor:
+    """(N, U, h, w) float32 with awkward units: ties, constant, sorted stream, huge spread."""
+    gen = torch.Generator().manual_seed(seed)
+    n, u, h, w = 12, 6, 5, 4
+    x = torch.randn(n, u, h, w, generator=gen)
+    x[:, 1] = torch.randint(0, 6, (n, h, w), generator=gen).float()  # many ties
+    x[:, 2] = 3.25  # constant unit
+    x[:, 3] = torch.arange(n * h * w, dtype=torch.float32).view(n, h, w)  # increasing: many compactions
+    x[:, 4] = torch.randn(n, h, w, generator=gen) * 1e6
+    x[:, 5] = -torch.arange(n * h * w, dtype=torch.float32).view(n, h, w)  # decreasing
+    return x
+
+
+def _numpy_quantile(x: torch.Tensor, level: float, method: str) -> np.ndarray:
+    values = x.transpose(0, 1).reshape(x.shape[1], -1).double().numpy()  # exact copy of float32
+    return np.quantile(values, level, axis=1, method=method)
+
+
+def _feed(tq: TopQuantile, x: torch.Tensor, batch: int) -> TopQuantile:
+    for i in range(0, x.shape[0], batch):
+        tq.add(x[i:i + batch])
+    return tq
+
+
+@pytest.mark.parametrize("top_fraction", [0.005, 0.1, 0.37])
+@pytest.mark.parametrize("method", INTERPOLATIONS)
+def test_top_quantile_equals_numpy_in_any_split(method, top_fraction):
+    x = _quantile_data()
+    n, u = x.shape[0], x.shape[1]
+    total = n * x.shape[2] * x.shape[3]
+    expected = _numpy_quantile(x, 1 - top_fraction, method).astype(np.float32)
+    results = []
+    for batch in (1, 5, n):
+        tq = _feed(TopQuantile(u, total, top_fraction, method), x, batch)
+        results.append(tq.result())
+    # (U, n) rows, in uneven pieces
+    rows = x.transpose(0, 1).reshape(u, -1)
+    tq = TopQuantile(u, total, top_fraction, method)
+    for a, b in ((0, 7), (7, 100), (100, total)):
+        tq.add(rows[:, a:b])
+    results.append(tq.result())
+    # three shards merged
+    shards = [_feed(TopQuantile(u, total, top_fraction, method), x[s], 2)
+              for s in (slice(0, 3), slice(3, 4), slice(4, n))]
+    shards[0].merge(shards[1])
+    shards[0].merge(shards[2])
+    results.append(shards[0].result())
+    for got in results:
+        assert got.dtype == torch.float32 and got.shape == (u,)
+        if method in ("lower", "higher", "nearest"):
+            np.testing.assert_array_equal(got.numpy(), expected)
+        else:
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=0)
+    assert results[0][2] == 3.25
+
+
+def test_top_quantile_hazen_clamps_to_max_for_tiny_fractions():
+    x = torch.randn(1, 2, 10, 10, generator=torch.Generator().manual_seed(3))
+    tq = TopQuantile(2, 100, top_fraction=0.004)  # hazen index 99.1 >= n-1
+    tq.add(x)
+    np.testing.assert_array_equal(tq.result().numpy(), x.amax(dim=(0, 2, 3)).numpy())
+
+
+def test_top_quantile_keeps_only_k_values():
+    tq = TopQuantile(3, 200_000, top_fraction=0.005)
+    # hazen at n*q - 0.5 = 198999.5: needs order statistics 198999 and 199000 -> k = 1001
+    assert tq.k == 1001 and tq.capacity == 2002
+
+
+def test_top_quantile_state_dict_round_trip_mid_stream():
+    x = _quantile_data(seed=5)
+    total = x.shape[0] * x.shape[2] * x.shape[3]
+    full = _feed(TopQuantile(6, total, 0.1), x, 3).result()
+    first = _feed(TopQuantile(6, total, 0.1), x[:7], 3)
+    state = first.state_dict()
+    assert all(isinstance(v, (torch.Tensor, int, float, str)) for v in state.values())
+    resumed = TopQuantile(6, total, 0.1)
+    resumed.load_state_dict(state)
+    _feed(resumed, x[7:], 2)
+    assert torch.equal(resumed.result(), full)
+
+
+def test_top_quantile_rejects_incomplete_overfull_and_nan():
+    tq = TopQuantile(2, 10)
+    tq.add(torch.zeros(2, 6))
+    with pytest.raises(InputError, match="incomplete"):
+        tq.result()
+    with pytest.raises(InputError, match="total_per_unit"):
+        tq.add(torch.zeros(2, 5))
+    tq.add(torch.tensor([[0.0, 1, 2, float("nan")], [1.0, 2, 3, 4]]))
+    with pytest.raises(InputError, match="NaN"):
+        tq.result()
+    with pytest.raises(InputError, match="interpolation"):
+        TopQuantile(2, 10, interpolation="cubic")
+    with pytest.raises(InputError, match="units"):
+        TopQuantile(2, 10).add(torch.zeros(1, 3, 2, 2))
+
+
+# ---------------------------------------------------------------- IoUTally
+
+NUM_LABELS, NUM_CATS = 520, 4
+
+
+def _label_category() -> torch.Tensor:
+    cat = torch.full((NUM_LABELS,), -1, dtype=torch.int64)
+    ids = [3, 7, 260, 300, 511, 12, 40, 41]
+    for i, c in zip(ids, [0, 1, 1, 2, 2, 3, 3, 0]):
+        cat[i] = c
+    return cat  # 99 stays -1: an id outside the selected categories
+
+
+def _tally_data(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    b, u, k, sh, sw, m = 5, 4, 3, 6, 7, 3
+    pixel_ids = torch.tensor([0, 0, 3, 7, 260, 300, 511, 99])
+    labels = pixel_ids[torch.randint(0, len(pixel_ids), (b, k, sh, sw), generator=gen)].int()
+    labels[3, 1:] = 0  # image 3 has a single layer
+    labels[1, 2] = labels[1, 0]  # the same labels in two layers of one image
+    image_ids = torch.tensor([0, 12, 40, 41])
+    image_labels = image_ids[torch.randint(0, 4, (b, m), generator=gen)]
+    image_labels[2] = 0  # no image-level labels
+    image_labels[0] = torch.tensor([12, 41, 0])
+    masks = torch.rand(b, u, sh, sw, generator=gen) < 0.3
+    masks[:, 3] = False  # a unit that never fires
+    masks[4] = False  # an image where nothing fires
+    masks[0, 0, :3] = True
+    return masks, labels, image_labels
+
+
+def _naive_tally(masks, labels, image_labels, label_category, union):
+    b, u, sh, sw = masks.shape
+    cat = label_category.tolist()
+    cat[0] = -1
+    truth = np.zeros(NUM_LABELS, np.int64)
+    inter = np.zeros((u, NUM_LABELS), np.int64)
+    act = np.zeros((u, NUM_CATS), np.int64)
+    for i in range(b):
+        img_ids = [int(v) for v in image_labels[i] if int(v) != 0]
+        for lab in img_ids:
+            truth[lab] += sh * sw
+        for layer in range(labels.shape[1]):
+            for y in range(sh):
+                for x in range(sw):
+                    if int(labels[i, layer, y, x]) != 0:
+                        truth[int(labels[i, layer, y, x])] += 1
+        anywhere = {cat[lab] for lab in img_ids if cat[lab] >= 0}
+        anywhere |= {cat[int(v)] for v in labels[i].flatten() if cat[int(v)] >= 0}
+        for unit in range(u):
+            size = int(masks[i, unit].sum())
+            present = {cat[lab] for lab in img_ids if cat[lab] >= 0}
+            for lab in img_ids:
+                inter[unit, lab] += size
+            for layer in range(labels.shape[1]):
+                for y in range(sh):
+                    for x in range(sw):
+                        lab = int(labels[i, layer, y, x])
+                        if masks[i, unit, y, x] and lab != 0:
+                            inter[unit, lab] += 1
+                            if cat[lab] >= 0:
+                                present.add(cat[lab])
+            for c in (present if union == "lite" else anywhere):
+                act[unit, c] += size
+    iou = np.zeros((u, NUM_LABELS))
+    for unit in range(u):
+        for lab in range(NUM_LABELS):
+            if cat[lab] >= 0:
+                iou[unit, lab] = inter[unit, lab] / (
+                    act[unit, cat[lab]] + truth[lab] - inter[unit, lab] + 1e-10)
+    return truth, inter, act, iou.astype(np.float32)
+
+
+@pytest.mark.parametrize("category_sets", [True, False])
+@pytest.mark.parametrize("union", ["lite", "original"])
+def test_iou_tally_matches_naive_loops(union, category_sets, monkeypatch):
+    if not category_sets:  # the path for more categories than bit-coded sets allow
+        monkeypatch.setattr(stats, "_MAX_SET_CATEGORIES", 0)
+    masks, labels, image_labels = _tally_data()
+    cat = _label_category()
+    truth, inter, act, iou = _naive_tally(masks, labels, image_labels, cat, union)
+    assert act.any() and inter[:, 3].any() and inter[:, 12].any()
+
+    def check(tally):
+        res = tally.result()
+        np.testing.assert_array_equal(res["truth"].numpy(), truth)
+        np.testing.assert_array_equal(res["intersection"].numpy(), inter)
+        np.testing.assert_array_equal(res["activation"].numpy(), act)
+        np.testing.assert_allclose(res["iou"].numpy(), iou, rtol=1e-6, atol=0)
+        assert res["iou"].dtype == torch.float32 and res["truth"].dtype == torch.int64
+
+    whole = IoUTally(4, cat, NUM_CATS, union=union)
+    whole.add(masks, labels, image_labels)
+    check(whole)
+    # one image at a time, with chunks small enough to split every image's rows
+    single = IoUTally(4, cat, NUM_CATS, union=union, chunk_elements=50)
+    for i in range(masks.shape[0]):
+        single.add(masks[i:i + 1], labels[i:i + 1], image_labels[i:i + 1])
+    check(single)
+    # shards merged, and a state_dict round trip
+    a = IoUTally(4, cat, NUM_CATS, union=union)
+    a.add(masks[:2], labels[:2], image_labels[:2])
+    b = IoUTally(4, cat, NUM_CATS, union=union)
+    b.add(masks[2:], labels[2:], image_labels[2:])
+    a.merge(b)
+    check(a)
+    restored = IoUTally(4, cat, NUM_CATS, union=union)
+    restored.load_state_dict(a.state_dict())
+    check(restored)
+    assert restored.images == masks.shape[0]
+
+
+@pytest.mark.parametrize("union", ["lite", "original"])
+def test_iou_tally_add_activations_equals_dense_masks(union):
+    _, labels, image_labels = _tally_data(seed=2)
+    gen = torch.Generator().manual_seed(7)
+    acts = torch.randn(5, 4, 3, 4, generator=gen)  # upsampled to the 6x7 label size
+    acts[:, 2] = -5  # a unit that never reaches its threshold: pruned
+    thresholds = torch.tensor([0.5, 0.0, 1.0, -0.2])
+    dense = upsample(acts, (6, 7)) > thresholds.view(1, 4, 1, 1)
+    assert dense.any() and not dense.all()
+    cat = _label_category()
+    truth, inter, act, iou = _naive_tally(dense, labels, image_labels, cat, union)
+    for chunk in (1 << 24, 100):
+        t = IoUTally(4, cat, NUM_CATS, union=union, chunk_elements=chunk)
+        t.add_activations(acts[:2], thresholds, labels[:2], image_labels[:2])
+        t.add_activations(acts[2:], thresholds, labels[2:], image_labels[2:])
+        res = t.result()
+        np.testing.assert_array_equal(res["truth"].numpy(), truth)
+        np.testing.assert_array_equal(res["intersection"].numpy(), inter)
+        np.testing.assert_array_equal(res["activation"].numpy(), act)
+        np.testing.assert_allclose(res["iou"].numpy(), iou, rtol=1e-6, atol=0)
+
+
+def test_iou_tally_unions_differ_where_expected():
+    masks, labels, image_labels = _tally_data(seed=1)
+    cat = _label_category()
+    res = {}
+    for union in ("lite", "original"):
+        t = IoUTally(4, cat, NUM_CATS, union=union)
+        t.add(masks, labels, image_labels)
+        res[union] = t.result()
+    # "original" counts a category wherever it occurs, so A can only grow; I and G agree
+    assert (res["original"]["activation"] >= res["lite"]["activation"]).all()
+    assert torch.equal(res["original"]["intersection"], res["lite"]["intersection"])
+
+
+def test_iou_tally_handles_no_label_layers():
+    masks = torch.ones(2, 2, 3, 3, dtype=torch.bool)
+    labels = torch.zeros(2, 0, 3, 3, dtype=torch.int32)
+    image_labels = torch.tensor([[12], [0]])
+    t = IoUTally(2, _label_category(), NUM_CATS)
+    t.add(masks, labels, image_labels)
+    res = t.result()
+    assert res["truth"][12] == 9 and (res["intersection"][:, 12] == 9).all()
+    assert (res["activation"][:, 3] == 9).all() and res["activation"].sum() == 18
+    np.testing.assert_allclose(res["iou"][:, 12].numpy(), 9 / (9 + 9 - 9 + 1e-10))
+
+
+def test_iou_tally_rejects_bad_input():
+    cat = _label_category()
+    t = IoUTally(2, cat, NUM_CATS)
+    masks = torch.zeros(1, 2, 3, 3, dtype=torch.bool)
+    with pytest.raises(InputError, match="labels hold ids"):
+        t.add(masks, torch.full((1, 1, 3, 3), NUM_LABELS, dtype=torch.int32),
+              torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(InputError, match="masks"):
+        t.add(masks.float(), torch.zeros(1, 1, 3, 3, dtype=torch.int32), torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(InputError, match="union"):
+        IoUTally(2, cat, NUM_CATS, union="both")
+    with pytest.raises(InputError, match="merge"):
+        t.merge(IoUTally(2, cat, NUM_CATS, union="original"))
+
+
+# ---------------------------------------------------------------- TopImages
+
+
+def _naive_top_images(indices, acts, k):
+    scores = acts.amax(dim=(2, 3))  # (N, U)
+    out_idx, out_scores, out_maps = [], [], []
+    for unit in range(acts.shape[1]):
+        order = sorted(range(len(indices)), key=lambda i: (-float(scores[i, unit]), int(indices[i])))[:k]
+        out_idx.append([int(indices[i]) for i in order])
+        out_scores.append([float(scores[i, unit]) for i in order])
+        out_maps.append(torch.stack([acts[i, unit] for i in order]))
+    return np.array(out_idx), np.array(out_scores, np.float32), torch.stack(out_maps).half()
+
+
+def test_top_images_matches_naive_sort_and_merge():
+    gen = torch.Generator().manual_seed(4)
+    n, u, h, w, k = 13, 3, 4, 5, 4
+    acts = torch.randint(0, 4, (n, u, h, w), generator=gen).float() / 4  # heavy ties in spatial max
+    acts[:, 2] = 0.5  # every image ties for unit 2: smallest indices win
+    indices = torch.randperm(100, generator=gen)[:n]
+    want_idx, want_scores, want_maps = _naive_top_images(indices, acts, k)
+
+    one = TopImages(u, k)
+    for i in range(0, n, 3):
+        one.add(indices[i:i + 3], acts[i:i + 3])
+    shards = [TopImages(u, k) for _ in range(3)]
+    for i in range(n):  # round-robin, reversed order
+        j = n - 1 - i
+        shards[i % 3].add(indices[j:j + 1], acts[j:j + 1])
+    shards[1].merge(shards[0])
+    shards[1].merge(shards[2])
+    restored = TopImages(u, k)
+    restored.load_state_dict(shards[1].state_dict())
+    for top in (one, shards[1], restored):
+        res = top.result()
+        np.testing.assert_array_equal(res["indices"].numpy(), want_idx)
+        np.testing.assert_array_equal(res["scores"].numpy(), want_scores)
+        assert res["maps"].dtype == torch.float16 and torch.equal(res["maps"], want_maps)
+    assert sorted(want_idx[2]) == sorted(indices.tolist())[:k]
+
+
+def test_top_images_with_fewer_images_than_k():
+    acts = torch.tensor([[[[1.0]]], [[[3.0]]]])  # (2, 1, 1, 1)
+    top = TopImages(1, k=5)
+    top.add(torch.tensor([7, 2]), acts)
+    res = top.result()
+    assert res["indices"].tolist() == [[2, 7]] and res["scores"].tolist() == [[3.0, 1.0]]
+    assert res["maps"].shape == (1, 2, 1, 1)
+    with pytest.raises(InputError, match="maps"):
+        top.add(torch.tensor([1]), torch.zeros(1, 1, 2, 2))
+
+
+# ---------------------------------------------------------------- CPU == GPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu():
+    x = _quantile_data(seed=9)
+    total = x.shape[0] * x.shape[2] * x.shape[3]
+    _, labels, image_labels = _tally_data(seed=3)
+    acts = torch.randn(5, 4, 3, 4, generator=torch.Generator().manual_seed(8))
+    thresholds = torch.tensor([0.5, 0.0, 1.0, -0.2])
+    out = {}
+    for dev in ("cpu", "cuda"):
+        tq = _feed(TopQuantile(6, total, 0.1, device=dev), x.to(dev), 5)
+        tally = IoUTally(4, _label_category(), NUM_CATS, device=dev)
+        tally.add_activations(acts.to(dev), thresholds.to(dev), labels.to(dev), image_labels.to(dev))
+        tops = TopImages(4, 3, device=dev)
+        tops.add(torch.arange(5, device=dev), acts.to(dev))
+        res = tally.result()
+        out[dev] = [tq.result(), res["intersection"], res["activation"], res["truth"],
+                    tops.result()["indices"]]
+        assert all(t.device.type == dev for t in out[dev])
+    for a, b in zip(out["cpu"], out["cuda"]):
+        assert torch.equal(a, b.cpu())

@@ -1,0 +1,78 @@
+"""dissect.upsample against PIL's bilinear resize and against the dense mask expression."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from broden.errors import InputError
+from dissect.upsample import threshold_masks, upsample
+
+
+def _pil_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    img = Image.fromarray(x.astype(np.float32))  # mode 'F'
+    assert img.mode == "F"
+    return np.asarray(img.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
+
+
+@pytest.mark.parametrize("src,dst", [((6, 7), (12, 14)),      # 2x
+                                     ((13, 13), (112, 112)),  # AlexNet conv5 -> Broden 224 labels
+                                     ((5, 9), (23, 40)),      # odd, non-square factors
+                                     ((1, 4), (3, 11))])      # a single row
+def test_upsample_matches_pil_bilinear_when_upscaling(src, dst):
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(2, 3, *src, generator=gen) * 5
+    ours = upsample(acts, dst)
+    assert ours.shape == (2, 3, *dst) and ours.dtype == torch.float32
+    # float32 rounding (torch) vs double accumulation (PIL): within 2e-6 of the maps' scale
+    atol = 2e-6 * float(acts.abs().max())
+    for b in range(2):
+        for u in range(3):
+            ref = _pil_bilinear(acts[b, u].numpy(), dst)
+            np.testing.assert_allclose(ours[b, u].numpy(), ref, rtol=0, atol=atol)
+
+
+def test_upsample_differs_from_pil_when_downscaling():
+    # PIL widens its filter on downscale (antialiasing); F.interpolate does not. Documented, not hidden.
+    gen = torch.Generator().manual_seed(1)
+    acts = torch.randn(1, 1, 16, 16, generator=gen)
+    ours = upsample(acts, (5, 5))[0, 0].numpy()
+    ref = _pil_bilinear(acts[0, 0].numpy(), (5, 5))
+    assert np.abs(ours - ref).max() > 1e-2
+
+
+def test_upsample_converts_half_precision_to_float32():
+    acts = torch.arange(12, dtype=torch.float16).view(1, 1, 3, 4)
+    out = upsample(acts, (6, 8))
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), upsample(acts.float(), (6, 8)).numpy())
+
+
+def test_upsample_rejects_bad_input():
+    with pytest.raises(InputError, match="B, U, h, w"):
+        upsample(torch.zeros(3, 4, 5), (8, 8))
+    with pytest.raises(InputError, match="size"):
+        upsample(torch.zeros(1, 1, 4, 5), (0, 8))
+
+
+def test_threshold_masks_equals_dense_expression():
+    gen = torch.Generator().manual_seed(2)
+    b, u, h, w, size = 5, 6, 7, 7, (20, 23)
+    acts = torch.randn(b, u, h, w, generator=gen)
+    thresholds = torch.quantile(acts.transpose(0, 1).reshape(u, -1), 0.9, dim=1)
+    # adversarial maps: constant exactly at the threshold, and just above it
+    acts[0, 0] = thresholds[0]
+    acts[1, 1] = torch.nextafter(thresholds[1], torch.tensor(np.inf))
+    acts[2, 2] = -1e30  # far below: pruned
+    dense = upsample(acts, size) > thresholds.view(1, u, 1, 1)
+    for max_elements in (1 << 24, 500):  # one chunk, and many
+        got = threshold_masks(acts, thresholds, size, max_elements=max_elements)
+        assert got.dtype == torch.bool and got.shape == (b, u, *size)
+        assert torch.equal(got, dense)
+    assert not dense[2, 2].any() and dense.any()
+
+
+def test_threshold_masks_rejects_wrong_threshold_shape():
+    with pytest.raises(InputError, match="thresholds"):
+        threshold_masks(torch.zeros(1, 3, 4, 4), torch.zeros(2), (8, 8))
