@@ -1,0 +1,208 @@
+"""`dissect run MODEL --dataset D --out DIR`: dissect a model's layers against Broden concepts."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from broden.errors import InputError
+from dissect.config import DETECTOR_RULES, INTERPOLATIONS, KEEP_ACTIVATIONS, UNIONS, DissectConfig
+
+log = logging.getLogger(__name__)
+
+KNOWN_SYNTHETIC = "synthetic"
+
+
+def register(subparsers: Any) -> None:
+    """Add the `run` parser."""
+    d = DissectConfig()
+    p = subparsers.add_parser(
+        "run", help="dissect a model: label every unit of the chosen layers with Broden concepts",
+        description="Network Dissection of MODEL (a cgl checkpoint, a state_dict with --arch, a TorchScript "
+                    "archive, or a pickled module with --trust-pickle). Writes DIR/summary.json, and per layer "
+                    "tally.csv, units.json, thresholds.npy, top_activations.npy, iou.npy. Works under "
+                    "`torchrun --nproc-per-node N` (images are sharded, results identical).")
+    p.add_argument("model", metavar="MODEL", help="model file")
+    p.add_argument("--dataset", required=True, metavar="D",
+                   help="a Broden-format directory, a known name (broden1_224, broden1_227, broden1_384: "
+                        "looked up in the cache dir, fetched with --download) or 'synthetic' (the CGL shapes "
+                        "set, generated once into the cache dir)")
+    p.add_argument("--out", required=True, metavar="DIR", help="results directory")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", help="architecture of a state_dict (torchvision or cgl_train name)")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a whole pickled module (runs code from the file: only for files you trust)")
+    g.add_argument("--layers", nargs="+", metavar="NAME",
+                   help="dotted module names (default: the checkpoint's grouped layers, else every Conv2d); "
+                        "`dissect layers MODEL` lists them")
+    g.add_argument("--normalize", choices=("imagenet", "lite", "none"),
+                   help="input normalisation when the checkpoint has none (default imagenet)")
+    g.add_argument("--input-size", type=int, metavar="N",
+                   help="resize images to N x N before the model (bilinear, antialiased), e.g. 32 for CIFAR nets")
+    m = p.add_argument_group("method (defaults: NetDissect-Lite)")
+    m.add_argument("--quantile", "--top-fraction", dest="top_fraction", type=float, default=d.top_fraction,
+                   help=f"top fraction of activations above the threshold (default {d.top_fraction})")
+    m.add_argument("--interpolation", choices=INTERPOLATIONS, default=d.interpolation,
+                   help=f"quantile interpolation (default {d.interpolation}, the reference's)")
+    m.add_argument("--union", choices=UNIONS, default=d.union,
+                   help="IoU union: lite (category counted where its labels lie under the mask) or original "
+                        f"(anywhere in the image); default {d.union}")
+    m.add_argument("--iou-threshold", type=float, default=d.iou_threshold,
+                   help=f"detector IoU threshold (default {d.iou_threshold})")
+    m.add_argument("--detector-rule", choices=DETECTOR_RULES, default=d.detector_rule,
+                   help=f"'>=' as Lite's report (default) or '>' as the paper's scripts")
+    m.add_argument("--unique-rule", choices=DETECTOR_RULES, default=d.unique_rule,
+                   help=f"rule of the 'paper' unique-detector count (default '{d.unique_rule}')")
+    m.add_argument("--categories", nargs="+", metavar="CAT", help="categories to label with (default all)")
+    m.add_argument("--split", choices=("train", "val"), help="only this split (default: all images)")
+    m.add_argument("--limit", type=int, metavar="N", help="only the first N images (quick looks)")
+    m.add_argument("--top-k", type=int, default=d.top_k, help=f"top images kept per unit (default {d.top_k})")
+    m.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
+    c = p.add_argument_group("concept groups")
+    c.add_argument("--groups", type=int, metavar="G",
+                   help="G equal contiguous groups per layer (default: the checkpoint's groups, if any)")
+    c.add_argument("--group-alpha", type=float, default=d.group_alpha,
+                   help=f"weight of the detector fraction in the aligned-concept score (default {d.group_alpha})")
+    c.add_argument("--group-threshold", type=float, default=d.group_threshold,
+                   help=f"score a group needs to be aligned to a concept (default {d.group_threshold})")
+    e = p.add_argument_group("execution (no effect on results)")
+    e.add_argument("--device", default=d.device, help="auto (cuda when present), cpu, cuda, cuda:N")
+    e.add_argument("--batch-size", type=int, default=d.batch_size, help=f"images per batch (default {d.batch_size})")
+    e.add_argument("--keep-activations", choices=KEEP_ACTIVATIONS, default=d.keep_activations,
+                   help="keep stage-1 activations for stage 2 (auto: when under --activation-budget-mb)")
+    e.add_argument("--activation-budget-mb", type=int, default=d.activation_budget_mb,
+                   help=f"memory for kept activations (default {d.activation_budget_mb} MiB)")
+    e.add_argument("--save-every", type=int, default=d.save_every,
+                   help=f"batches between saved states for resuming (default {d.save_every})")
+    e.add_argument("--save-interval", dest="save_interval_s", type=float, default=d.save_interval_s,
+                   help=f"and at least this many seconds between saves (default {d.save_interval_s:g})")
+    e.add_argument("--force", action="store_true", help="recompute even if DIR holds a finished identical run")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    s = p.add_argument_group("data")
+    s.add_argument("--cache-dir", type=Path, help="where named datasets, synthetic sets and decoded caches live "
+                                                   "(default $DISSECT_CACHE_DIR or ~/.cache/concept-dissect)")
+    s.add_argument("--download", action="store_true", help="fetch a named dataset when it is not in the cache dir")
+    s.add_argument("--mirror", action="append", default=[], metavar="URL", help="extra base URL for --download")
+    s.add_argument("--decoded-cache", choices=("auto", "build", "off"), default="auto",
+                   help="decoded image cache: auto (use one if present), build (make it first), off")
+    s.add_argument("--synthetic-per-class", type=int, default=64,
+                   help="images per class when generating the synthetic set (default 64)")
+    s.add_argument("--synthetic-size", type=int, default=64, help="synthetic image size (default 64)")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> DissectConfig:
+    """The DissectConfig the flags describe (validated)."""
+    return DissectConfig(
+        top_fraction=args.top_fraction, interpolation=args.interpolation, union=args.union,
+        iou_threshold=args.iou_threshold, detector_rule=args.detector_rule, unique_rule=args.unique_rule,
+        categories=args.categories, split=args.split, limit=args.limit, top_k=args.top_k,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, keep_activations=args.keep_activations,
+        activation_budget_mb=args.activation_budget_mb, normalize=args.normalize, input_size=args.input_size,
+        layers=args.layers, groups=args.groups, group_alpha=args.group_alpha,
+        group_threshold=args.group_threshold, save_every=args.save_every,
+        save_interval_s=args.save_interval_s).validate()
+
+
+def resolve_dataset(name: str, cache_dir: Path | None, download: bool, mirrors: list[str],
+                    per_class: int, size: int, quiet: bool) -> Path:
+    """A Broden directory for --dataset: a path, a known name in the cache dir, or 'synthetic'."""
+    from broden.cache import default_cache_dir
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name == KNOWN_SYNTHETIC:
+        from broden.synthetic import generate_shapes_dataset
+
+        target = cache / "datasets" / f"synthetic_shapes_s{size}_pc{per_class}_seed0"
+        return Path(generate_shapes_dataset(target, per_class=per_class, size=size, seed=0, progress=not quiet))
+    from broden.download import DATASETS, download_dataset, get_spec
+
+    if name not in DATASETS:
+        raise InputError(f"--dataset {name!r}: not a directory, and not a known name "
+                         f"({', '.join(sorted(DATASETS))}, {KNOWN_SYNTHETIC})")
+    spec = get_spec(name)
+    where = cache / "datasets"
+    if (where / spec.top_dir / "index.csv").is_file():
+        return where / spec.top_dir
+    if not download:
+        raise InputError(f"--dataset {name}: not found in {where}; add --download to fetch it, or pass "
+                         f"the path of an extracted copy (--dataset /path/to/{spec.top_dir})")
+    return Path(download_dataset(name, where, mirrors=mirrors, progress=not quiet))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `dissect run`; returns the exit code."""
+    try:
+        return _run(args)
+    except (InputError, KeyboardInterrupt):
+        raise  # the CLI maps these to 2 and 130
+    except Exception as e:  # anything else is exit 1, with the traceback in the log
+        log.debug("dissect run failed", exc_info=True)
+        print(f"dissect run: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    from broden.dataset import BrodenDataset
+    from dissect import distributed
+    from dissect.hooks import resolve_layers
+    from dissect.models import load_model
+    from dissect.pipeline import plan_key, resolve_device, run_dissection
+    from dissect.progress import set_quiet
+    from dissect.results import read_summary
+
+    config = config_from_args(args)
+    device = resolve_device(config.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.index is None:
+        import torch
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        config.device = str(device)
+    ctx = distributed.init_from_env(device)
+    set_quiet(args.quiet or not ctx.is_main)
+
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, normalize=args.normalize,
+                        input_size=args.input_size)
+    if config.input_size is None and loaded.input_size is not None:
+        config.input_size = loaded.input_size
+    if config.layers:
+        resolve_layers(loaded.module, config.layers)  # unknown names fail before any work
+    root = resolve_dataset(args.dataset, args.cache_dir, args.download, args.mirror, args.synthetic_per_class,
+                           args.synthetic_size, args.quiet)
+    if args.decoded_cache == "build" and ctx.is_main:
+        from broden.cache import build_cache
+
+        build_cache(root, cache_dir=args.cache_dir, progress=not args.quiet)
+    distributed.barrier(ctx)
+    cache: Any = "off" if args.decoded_cache == "off" else (args.cache_dir or "auto")
+    dataset = BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit,
+                            cache=cache)
+
+    out = Path(args.out)
+    key = plan_key(loaded, dataset, config)
+    if not args.force and (out / "summary.json").is_file():
+        try:
+            previous = read_summary(out).get("run_key")
+        except InputError:
+            previous = None
+        if previous == key:
+            if ctx.is_main:
+                print(f"dissect run: {out} already holds this dissection (same model, layers, dataset and "
+                      f"options); reusing it (--force recomputes)")
+            return 0
+    res = run_dissection(loaded, dataset, config, out, ctx)
+    if ctx.is_main:
+        for lr in res.layers:
+            c = lr.counts
+            print(f"{lr.name}: {lr.labels.num_units} units, {c['detectors']} detectors, unique "
+                  f"{c['unique_detectors']['paper']['total']} (paper) / "
+                  f"{c['unique_detectors']['top_label']['total']} (top label)")
+        print(f"results in {out}")
+    return 0

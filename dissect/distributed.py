@@ -1,0 +1,113 @@
+"""Multi-process dissection under torchrun: shard images by rank, merge statistics exactly.
+
+Every rank runs the same stages on a contiguous run of whole batches, then the
+streaming statistics (dissect.stats classes) are merged: each rank gathers every
+rank's state_dict and merges them in rank order, so all ranks hold identical
+statistics (TopQuantile and TopImages merges are exact; tallies are int64 sums).
+Only rank 0 writes outputs.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistContext", "init_from_env", "shard_range", "merge_stats", "barrier"]
+
+log = logging.getLogger(__name__)
+
+
+class Mergeable(Protocol):
+    """What the streaming statistics provide (dissect.stats)."""
+
+    def merge(self, other: Any) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, d: dict) -> Any: ...
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job; world_size 1 is a plain single process."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        """True when several processes take part."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes outputs and prints."""
+        return self.rank == 0
+
+
+def init_from_env(device: torch.device | None = None) -> DistContext:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR...).
+
+    Backend: nccl when `device` is CUDA, else gloo. Without WORLD_SIZE > 1 this is a single process.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, init_method="env://")
+    log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return DistContext(dist.get_rank(), dist.get_world_size())
+
+
+def shard_range(n: int, rank: int, world_size: int, batch_size: int = 1) -> tuple[int, int]:
+    """Contiguous [start, end) slice of n items for `rank`, cut at multiples of `batch_size`.
+
+    Whole batches of the single-process batch grid go to each rank (counts differ by at most
+    one batch), so every image is computed in the same batch as in one process: conv kernels
+    may round differently for other batch compositions, and results must be identical.
+    """
+    batches = -(-n // batch_size)
+    first, last = batches * rank // world_size, batches * (rank + 1) // world_size
+    return min(n, first * batch_size), min(n, last * batch_size)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def merge_stats(stats: dict[str, Mergeable], ctx: DistContext) -> dict[str, Mergeable]:
+    """Merge each named statistic over all ranks (in rank order); every rank gets the same result."""
+    if not ctx.active:
+        return stats
+    local = {name: _to_cpu(s.state_dict()) for name, s in stats.items()}
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, local)
+    merged: dict[str, Mergeable] = {}
+    for name, stat in stats.items():
+        base = copy.deepcopy(stat)
+        base.load_state_dict(gathered[0][name])
+        for r in range(1, ctx.world_size):
+            other = copy.deepcopy(stat)
+            other.load_state_dict(gathered[r][name])
+            base.merge(other)
+        merged[name] = base
+    return merged
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if ctx.active:
+        dist.barrier()

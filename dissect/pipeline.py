@@ -1,0 +1,399 @@
+"""The dissection, as the paper tells it: load -> thresholds -> tally -> label -> write.
+
+Stage 1 makes one pass over the images for all layers (forward, per-unit
+quantile thresholds, top images); stage 2 makes a second pass (kept activations
+or a fresh forward) that upsamples, thresholds (`up > T`, strict) and tallies
+IoU counts. Both passes read contiguous index ranges with dataset.get_batch,
+save their state every few batches (dissect.state) and, under torchrun, run on
+this rank's shard and merge exactly (dissect.distributed).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from broden.errors import InputError
+from dissect.config import DissectConfig
+from dissect.distributed import DistContext, barrier, merge_stats, shard_range
+from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
+                            layout_from_spec)
+from dissect.hooks import LayerRecorder, layer_shapes
+from dissect.labels import label_units, layer_label_summary
+from dissect.progress import progress
+from dissect.results import (DatasetInfo, DissectionResult, LayerResult, iou_from_counts, layer_dirname,
+                             read_summary, write_results)
+from dissect.state import RunState, run_key
+from dissect.stats import IoUTally, TopImages, TopQuantile
+from dissect.upsample import threshold_masks
+
+__all__ = ["dissect_model", "run_dissection", "plan_key", "load_results", "resolve_device", "dataset_info"]
+
+log = logging.getLogger(__name__)
+
+# Stage 2 thresholds at most this many mask pixels at once (bool bytes): bounds memory, not results.
+_MASK_CHUNK = 1 << 27
+
+
+def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | Path | None = None,
+                   ctx: DistContext = DistContext()) -> DissectionResult:
+    """The paper's story: load, threshold, tally, label, write (rank 0 writes when `out` is given)."""
+    config.validate()
+    torch.manual_seed(config.seed)  # the engine draws no random numbers; seeded for any model that does
+    np.random.seed(config.seed)
+    device = resolve_device(config.device)
+    model = loaded.module.to(device).eval()
+    layers = resolve_layers(loaded, config)
+    info = dataset_info(dataset)
+    key = run_key(loaded.fingerprint, layers, info.fingerprint, config.result_key())
+    state = RunState(out, key, ctx.rank, ctx.world_size, config.batch_size)
+    if out is not None and ctx.is_main:
+        # an older summary.json must not make a half-written directory look complete
+        (Path(out) / "summary.json").unlink(missing_ok=True)
+    engine = _Engine(model, layers, dataset, config, loaded.normalization, device, ctx, state)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    thresholds, tops = engine.stage1()                       # per-unit quantile + top images
+    timings["thresholds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tallies = engine.stage2(thresholds)                      # I, A, G per unit and label
+    timings["tally"] = time.perf_counter() - t
+    t = time.perf_counter()
+    results = [_label_layer(name, engine.shapes[name], thresholds[name], tops[name], tallies[name],
+                            info, config, model, loaded.groups) for name in layers]
+    timings["label"] = time.perf_counter() - t
+
+    res = DissectionResult(options=config.to_dict(), seed=config.seed, model=loaded.describe(),
+                           dataset=info, layers=results, versions=software_versions(), timings=timings,
+                           run_key=key)
+    if out is not None and ctx.is_main:
+        write_results(res, out)
+    barrier(ctx)
+    if ctx.is_main:
+        state.clear()
+    return res
+
+
+def plan_key(loaded: Any, dataset: Any, config: DissectConfig) -> str:
+    """The run key (model + layers + dataset + result options) that names this dissection."""
+    return run_key(loaded.fingerprint, resolve_layers(loaded, config), dataset_info(dataset).fingerprint,
+                   config.result_key())
+
+
+def dissect_model(model: nn.Module | Any, dataset: Any, layers: list[str] | None = None,
+                  config: DissectConfig | None = None, out: str | Path | None = None) -> DissectionResult:
+    """Python API: dissect an in-memory model (nn.Module or dissect.models.LoadedModel).
+
+    `dataset` is a broden.dataset.BrodenDataset or a Broden directory path; `layers` overrides
+    config.layers. With `out`, results are written there and progress can resume after a kill.
+    """
+    from broden.dataset import BrodenDataset
+    from dissect.models import LoadedModel, model_from_module
+
+    config = DissectConfig(**config.to_dict()) if config is not None else DissectConfig()
+    if layers is not None:
+        config.layers = list(layers)
+    if isinstance(model, LoadedModel):
+        loaded = model
+    else:
+        loaded = model_from_module(model, normalization=config.normalize, input_size=config.input_size)
+    if not isinstance(dataset, BrodenDataset):
+        dataset = BrodenDataset(dataset, categories=config.categories, split=config.split, limit=config.limit)
+    return run_dissection(loaded, dataset, config, out)
+
+
+# ---------------------------------------------------------------- setup
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else is parsed by torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"--device {name!r}: not a device name (expected auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_layers(loaded: Any, config: DissectConfig) -> list[str]:
+    """config.layers, else the model's default layers (checkpoint groups, else every Conv2d)."""
+    from dissect.models import default_layers
+
+    layers = list(config.layers) if config.layers else default_layers(loaded)
+    if not layers:
+        raise InputError("--layers: the model has no Conv2d layers; name the layers to dissect")
+    for name in layers:
+        layer_dirname(name)
+    return layers
+
+
+def dataset_info(dataset: Any) -> DatasetInfo:
+    """Provenance and label tables of a BrodenDataset."""
+    from broden.cache import source_fingerprint
+
+    meta = dataset.meta
+    return DatasetInfo(root=str(meta.root), fingerprint=source_fingerprint(meta.root, meta=meta),
+                       num_images=len(dataset), categories=list(dataset.categories),
+                       all_categories=list(meta.categories), label_names=list(meta.label_names),
+                       label_category=np.asarray(meta.label_category, dtype=np.int64),
+                       images=[r.image for r in meta.records])
+
+
+def software_versions() -> dict[str, str]:
+    """Versions recorded in summary.json."""
+    try:
+        toolkit = importlib.metadata.version("concept-dissect")
+    except importlib.metadata.PackageNotFoundError:
+        toolkit = "unknown"
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "toolkit": toolkit}
+
+
+# ---------------------------------------------------------------- the two passes
+
+class _Saver:
+    """Save a stage's state every `save_every` batches, once `save_interval_s` passed since the last save.
+
+    Both conditions must hold: states of big layers weigh hundreds of MB, and a fast (GPU) run
+    should not spend its time writing them.
+    """
+
+    def __init__(self, state: RunState, stage: str, config: DissectConfig):
+        self.state, self.stage = state, stage
+        self.every, self.interval = config.save_every, config.save_interval_s
+        self.batches = 0
+        self.last = time.monotonic()
+
+    def tick(self, nxt: int, payload: Any, final: bool = False) -> None:
+        """Count a batch (or the stage's end, `final`); `payload(nxt)` builds the state when saving."""
+        if not final:
+            self.batches += 1
+        if not self.state.enabled or (not final and self.batches % self.every):
+            return
+        if time.monotonic() - self.last < self.interval:
+            return
+        self.state.save(self.stage, payload(nxt))
+        self.last = time.monotonic()
+
+
+@dataclass
+class _Engine:
+    model: nn.Module
+    layers: list[str]
+    dataset: Any
+    config: DissectConfig
+    normalization: dict[str, list[float]]
+    device: torch.device
+    ctx: DistContext
+    state: RunState
+    shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    kept: list[dict[str, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.dataset)
+        if n == 0:
+            raise InputError("the dataset selection holds no images (check --split/--limit)")
+        self.start, self.end = shard_range(n, self.ctx.rank, self.ctx.world_size, self.config.batch_size)
+        first = self.dataset.get_batch([0])
+        h, w = first["image"].shape[-2:]
+        if self.config.input_size:
+            h = w = self.config.input_size
+        shapes = layer_shapes(self.model, self.layers, (h, w), device=self.device)
+        for name, s in shapes.items():
+            if len(s) != 3:
+                raise InputError(f"layer {name!r} outputs shape {s}; dissection needs (C, h, w) feature maps")
+        self.shapes = {k: tuple(int(x) for x in v) for k, v in shapes.items()}
+        rec = self.dataset.record(0)
+        self.label_size = (int(rec.sh), int(rec.sw))
+        mean = torch.tensor(self.normalization["mean"], device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.normalization["std"], device=self.device).view(1, 3, 1, 1)
+        self.mean, self.std = mean, std
+
+    def _bar_args(self) -> dict[str, Any]:
+        return {} if self.ctx.is_main else {"disable": True}  # one bar per job, not per rank
+
+    def _batches(self, begin: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        bs = self.config.batch_size
+        for s in range(begin, self.end, bs):
+            yield s, self.dataset.get_batch(np.arange(s, min(s + bs, self.end)))
+
+    def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.to(self.device).float().div_(255.0)  # (B, 3, H, W)
+        if self.config.input_size and tuple(x.shape[-2:]) != (self.config.input_size,) * 2:
+            x = F.interpolate(x, size=(self.config.input_size,) * 2, mode="bilinear",
+                              align_corners=False, antialias=True)
+        x = (x - self.mean) / self.std
+        with torch.no_grad(), LayerRecorder(self.model, self.layers, stop_after_last=True) as rec:
+            return rec.forward(x)
+
+    def _keep_decision(self) -> bool:
+        per_image = sum(c * h * w * 4 for c, h, w in self.shapes.values())
+        need = per_image * (self.end - self.start)
+        if self.config.keep_activations == "yes":
+            return True
+        if self.config.keep_activations == "no":
+            return False
+        keep = need <= self.config.activation_budget_mb * 2 ** 20
+        log.info("activations need %.1f MiB; budget %d MiB: %s", need / 2 ** 20,
+                 self.config.activation_budget_mb, "kept between stages" if keep else "recomputed in stage 2")
+        return keep
+
+    def stage1(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
+        """One pass: forward, TopQuantile and TopImages for every layer; merged over ranks."""
+        total = len(self.dataset)
+        quant = {n: TopQuantile(c, total * h * w, self.config.top_fraction, self.config.interpolation,
+                                device=self.device) for n, (c, h, w) in self.shapes.items()}
+        tops = {n: TopImages(c, self.config.top_k, device=self.device) for n, (c, h, w) in self.shapes.items()}
+        saved = self.state.load("stage1")
+        begin = self.start
+        if saved is not None:
+            for n in self.layers:
+                quant[n].load_state_dict(saved["quantiles"][n])
+                tops[n].load_state_dict(saved["tops"][n])
+            begin = int(saved["next"])
+        keep = begin == self.start and self._keep_decision()
+        self.kept = [] if keep else None
+        saver = _Saver(self.state, "stage1", self.config)
+
+        def payload(nxt: int) -> dict[str, Any]:
+            return {"next": nxt, "quantiles": {n: q.state_dict() for n, q in quant.items()},
+                    "tops": {n: t.state_dict() for n, t in tops.items()}}
+
+        bar = progress(total=self.end - self.start, initial=begin - self.start, desc="stage 1: thresholds",
+                       unit="img", **self._bar_args())
+        for s, batch in self._batches(begin):
+            acts = self._forward(batch["image"])
+            index = batch["index"].to(self.device)
+            for n in self.layers:
+                quant[n].add(acts[n])
+                tops[n].add(index, acts[n])
+            if self.kept is not None:
+                self.kept.append(acts)
+            bar.update(len(index))
+            saver.tick(s + len(index), payload)
+        bar.close()
+        saver.tick(self.end, payload, final=True)  # worth keeping unless stage 1 was quick
+        quant = merge_stats(quant, self.ctx)
+        tops = merge_stats(tops, self.ctx)
+        thresholds = {n: q.result().to(self.device).float() for n, q in quant.items()}  # (U,)
+        top_out = {}
+        for n, t in tops.items():
+            r = t.result()
+            top_out[n] = {k: v.detach().cpu().numpy() for k, v in r.items()}
+        return thresholds, top_out
+
+    def stage2(self, thresholds: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
+        """Second pass: upsample, strict threshold and IoU tallies for every layer; merged over ranks."""
+        meta = self.dataset.meta
+        label_category = torch.as_tensor(np.asarray(meta.label_category), dtype=torch.int64, device=self.device)
+        tallies = {n: IoUTally(c, label_category, len(meta.categories), self.config.union, device=self.device)
+                   for n, (c, h, w) in self.shapes.items()}
+        saved = self.state.load("stage2")
+        begin = self.start
+        if saved is not None:
+            for n in self.layers:
+                tallies[n].load_state_dict(saved["tallies"][n])
+            begin = int(saved["next"])
+        kept = self.kept if (self.kept is not None and begin == self.start) else None
+        saver = _Saver(self.state, "stage2", self.config)
+        bar = progress(total=self.end - self.start, initial=begin - self.start, desc="stage 2: tally",
+                       unit="img", **self._bar_args())
+        for i, (s, batch) in enumerate(self._batches(begin)):
+            acts = kept[i] if kept is not None else self._forward(batch["image"])
+            labels = batch["labels"].to(self.device)              # (B, K, sh, sw)
+            image_labels = batch["image_labels"].to(self.device)  # (B, M)
+            b = labels.shape[0]
+            for n in self.layers:
+                c = self.shapes[n][0]
+                step = max(1, _MASK_CHUNK // max(1, c * self.label_size[0] * self.label_size[1]))
+                for j in range(0, b, step):  # image chunks bound the mask memory only
+                    masks = threshold_masks(acts[n][j:j + step], thresholds[n], self.label_size)
+                    tallies[n].add(masks, labels[j:j + step], image_labels[j:j + step])
+            if kept is not None:
+                kept[i] = {}  # free as we go
+            bar.update(b)
+            if s + b < self.end:  # after the last batch the results are written right away
+                saver.tick(s + b, lambda nxt: {"next": nxt, "tallies": {n: t.state_dict() for n, t in tallies.items()}})
+        bar.close()
+        self.kept = None
+        tallies = merge_stats(tallies, self.ctx)
+        out = {}
+        for n, t in tallies.items():
+            r = t.result()
+            out[n] = {k: r[k].detach().cpu().numpy() for k in ("intersection", "activation", "truth")}
+        return out
+
+
+# ---------------------------------------------------------------- labels and groups
+
+def _label_layer(name: str, shape: tuple[int, int, int], thresholds: torch.Tensor, top: dict[str, np.ndarray],
+                 tally: dict[str, np.ndarray], info: DatasetInfo, config: DissectConfig, model: nn.Module,
+                 ckpt_groups: dict[str, dict[str, int]]) -> LayerResult:
+    """Labels, detectors, unique detectors and concept groups of one layer."""
+    iou = iou_from_counts(tally["intersection"], tally["activation"], tally["truth"], info.label_category)
+    sel = info.selected_label_category()
+    iou = np.where(sel[None, :] >= 0, iou, 0.0)  # (U, L): labels outside the selected categories drop out
+    labels = label_units(iou, sel, info.categories, config.iou_threshold, config.detector_rule)
+    counts = layer_label_summary(labels, config.iou_threshold, config.detector_rule, config.unique_rule)
+    groups = unit_group = None
+    layout = None
+    if config.groups is not None:
+        layout = equal_groups(shape[0], config.groups, name)
+    elif name in ckpt_groups:
+        layout = layout_from_spec(ckpt_groups[name], shape[0], name)
+    if layout is not None:
+        module = dict(model.named_modules()).get(name)
+        beta = beta_bn = None
+        if isinstance(module, nn.Conv2d):
+            beta, beta_bn = group_relevance(module.weight, layout, following_bn(model, name))
+        groups = concept_groups(labels, iou, sel, info.label_names, layout, beta, beta_bn,
+                                config.group_alpha, config.group_threshold)
+        unit_group = group_of_units(layout)
+    return LayerResult(name=name, shape=shape, thresholds=thresholds.detach().cpu().numpy().astype(np.float32),
+                       intersection=tally["intersection"], activation=tally["activation"], truth=tally["truth"],
+                       iou=iou, top_indices=top["indices"], top_scores=top["scores"], top_maps=top["maps"],
+                       labels=labels, counts=counts, groups=groups, unit_group=unit_group)
+
+
+# ---------------------------------------------------------------- reading results back
+
+def load_results(out: str | Path) -> dict[str, pd.DataFrame]:
+    """Read a results directory: {'summary': one row per layer, 'units': one row per unit of every layer}."""
+    out = Path(out)
+    summary = read_summary(out)
+    rows = []
+    for entry in summary["layers"]:
+        row = {"layer": entry["name"], "num_units": entry["num_units"], "detectors": entry["detectors"],
+               "unique_paper": entry["unique_detectors"]["paper"]["total"],
+               "unique_top_label": entry["unique_detectors"]["top_label"]["total"],
+               "rud_paper": entry["rud"]["paper"], "rud_top_label": entry["rud"]["top_label"]}
+        row.update({f"detectors_{c}": v for c, v in entry["detectors_per_category"].items()})
+        rows.append(row)
+    units = []
+    for entry in summary["layers"]:
+        path = out / entry["dir"] / "units.json"
+        if not path.is_file():
+            raise InputError(f"{path}: missing (summary.json lists layer {entry['name']!r})")
+        data = json.loads(path.read_text())
+        for u in data["units"]:
+            r = {"layer": entry["name"], "unit": u["unit"], "label": u["label"], "label_id": u["label_id"],
+                 "category": u["category"], "iou": u["iou"], "threshold": u["threshold"], "group": u["group"]}
+            for c, pc in u["per_category"].items():
+                r[f"{c}-label"] = pc["label"]
+                r[f"{c}-iou"] = pc["iou"]
+            units.append(r)
+    return {"summary": pd.DataFrame(rows), "units": pd.DataFrame(units)}

@@ -1,0 +1,256 @@
+"""Dissection results in memory and on disk (docs/contracts.md "Dissection results").
+
+Every file is written atomically; summary.json is written last, so a directory
+whose summary.json exists is complete.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broden.errors import InputError
+from dissect.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dissect.labels import LayerLabels
+
+__all__ = ["FORMAT", "VERSION", "LayerResult", "DatasetInfo", "DissectionResult", "iou_from_counts",
+           "tally_csv_text", "units_json", "summary_json", "write_results", "layer_dirname"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dissect-results"
+VERSION = 1
+
+
+def iou_from_counts(intersection: np.ndarray, activation: np.ndarray, truth: np.ndarray,
+                    label_category: np.ndarray) -> np.ndarray:
+    """IoU[u, l] = I / (A[u, cat(l)] + G[l] - I + 1e-10) in float64, as the reference.
+
+    `activation` (U, C) by category index; `label_category` (L,) index into its columns (-1: none,
+    IoU 0).
+    """
+    I = np.asarray(intersection, dtype=np.float64)  # (U, L)
+    cat = np.asarray(label_category, dtype=np.int64)
+    A = np.asarray(activation, dtype=np.float64)[:, np.clip(cat, 0, None)]  # (U, L)
+    A = np.where(cat[None, :] >= 0, A, 0.0)
+    iou = I / (A + np.asarray(truth, dtype=np.float64)[None, :] - I + 1e-10)
+    return np.where(cat[None, :] >= 0, iou, 0.0)
+
+
+@dataclass
+class DatasetInfo:
+    """What the outputs need to know about the dataset."""
+
+    root: str
+    fingerprint: str
+    num_images: int
+    categories: list[str]            # selected categories, in dataset order
+    all_categories: list[str]        # every category of the dataset (tally's category indices)
+    label_names: list[str]           # by global id ('-' at 0)
+    label_category: np.ndarray       # (L,) index into all_categories, -1 for unused ids
+    images: list[str]                # image path relative to images/, by dataset index
+
+    def selected_label_category(self) -> np.ndarray:
+        """(L,) index into `categories` (selected), -1 for ids outside them."""
+        remap = np.array([self.categories.index(c) if c in self.categories else -1
+                          for c in self.all_categories] + [-1], dtype=np.int64)
+        return remap[np.asarray(self.label_category, dtype=np.int64)]  # -1 indexes the trailing -1
+
+    def label_table(self) -> list[dict[str, Any]]:
+        """summary.json 'labels': every label of the selected categories, by id."""
+        sel = self.selected_label_category()
+        return [{"id": int(i), "name": self.label_names[i], "category": self.categories[sel[i]]}
+                for i in np.flatnonzero(sel >= 0)]
+
+
+@dataclass
+class LayerResult:
+    """Everything computed for one layer."""
+
+    name: str
+    shape: tuple[int, int, int]       # (C, h, w)
+    thresholds: np.ndarray            # (U,) float32
+    intersection: np.ndarray          # (U, L) int64 by global id
+    activation: np.ndarray            # (U, C_all) int64 by dataset category index
+    truth: np.ndarray                 # (L,) int64
+    iou: np.ndarray                   # (U, L) float64 by global id (0 outside the selected categories)
+    top_indices: np.ndarray           # (U, k) int64 dataset indices (-1: fewer images than k)
+    top_scores: np.ndarray            # (U, k) float32 spatial max
+    top_maps: np.ndarray              # (U, k, h, w) float16
+    labels: LayerLabels
+    counts: dict[str, Any]            # labels.layer_label_summary(...)
+    groups: list[dict[str, Any]] | None = None
+    unit_group: np.ndarray | None = None  # (U,) int64 group per unit, -1 free
+
+
+@dataclass
+class DissectionResult:
+    """A whole dissection: options, provenance and per-layer results."""
+
+    options: dict[str, Any]
+    seed: int
+    model: dict[str, Any]
+    dataset: DatasetInfo
+    layers: list[LayerResult]
+    versions: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+    run_key: str | None = None
+
+    def layer(self, name: str) -> LayerResult:
+        """The result of one layer by its dotted name."""
+        for lr in self.layers:
+            if lr.name == name:
+                return lr
+        raise KeyError(f"no layer {name!r}; dissected: {[lr.name for lr in self.layers]}")
+
+    def save(self, out: str | Path) -> Path:
+        """Write the results directory (see write_results)."""
+        return write_results(self, out)
+
+
+def layer_dirname(name: str) -> str:
+    """Directory name of a layer: its dotted name (safe characters only)."""
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0"):
+        raise InputError(f"layer name {name!r} cannot be a directory name")
+    return name
+
+
+def _num(x: float) -> str:
+    """A float the way Lite's csv.DictWriter wrote numpy float64 values (shortest repr)."""
+    return repr(float(x))
+
+
+def tally_csv_text(lr: LayerResult, ds: DatasetInfo) -> str:
+    """Lite's tally.csv: unit (1-based), category, label, score, then 5 columns per category.
+
+    Rows sorted by score descending (a stable sort reversed, so ties list the higher unit first,
+    as numpy's argsort()[::-1] does on Lite's small arrays); CRLF line ends as csv.DictWriter.
+    """
+    lab = lr.labels
+    cats = lab.categories
+    all_idx = [ds.all_categories.index(c) for c in cats]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    header = ["unit", "category", "label", "score"]
+    for c in cats:
+        header += [f"{c}-label", f"{c}-truth", f"{c}-activation", f"{c}-intersect", f"{c}-iou"]
+    w.writerow(header)
+    order = np.argsort(lab.top_score, kind="stable")[::-1]
+    for u in order.tolist():
+        row: list[Any] = [u + 1, cats[lab.top_category[u]] if cats else "",
+                          ds.label_names[lab.top_label[u]], _num(lab.top_score[u])]
+        for ci, c in enumerate(cats):
+            l = int(lab.cat_labels[ci, u])
+            if l > 0:
+                truth, act, inter = lr.truth[l], lr.activation[u, all_idx[ci]], lr.intersection[u, l]
+            else:  # no label of the category overlaps the unit
+                truth = act = inter = 0
+            row += [ds.label_names[l], _num(truth), _num(act), _num(inter), _num(lab.cat_scores[ci, u])]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def units_json(lr: LayerResult, ds: DatasetInfo, top_k: int) -> dict[str, Any]:
+    """The per-layer units.json dict of the contract."""
+    lab = lr.labels
+    cats = lab.categories
+    all_idx = [ds.all_categories.index(c) for c in cats]
+    units = []
+    for u in range(lab.num_units):  # output formatting, once per unit
+        per_cat = {}
+        for ci, c in enumerate(cats):
+            l = int(lab.cat_labels[ci, u])
+            per_cat[c] = {"label": ds.label_names[l], "label_id": l, "iou": float(lab.cat_scores[ci, u]),
+                          "intersection": int(lr.intersection[u, l]) if l else 0,
+                          "activation": int(lr.activation[u, all_idx[ci]]) if l else 0,
+                          "truth": int(lr.truth[l]) if l else 0}
+        tops = [{"index": int(i), "image": ds.images[int(i)], "max_activation": float(s)}
+                for i, s in zip(lr.top_indices[u].tolist(), lr.top_scores[u].tolist()) if i >= 0]
+        units.append({
+            "unit": u,
+            "label": ds.label_names[int(lab.top_label[u])],
+            "label_id": int(lab.top_label[u]),
+            "category": cats[int(lab.top_category[u])] if cats else None,
+            "iou": float(lab.top_score[u]),
+            "threshold": float(lr.thresholds[u]),
+            "group": None if lr.unit_group is None or lr.unit_group[u] < 0 else int(lr.unit_group[u]),
+            "per_category": per_cat,
+            "top_images": tops,
+        })
+    return {"layer": lr.name, "num_units": lab.num_units, "categories": cats, "top_k": top_k,
+            "units": units}
+
+
+def summary_json(res: DissectionResult) -> dict[str, Any]:
+    """The summary.json dict of the contract."""
+    ds = res.dataset
+    layers = []
+    for lr in res.layers:
+        entry = {"name": lr.name, "dir": layer_dirname(lr.name), "num_units": lr.labels.num_units,
+                 "shape": [int(s) for s in lr.shape]}
+        entry.update(lr.counts)
+        entry["groups"] = lr.groups
+        layers.append(entry)
+    last = res.layers[-2:]
+    units = sum(lr.labels.num_units for lr in last)
+    rud_last_two = {k: (sum(lr.counts["unique_detectors"][k]["total"] for lr in last) / units if units else 0.0)
+                    for k in ("paper", "top_label")}
+    return {
+        "format": FORMAT, "version": VERSION,
+        "options": res.options,
+        "seed": res.seed,
+        "model": res.model,
+        "dataset": {"root": ds.root, "fingerprint": ds.fingerprint, "num_images": ds.num_images,
+                    "categories": ds.categories},
+        "labels": ds.label_table(),
+        "versions": res.versions,
+        "timings": res.timings,
+        "run_key": res.run_key,
+        "layers": layers,
+        "rud_last_two": rud_last_two,
+    }
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+
+
+def write_results(res: DissectionResult, out: str | Path) -> Path:
+    """Write every layer's files, then summary.json last (all atomic). Returns `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sel = res.dataset.selected_label_category()
+    label_ids = np.flatnonzero(sel >= 0)
+    for lr in res.layers:
+        d = out / layer_dirname(lr.name)
+        d.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(d / "tally.csv", tally_csv_text(lr, res.dataset))
+        write_json_atomic(d / "units.json", units_json(lr, res.dataset, int(res.options.get("top_k", 0))))
+        _save_npy(d / "thresholds.npy", np.asarray(lr.thresholds, dtype=np.float32))
+        _save_npy(d / "top_activations.npy", np.asarray(lr.top_maps, dtype=np.float16))
+        _save_npy(d / "iou.npy", np.asarray(lr.iou, dtype=np.float64)[:, label_ids].astype(np.float32))
+    write_json_atomic(out / "summary.json", summary_json(res))
+    log.info("results written to %s", out)
+    return out
+
+
+def read_summary(out: str | Path) -> dict[str, Any]:
+    """Read DIR/summary.json; InputError when missing or not a results file."""
+    path = Path(out) / "summary.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no such file (not a finished dissection directory)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
+    if data.get("format") != FORMAT:
+        raise InputError(f"{path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+    return data

@@ -1,0 +1,311 @@
+"""The engine against an independent naive dissection of a hand-built model.
+
+The images carry their own labels in their pixels (R = red pixels, G = car
+pixels), so the model's units output known maps: indicator maps of chosen
+labels, a constant, a shifted copy, noise. Expected thresholds, I, A, G, IoU,
+labels and detector counts are then computed here with plain loops.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from broden.writer import BrodenWriter
+from dissect.config import DissectConfig
+from dissect.pipeline import dissect_model, load_results
+
+CATS = ["color", "object", "part", "scene"]
+LABELS = {1: ("red", "color"), 2: ("green", "color"), 300: ("car", "object"), 310: ("tree", "object"),
+          400: ("wheel", "part"), 401: ("door", "part"), 500: ("street", "scene"), 501: ("kitchen", "scene")}
+LAYERS = ["units", "pool", "block.0"]
+
+
+def make_concept_broden(root: Path, n: int = 6, size: int = 8, seed: int = 0) -> Path:
+    """n images (size x size) with label maps at the same size; R/G channels paint red/car pixels."""
+    rng = np.random.default_rng(seed)
+    w = BrodenWriter(root, CATS)
+    for i, (name, _) in LABELS.items():
+        w.add_label(i, name)
+    for k in range(n):
+        color = rng.choice([0, 1, 2], size=(size, size), p=[0.7, 0.15, 0.15])
+        obj = rng.choice([0, 300, 310], size=(size, size), p=[0.8, 0.1, 0.1])
+        part0 = rng.choice([0, 400], size=(size, size), p=[0.9, 0.1])
+        part1 = rng.choice([0, 400, 401], size=(size, size), p=[0.9, 0.05, 0.05])  # 400 may sit in both layers
+        img = np.zeros((size, size, 3), dtype=np.uint8)
+        img[..., 0] = np.where(color == 1, 255, 0)
+        img[..., 1] = np.where(obj == 300, 255, 0)
+        img[..., 2] = rng.integers(0, 256, size=(size, size))
+        layers = {"color": [color], "object": [obj] if k % 3 else []}  # some images lack objects
+        if k % 2 == 0:
+            layers["part"] = [part0, part1]
+        scene = [[500], [501], []][k % 3]
+        w.add_image(f"im{k}", img, layers=layers, image_labels={"scene": scene},
+                    split="train" if k % 2 else "val")
+    w.close()
+    return root
+
+
+class Probe(nn.Module):
+    """Six units with known maps from the normalisation-free input x = img / 255."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, g, b = x[:, 0], x[:, 1], x[:, 2]  # (B, H, W)
+        return torch.stack([r, g, torch.full_like(r, 0.5), torch.roll(r, 1, dims=2), b, r + 0.5 * g], 1)
+
+
+class ConceptNet(nn.Module):
+    """units (full res) -> pool (half res) -> block.0 (1x1 conv with seeded weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.units = Probe()
+        self.pool = nn.AvgPool2d(2)
+        self.block = nn.Sequential(nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.block[0].weight.copy_(torch.randn(4, 6, 1, 1, generator=gen))
+            self.block[0].bias.zero_()
+            self.block[1].weight.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+            self.block[1].running_var.copy_(torch.tensor([1.0, 4.0, 0.25, 2.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.pool(self.units(x))).mean(dim=(2, 3))
+
+
+def config(**kw) -> DissectConfig:
+    base = dict(top_fraction=0.2, normalize="none", top_k=3, batch_size=4)
+    base.update(kw)
+    return DissectConfig(**base)
+
+
+# ---------------------------------------------------------------- the naive reference
+
+def naive_maps(model: nn.Module, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Layer outputs of every image, one image at a time."""
+    out = {}
+    for n in range(len(images)):
+        x = torch.from_numpy(images[n:n + 1]).float() / 255
+        with torch.no_grad():
+            u = model.units(x)
+            p = model.pool(u)
+            c = model.block[0](p)
+        for name, t in (("units", u), ("pool", p), ("block.0", c)):
+            out.setdefault(name, []).append(t[0].numpy())
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def load_all(root: Path):
+    """Images, label layers and image labels straight from the files (no broden.dataset)."""
+    import csv
+    from PIL import Image
+
+    rows = list(csv.DictReader(open(root / "index.csv")))
+    images, planes, scalars = [], [], []
+    for r in rows:
+        images.append(np.asarray(Image.open(root / "images" / r["image"]).convert("RGB")).transpose(2, 0, 1))
+        ps, ss = [], []
+        for cat in CATS:
+            for e in filter(None, r[cat].split(";")):
+                if e.isdigit():
+                    ss.append(int(e))
+                else:
+                    rgb = np.asarray(Image.open(root / "images" / e)).astype(np.int64)
+                    ps.append(rgb[..., 0] + 256 * rgb[..., 1])
+        planes.append(ps)
+        scalars.append(ss)
+    return np.stack(images), planes, scalars
+
+
+def naive_tally(maps: np.ndarray, thresholds: np.ndarray, planes, scalars, sh: int, sw: int, union: str):
+    """I, A, G by loops over images, units, layers and pixels."""
+    ids = sorted(LABELS)
+    L = max(ids) + 1
+    cat_of = {i: CATS.index(c) for i, (_, c) in LABELS.items()}
+    N, U = maps.shape[:2]
+    I = np.zeros((U, L), np.int64)
+    A = np.zeros((U, len(CATS)), np.int64)
+    G = np.zeros(L, np.int64)
+    up = F.interpolate(torch.from_numpy(maps).float(), size=(sh, sw), mode="bilinear",
+                       align_corners=False).numpy()
+    for n in range(N):
+        for p in planes[n]:
+            for y in range(sh):
+                for x in range(sw):
+                    if p[y, x]:
+                        G[p[y, x]] += 1
+        for s in scalars[n]:
+            G[s] += sh * sw
+        for u in range(U):
+            mask = up[n, u] > thresholds[u]
+            present = set()
+            for p in planes[n]:
+                for y in range(sh):
+                    for x in range(sw):
+                        if p[y, x] and mask[y, x]:
+                            I[u, p[y, x]] += 1
+                            present.add(cat_of[p[y, x]])
+                        if p[y, x] and union == "original":
+                            present.add(cat_of[p[y, x]])
+            for s in scalars[n]:
+                I[u, s] += int(mask.sum())
+                present.add(cat_of[s])
+            for c in present:
+                A[u, c] += int(mask.sum())
+    return I, A, G
+
+
+def naive_labels(I, A, G, threshold=0.04):
+    """Per category best label (smallest id on ties, 0 when all IoUs are 0), top = last best category."""
+    U = I.shape[0]
+    cat_of = {i: CATS.index(c) for i, (_, c) in LABELS.items()}
+    cat_lab = np.zeros((len(CATS), U), np.int64)
+    cat_score = np.zeros((len(CATS), U))
+    for u in range(U):
+        for c in range(len(CATS)):
+            best, score = 0, 0.0
+            for l in sorted(LABELS):
+                if cat_of[l] != c:
+                    continue
+                iou = I[u, l] / (A[u, c] + G[l] - I[u, l] + 1e-10)
+                if iou > score:
+                    best, score = l, iou
+            cat_lab[c, u], cat_score[c, u] = best, score
+    top_c = np.zeros(U, np.int64)
+    for u in range(U):
+        for c in range(len(CATS)):
+            if cat_score[c, u] >= cat_score[top_c[u], u]:
+                top_c[u] = c
+    top_l = cat_lab[top_c, np.arange(U)]
+    top_s = cat_score[top_c, np.arange(U)]
+    return cat_lab, cat_score, top_c, top_l, top_s
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.fixture(scope="module")
+def concept_root(tmp_path_factory) -> Path:
+    return make_concept_broden(tmp_path_factory.mktemp("concept") / "broden")
+
+
+@pytest.mark.parametrize("union", ["lite", "original"])
+def test_engine_matches_naive_dissection(concept_root, union):
+    model = ConceptNet().eval()
+    res = dissect_model(model, concept_root, LAYERS, config(union=union))
+    images, planes, scalars = load_all(concept_root)
+    maps = naive_maps(model, images)
+    for name in LAYERS:
+        lr = res.layer(name)
+        flat = maps[name].transpose(1, 0, 2, 3).reshape(maps[name].shape[1], -1)  # (U, N*h*w)
+        thr = np.quantile(flat, 0.8, axis=1, method="hazen")
+        np.testing.assert_allclose(lr.thresholds, thr, rtol=1e-6, atol=1e-7)
+        I, A, G = naive_tally(maps[name], lr.thresholds, planes, scalars, 8, 8, union)
+        np.testing.assert_array_equal(lr.intersection[:, :I.shape[1]], I)
+        np.testing.assert_array_equal(lr.activation, A)
+        np.testing.assert_array_equal(lr.truth[:G.shape[0]], G)
+        cat_lab, cat_score, top_c, top_l, top_s = naive_labels(I, A, G)
+        np.testing.assert_array_equal(lr.labels.cat_labels, cat_lab)
+        np.testing.assert_allclose(lr.labels.cat_scores, cat_score, rtol=1e-12)
+        np.testing.assert_array_equal(lr.labels.top_category, top_c)
+        np.testing.assert_array_equal(lr.labels.top_label, top_l)
+        assert lr.counts["detectors"] == int((top_s >= 0.04).sum())
+        # top images: by spatial max, ties to the smaller index
+        smax = maps[name].max(axis=(2, 3))  # (N, U)
+        for u in range(smax.shape[1]):
+            order = sorted(range(len(smax)), key=lambda i: (-smax[i, u], i))[:3]
+            assert lr.top_indices[u].tolist() == order
+    units = res.layer("units")
+    # unit 0 is the red indicator: label red with IoU exactly 1; unit 2 is constant: no label
+    assert units.labels.top_label[0] == 1 and units.labels.top_score[0] == pytest.approx(1.0)
+    assert units.labels.top_label[2] == 0 and units.labels.top_score[2] == 0
+    if union == "lite":
+        # green's car indicator: car pixels exactly; the lite union only counts object where it lies under the mask
+        assert units.labels.cat_labels[1, 1] == 300 and units.labels.cat_scores[1, 1] == pytest.approx(1.0)
+
+
+def test_batched_equals_unbatched(concept_root, tmp_path):
+    model = ConceptNet().eval()
+    outs = []
+    for bs, keep in ((1, "no"), (4, "yes"), (64, "auto")):
+        out = tmp_path / f"bs{bs}"
+        dissect_model(model, concept_root, LAYERS, config(batch_size=bs, keep_activations=keep, groups=2), out=out)
+        outs.append(out)
+    for out in outs[1:]:
+        for name in LAYERS:
+            for f in ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy"):
+                assert (out / name / f).read_bytes() == (outs[0] / name / f).read_bytes(), (out, name, f)
+        a, b = (json.loads((o / "summary.json").read_text()) for o in (outs[0], out))
+        for d in (a, b):
+            d.pop("timings")
+            for k in ("batch_size", "keep_activations"):
+                d["options"].pop(k)
+        assert a == b
+
+
+def test_outputs_follow_the_contract(concept_root, tmp_path):
+    out = tmp_path / "res"
+    res = dissect_model(ConceptNet().eval(), concept_root, LAYERS, config(groups=2), out=out)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["format"] == "dissect-results" and s["version"] == 1 and s["seed"] == 0
+    assert s["options"]["top_fraction"] == 0.2 and s["options"]["union"] == "lite"
+    assert s["dataset"]["num_images"] == 6 and s["dataset"]["categories"] == CATS
+    assert [l["id"] for l in s["labels"]] == sorted(LABELS)
+    assert {l["id"]: l["category"] for l in s["labels"]} == {i: c for i, (_, c) in LABELS.items()}
+    assert [l["name"] for l in s["layers"]] == LAYERS
+    for entry, lr in zip(s["layers"], res.layers):
+        assert entry["num_units"] == lr.shape[0]
+        assert set(entry["unique_detectors"]) == {"paper", "top_label"}
+        assert entry["rud"]["paper"] == entry["unique_detectors"]["paper"]["total"] / entry["num_units"]
+        assert len(entry["groups"]) == 2
+        d = out / entry["dir"]
+        units = json.loads((d / "units.json").read_text())
+        assert units["layer"] == entry["name"] and len(units["units"]) == entry["num_units"]
+        u0 = units["units"][0]
+        assert set(u0) >= {"unit", "label", "label_id", "category", "iou", "threshold", "group", "per_category",
+                           "top_images"}
+        assert set(u0["per_category"]) == set(CATS)
+        assert u0["top_images"][0]["image"].startswith("synthetic/im")
+        U, h, w = lr.shape
+        assert np.load(d / "thresholds.npy").dtype == np.float32
+        assert np.load(d / "top_activations.npy").shape == (U, 3, h, w)
+        assert np.load(d / "iou.npy").shape == (U, len(LABELS))
+    # the block.0 groups: relevance is the Frobenius norm of the group's filters
+    block = res.layer("block.0")
+    wgt = ConceptNet().block[0].weight.detach().double()
+    assert block.groups[0]["relevance"] == pytest.approx(float(wgt[:2].norm()))
+    assert block.groups[1]["relevance_bn"] is not None
+    last_two = s["layers"][-2:]
+    expect = sum(e["unique_detectors"]["paper"]["total"] for e in last_two) / sum(e["num_units"] for e in last_two)
+    assert s["rud_last_two"]["paper"] == pytest.approx(expect)
+    frames = load_results(out)
+    assert list(frames["summary"]["layer"]) == LAYERS
+    assert len(frames["units"]) == sum(lr.shape[0] for lr in res.layers)
+    red = frames["units"].query("layer == 'units' and unit == 0").iloc[0]
+    assert red["label"] == "red" and red["iou"] == pytest.approx(1.0)
+
+
+def test_category_selection_and_limit(concept_root):
+    res = dissect_model(ConceptNet().eval(), concept_root, ["units"],
+                        config(categories=["object", "scene"], limit=4))
+    lr = res.layer("units")
+    assert lr.labels.categories == ["object", "scene"]
+    assert res.dataset.num_images == 4
+    assert lr.truth[1] == 0  # color layers were not read
+    assert set(np.unique(lr.labels.top_label)) <= {0, 300, 310, 500, 501}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_equals_cuda(concept_root, tmp_path):
+    model = ConceptNet().eval()
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        outs[dev] = tmp_path / dev
+        dissect_model(model, concept_root, ["units", "pool"], config(device=dev), out=outs[dev])
+    for name in ("units", "pool"):  # exact ops only: the 1x1 conv may use TF32 on the GPU
+        for f in ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy"):
+            assert (outs["cpu"] / name / f).read_bytes() == (outs["cuda"] / name / f).read_bytes(), (name, f)

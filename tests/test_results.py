@@ -1,0 +1,113 @@
+"""Result files: Lite's tally.csv byte for byte, units.json, iou.npy order, and atomic writing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dissect import results as results_mod
+from dissect.labels import label_units, layer_label_summary
+from dissect.results import DatasetInfo, DissectionResult, LayerResult, iou_from_counts, write_results
+
+ALL_CATS = ["color", "object", "scene"]
+# ids: 1 red, 2 green (color); 300 car (object); 301 unused; 302 kitchen (scene)
+LABEL_CAT = np.full(303, -1)
+LABEL_CAT[[1, 2]] = 0
+LABEL_CAT[300] = 1
+LABEL_CAT[302] = 2
+NAMES = [""] * 303
+NAMES[0], NAMES[1], NAMES[2], NAMES[300], NAMES[302] = "-", "red", "green", "car", "kitchen"
+
+
+def make_result(categories=("color", "object", "scene")) -> DissectionResult:
+    ds = DatasetInfo(root="/data/b", fingerprint="f" * 8, num_images=3, categories=list(categories),
+                     all_categories=ALL_CATS, label_names=NAMES, label_category=LABEL_CAT,
+                     images=["a/0.jpg", "a/1.jpg", "a/2.jpg"])
+    U = 3
+    I = np.zeros((U, 303), np.int64)
+    A = np.zeros((U, 3), np.int64)
+    G = np.zeros(303, np.int64)
+    G[1], G[2], G[300], G[302] = 100, 50, 40, 256
+    I[0, 1], A[0, 0] = 80, 100          # red: 80 / (100 + 100 - 80) = 2/3
+    I[0, 300], A[0, 1] = 10, 90         # car: 10 / (90 + 40 - 10) = 1/12
+    I[1, 302], A[1, 2] = 20, 64         # kitchen: 20 / (64 + 256 - 20) = 1/15
+    # unit 2: nothing
+    sel = ds.selected_label_category()
+    iou = iou_from_counts(I, A, G, LABEL_CAT)
+    iou = np.where(sel[None, :] >= 0, iou, 0.0)
+    lab = label_units(iou, sel, ds.categories)
+    lr = LayerResult(name="features.0", shape=(U, 2, 2), thresholds=np.array([0.5, 1.25, 2.0], np.float32),
+                     intersection=I, activation=A, truth=G, iou=iou,
+                     top_indices=np.array([[2, 0], [1, 2], [0, 1]]), top_scores=np.ones((U, 2), np.float32),
+                     top_maps=np.zeros((U, 2, 2, 2), np.float16), labels=lab, counts=layer_label_summary(lab))
+    return DissectionResult(options={"top_k": 2}, seed=0, model={"fingerprint": "m"}, dataset=ds, layers=[lr],
+                            versions={}, timings={"tally": 1.0}, run_key="k")
+
+
+def test_iou_from_counts_matches_the_formula():
+    rng = np.random.default_rng(0)
+    I = rng.integers(0, 50, (4, 303))
+    A = rng.integers(50, 100, (4, 3))
+    G = rng.integers(50, 100, 303)
+    iou = iou_from_counts(I, A, G, LABEL_CAT)
+    for u in range(4):
+        for l in (1, 2, 300, 302):
+            assert iou[u, l] == I[u, l] / (A[u, LABEL_CAT[l]] + G[l] - I[u, l] + 1e-10)
+        assert iou[u, 0] == 0 and iou[u, 301] == 0
+
+
+def test_tally_csv_is_lites_format(tmp_path):
+    write_results(make_result(), tmp_path)
+    raw = (tmp_path / "features.0" / "tally.csv").read_bytes()
+    red, car, kit = 80 / (200 - 80 + 1e-10), 10 / (130 - 10 + 1e-10), 20 / (320 - 20 + 1e-10)
+    expected = (
+        "unit,category,label,score,color-label,color-truth,color-activation,color-intersect,color-iou,"
+        "object-label,object-truth,object-activation,object-intersect,object-iou,"
+        "scene-label,scene-truth,scene-activation,scene-intersect,scene-iou\r\n"
+        f"1,color,red,{red!r},red,100.0,100.0,80.0,{red!r},car,40.0,90.0,10.0,{car!r},-,0.0,0.0,0.0,0.0\r\n"
+        f"2,scene,kitchen,{kit!r},-,0.0,0.0,0.0,0.0,-,0.0,0.0,0.0,0.0,kitchen,256.0,64.0,20.0,{kit!r}\r\n"
+        "3,scene,-,0.0,-,0.0,0.0,0.0,0.0,-,0.0,0.0,0.0,0.0,-,0.0,0.0,0.0,0.0\r\n")
+    assert raw.decode() == expected
+
+
+def test_units_json_and_arrays(tmp_path):
+    res = make_result(categories=("color", "scene"))
+    write_results(res, tmp_path)
+    units = json.loads((tmp_path / "features.0" / "units.json").read_text())
+    assert units["categories"] == ["color", "scene"] and units["top_k"] == 2
+    u0 = units["units"][0]
+    assert (u0["unit"], u0["label"], u0["label_id"], u0["category"]) == (0, "red", 1, "color")
+    assert u0["threshold"] == 0.5 and u0["group"] is None
+    assert u0["per_category"]["color"] == {"label": "red", "label_id": 1, "iou": pytest.approx(2 / 3),
+                                           "intersection": 80, "activation": 100, "truth": 100}
+    assert [t["image"] for t in u0["top_images"]] == ["a/2.jpg", "a/0.jpg"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [l["id"] for l in summary["labels"]] == [1, 2, 302]  # object not selected
+    iou = np.load(tmp_path / "features.0" / "iou.npy")
+    assert iou.shape == (3, 3) and iou.dtype == np.float32
+    assert iou[0, 0] == np.float32(80 / 120) and iou[1, 2] == np.float32(20 / 300)
+    assert summary["layers"][0]["detectors"] == 2
+    assert summary["rud_last_two"]["top_label"] == pytest.approx(2 / 3)
+
+
+def test_failed_write_leaves_no_summary(tmp_path, monkeypatch):
+    res = make_result()
+    res.layers.append(res.layers[0])
+    res.layers[1] = LayerResult(**{**res.layers[0].__dict__, "name": "features.3"})
+    calls = {"n": 0}
+    real = results_mod.units_json
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(results_mod, "units_json", flaky)
+    with pytest.raises(OSError):
+        write_results(res, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+    assert (tmp_path / "features.0" / "units.json").exists()
+    assert not (tmp_path / "features.3" / "units.json").exists()
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # no temp leftovers
