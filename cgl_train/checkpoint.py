@@ -5,12 +5,13 @@ A checkpoint is one dict of plain Python values and tensors, so it loads with
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from broden.errors import InputError
+from dissect.fsutil import atomic_path
 
 __all__ = ["FORMAT", "VERSION", "REQUIRED_FIELDS", "CheckpointError", "make_checkpoint",
            "save_checkpoint", "load_checkpoint", "is_checkpoint"]
@@ -21,7 +22,7 @@ REQUIRED_FIELDS = ("format", "version", "arch", "arch_kwargs", "state_dict", "gr
                    "normalization", "input_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A file is not a valid checkpoint; the message names the file and the field."""
 
 
@@ -79,15 +80,8 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
     """Write atomically: a temporary file in the same directory, then rename."""
     path = Path(path)
     validate_checkpoint(ckpt, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

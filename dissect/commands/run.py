@@ -81,6 +81,8 @@ def register(subparsers: Any) -> None:
                    help=f"and at least this many seconds between saves (default {d.save_interval_s:g})")
     e.add_argument("--force", action="store_true", help="recompute even if DIR holds a finished identical run")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip the HTML report (render it later with `dissect report DIR`)")
     s = p.add_argument_group("data")
     s.add_argument("--cache-dir", type=Path, help="where named datasets, synthetic sets and decoded caches live "
                                                    "(default $DISSECT_CACHE_DIR or ~/.cache/concept-dissect)")
@@ -196,6 +198,10 @@ def _run(args: argparse.Namespace) -> int:
             if ctx.is_main:
                 print(f"dissect run: {out} already holds this dissection (same model, layers, dataset and "
                       f"options); reusing it (--force recomputes)")
+                if args.report and not (out / "report" / "index.html").is_file():
+                    from reports.render import render_report
+
+                    print(f"report: {render_report(out)}")
             return 0
     res = run_dissection(loaded, dataset, config, out, ctx)
     if ctx.is_main:
@@ -205,4 +211,8 @@ def _run(args: argparse.Namespace) -> int:
                   f"{c['unique_detectors']['paper']['total']} (paper) / "
                   f"{c['unique_detectors']['top_label']['total']} (top label)")
         print(f"results in {out}")
+        if args.report:
+            from reports.render import render_report
+
+            print(f"report: {render_report(out)}")
     return 0
