@@ -8,7 +8,13 @@ image_label_category.npy (Q,) int16, and meta.json, written last.
 
 A build happens in a temporary directory beside the target and is renamed into
 place only when complete, so a directory without meta.json, or a leftover
-temporary one, is never read.
+temporary one, is never read. The building process holds an exclusive flock on
+`<tmp>/.lock` and then records itself in `<tmp>/owner.json` (host, pid). A
+build killed hard (SIGKILL) leaves its temporary directory behind; the next
+build of the same target removes it when it is stale: its lock is free while
+its owner record exists (the kernel drops a dead process's locks), its owner
+is a dead process on this host, or nothing in it changed for `stale_after`
+seconds (an hour by default) and no live build holds its lock.
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +45,8 @@ __all__ = [
     "build_cache",
     "open_cache",
     "open_decoded",
+    "remove_stale_builds",
+    "STALE_AFTER_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,14 @@ CACHE_FORMAT = "broden-decoded-cache"
 CACHE_VERSION = 1
 _SMALL = ("plane_offsets", "plane_category", "image_label_offsets", "image_label_category")
 _LARGE = ("images", "planes", "image_labels")
+_LOCK = ".lock"
+_OWNER = "owner.json"
+STALE_AFTER_S = 3600.0
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: liveness then rests on the owner's pid and the age
+    fcntl = None  # type: ignore[assignment]
 
 
 class DecodedCache:
@@ -246,12 +264,108 @@ def _offsets(counts: list[int]) -> np.ndarray:
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # cannot tell: treat as alive, never remove a build that may be running
+    return True
+
+
+def _lock_state(tmp: Path) -> bool | None:
+    """True when a live process holds `tmp/.lock`, False when it is free, None when unknown."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(tmp / _LOCK, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # e.g. a filesystem without locks
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _last_change(tmp: Path) -> float:
+    """Newest mtime of the directory and its entries (a running build keeps writing into it)."""
+    newest = tmp.stat().st_mtime
+    for entry in os.scandir(tmp):
+        try:
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        except OSError:
+            pass
+    return newest
+
+
+def _is_stale(tmp: Path, stale_after: float, now: float) -> bool:
+    held = _lock_state(tmp)
+    if held:
+        return False
+    try:
+        owner = json.loads((tmp / _OWNER).read_text())
+    except (OSError, ValueError):
+        owner = None
+    if isinstance(owner, dict):
+        if held is False:  # the owner locked before writing its record, and no longer holds the lock
+            return True
+        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+                and not _pid_alive(owner["pid"]):
+            return True
+    return now - _last_change(tmp) > stale_after
+
+
+def remove_stale_builds(base: str | Path, fingerprint: str, stale_after: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the leftover temporary build directories of target `fingerprint` under `base` (the
+    `decoded` directory) that no live build uses; return the removed paths."""
+    base = Path(base)
+    removed = []
+    now = time.time()
+    for tmp in sorted(base.glob(f".tmp-{fingerprint[:16]}-*")):
+        try:
+            if not tmp.is_dir() or not _is_stale(tmp, stale_after, now):
+                continue
+        except OSError:  # vanished meanwhile (its build finished or another cleaner got it)
+            continue
+        log.info("removing stale temporary cache build %s", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _claim(tmp: Path) -> int | None:
+    """Lock `tmp/.lock` for this build, then record the owner; returns the lock's fd (None without fcntl)."""
+    fd = os.open(tmp / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl is not None:
+        try:
+            # blocking: a cleaner probing this lock holds it for an instant only
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on this filesystem: the owner record and the age still protect it
+            pass
+    (tmp / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                          "started": time.time()}) + "\n")
+    return fd
+
+
 def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress: bool = True,
-                force: bool = False, workers: int | None = None, meta: BrodenMeta | None = None) -> Path:
+                force: bool = False, workers: int | None = None, meta: BrodenMeta | None = None,
+                stale_after: float = STALE_AFTER_S) -> Path:
     """Decode every image and label PNG of `root` once; return the cache directory.
 
     An up-to-date cache is reused unless `force`. Images must share one size
     (Broden's do). `workers` threads decode in parallel (default: up to 4).
+    First removes leftover temporary builds of the same target that are stale
+    (see the module docstring; `stale_after` seconds without change).
     """
     from dissect.progress import progress as progress_bar  # the toolkit's one tqdm helper
 
@@ -262,6 +376,8 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
     fingerprint = source_fingerprint(root, meta)
     base = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "decoded"
     target = base / fingerprint
+    if base.is_dir():
+        remove_stale_builds(base, fingerprint, stale_after)
     if not force and open_decoded(target, root, meta, fingerprint) is not None:
         log.info("decoded cache %s is up to date", target)
         return target
@@ -285,8 +401,10 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
 
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-{os.getpid()}-", dir=base))
+    lock_fd = None
     try:
+        lock_fd = _claim(tmp)
         h, w = _read_image(meta, meta.records[0]).shape[:2]
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, h, w))
         planes = np.lib.format.open_memmap(tmp / "planes.npy", mode="w+", dtype=plane_dtype, shape=(p, sh, sw))
@@ -332,8 +450,14 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
             if open_decoded(target, root, meta, fingerprint) is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            for name in (_OWNER, _LOCK):  # bookkeeping of the build, not part of the cache
+                (target / name).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
     log.info("built decoded cache %s (%d images, %d planes)", target, n, p)
     return target

@@ -3,22 +3,32 @@
 Every number comes from the runs' summary.json files; differences are against
 the first run. Output as a GitHub markdown table, a long-form CSV, or a
 self-contained HTML page (its figure inline, and also saved as a PNG file).
+
+Every output also says where the runs are not comparable: recorded options
+that differ (marked when dissect.config.RESULT_FIELDS says they change
+results), differing dataset fingerprints, layers some runs lack, and RUD over
+"the last two layers" when a run has fewer than two layers (not available) or
+when the runs' last two layers differ. In the CSV these are rows of the table
+`comparability`, with a text value.
 """
 from __future__ import annotations
 
 import base64
 import csv
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from broden.errors import InputError
+from dissect.config import RESULT_FIELDS
 from dissect.fsutil import write_text_atomic
 from reports.render import UNIQUE_DEFINITIONS, RunResults, read_run, template_env
 
-__all__ = ["Comparison", "compare_runs", "comparison_rows", "format_markdown", "format_csv",
+__all__ = ["Comparison", "Comparability", "compare_runs", "comparability", "comparability_rows",
+           "comparison_rows", "format_markdown", "format_csv",
            "render_compare_html", "write_comparison", "FORMATS", "CSV_COLUMNS"]
 
 FORMATS = ("md", "csv", "html")
@@ -35,6 +45,100 @@ class Comparison:
     layers: list[str] = field(default_factory=list)
     categories: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Comparability:
+    """What makes the runs of a Comparison differ beyond the model (empty lists: fully comparable)."""
+
+    options: list[tuple[str, list[Any], bool]]  # (option, value per run or _ABSENT, changes results)
+    fingerprints: list[str | None]              # dataset fingerprint per run; [] when all equal
+    missing_layers: list[tuple[str, list[str]]]  # (layer, names of the runs without it)
+    last_two: list[list[str]]                   # per run: the layers its RUD over the last two layers covers
+    last_two_unavailable: list[str]             # names of runs with fewer than two layers
+
+    @property
+    def last_two_differ(self) -> bool:
+        """Whether RUD over "the last two layers" means different layers in different runs."""
+        return len({tuple(x) for x in self.last_two}) > 1
+
+    def ok(self) -> bool:
+        """True when nothing but the model differs."""
+        return not (self.options or self.fingerprints or self.missing_layers or self.last_two_unavailable
+                    or self.last_two_differ)
+
+
+_ABSENT = "(not recorded)"
+
+
+def _show(value: Any) -> str:
+    return value if value is _ABSENT else json.dumps(value, sort_keys=True)
+
+
+def comparability(cmp: "Comparison") -> Comparability:
+    """Options, dataset fingerprints and layers that differ between the runs of `cmp`."""
+    options: list[tuple[str, list[Any], bool]] = []
+    keys: list[str] = []
+    for run in cmp.runs:
+        keys += [k for k in run.summary["options"] if k not in keys]
+    for key in keys:
+        values = [run.summary["options"].get(key, _ABSENT) for run in cmp.runs]
+        if len({_show(v) for v in values}) > 1:
+            options.append((key, values, key in RESULT_FIELDS))
+    fps = [run.summary["dataset"].get("fingerprint") for run in cmp.runs]
+    present = [{l.name for l in run.layers} for run in cmp.runs]
+    missing = [(layer, [n for n, have in zip(cmp.names, present) if layer not in have]) for layer in cmp.layers]
+    return Comparability(
+        options=options, fingerprints=fps if len(set(fps)) > 1 else [],
+        missing_layers=[(layer, lacking) for layer, lacking in missing if lacking],
+        last_two=[[l.name for l in run.layers[-2:]] for run in cmp.runs],
+        last_two_unavailable=[n for n, run in zip(cmp.names, cmp.runs) if len(run.layers) < 2])
+
+
+def comparability_notes(cmp: "Comparison") -> list[dict[str, str]]:
+    """One {kind, key, text} per reason the runs are not directly comparable."""
+    c = comparability(cmp)
+    notes = []
+    for key, values, changes in c.options:
+        effect = "changes results" if changes else "does not change results"
+        notes.append({"kind": "option", "key": key, "text": f"option {key} differs ({effect}): " + ", ".join(
+            f"{n} = {_show(v)}" for n, v in zip(cmp.names, values))})
+    if c.fingerprints:
+        notes.append({"kind": "dataset", "key": "fingerprint",
+                      "text": "dataset fingerprints differ (the runs saw different data): " + ", ".join(
+                          f"{n} = {fp}" for n, fp in zip(cmp.names, c.fingerprints))})
+    for layer, lacking in c.missing_layers:
+        notes.append({"kind": "layer", "key": layer,
+                      "text": f"layer {layer} is missing from {', '.join(lacking)}"})
+    for name in c.last_two_unavailable:
+        layers = c.last_two[cmp.names.index(name)]
+        notes.append({"kind": "rud_last_two", "key": name,
+                      "text": f"RUD over the last two layers is not available for {name}: it has "
+                              f"{len(layers)} layer(s) ({', '.join(layers) or 'none'})"})
+    if c.last_two_differ:
+        notes.append({"kind": "rud_last_two", "key": "layers",
+                      "text": "RUD over the last two layers covers different layers: " + "; ".join(
+                          f"{n} = {', '.join(l)}" for n, l in zip(cmp.names, c.last_two))})
+    return notes
+
+
+def comparability_rows(cmp: "Comparison") -> list[dict[str, Any]]:
+    """The CSV rows of table `comparability`: value is text, diff_vs_first empty."""
+    c = comparability(cmp)
+    cells: list[tuple[str, str, str, Any]] = []  # (run, layer, metric, value)
+    for key, values, changes in c.options:
+        metric = f"option_differs:{key}" + ("" if changes else " (does not change results)")
+        cells += [(n, "", metric, _show(v)) for n, v in zip(cmp.names, values)]
+    for n, fp in zip(cmp.names, c.fingerprints):
+        cells.append((n, "", "dataset_fingerprint_differs", fp))
+    for layer, lacking in c.missing_layers:
+        cells += [(n, layer, "layer_missing", "missing") for n in lacking]
+    for n, layers in zip(cmp.names, c.last_two):
+        cells.append((n, "", "rud_last_two_layers", " ".join(layers)))
+    for n in c.last_two_unavailable:
+        cells.append((n, "", "rud_last_two_unavailable", "fewer than two layers"))
+    return [{"table": "comparability", "run": n, "layer": layer, "category": "", "metric": metric,
+             "value": value, "diff_vs_first": None} for n, layer, metric, value in cells]
 
 
 def _flat_metrics(metrics: Mapping[str, Any] | None, prefix: str = "") -> dict[str, float]:
@@ -96,7 +200,10 @@ def _unique(meta: Mapping[str, Any] | None, definition: str, category: str | Non
 
 
 def comparison_rows(cmp: Comparison) -> list[dict[str, Any]]:
-    """Long-form rows (CSV_COLUMNS); `diff_vs_first` is value minus the first run's (None when absent)."""
+    """Long-form rows (CSV_COLUMNS); `diff_vs_first` is value minus the first run's (None when absent).
+
+    RUD over the last two layers is None for a run with fewer than two layers (not available).
+    """
     cells: list[tuple[str, str, str, str, str, Any]] = []  # (table, run, layer, category, metric, value)
     d = cmp.definition
     for name, run in zip(cmp.names, cmp.runs):
@@ -111,7 +218,8 @@ def comparison_rows(cmp: Comparison) -> list[dict[str, Any]]:
             total += value or 0
             cells.append(("rud", name, layer, "", f"rud_{d}", None if meta is None else meta["rud"].get(d)))
         cells.append(("unique_per_layer", name, "", "", f"unique_{d}_sum", total))
-        cells.append(("rud", name, "", "", f"rud_last_two_{d}", (run.summary.get("rud_last_two") or {}).get(d)))
+        last_two = (run.summary.get("rud_last_two") or {}).get(d) if len(run.layers) >= 2 else None
+        cells.append(("rud", name, "", "", f"rud_last_two_{d}", last_two))
         metrics = _flat_metrics(run.summary["model"].get("metrics"))
         for m in cmp.metrics:
             cells.append(("metrics", name, "", "", m, metrics.get(m)))
@@ -142,6 +250,8 @@ def _fmt_diff(diff: Any) -> str:
 
 
 def _cell(row: Mapping[str, Any], first: bool) -> str:
+    if row.get("note"):
+        return str(row["note"])
     text = _fmt(row["value"])
     if not first and row["diff_vs_first"] is not None:
         text += f" ({_fmt_diff(row['diff_vs_first'])})"
@@ -168,11 +278,17 @@ def _tables(cmp: Comparison) -> list[dict[str, Any]]:
     t3 = {"id": "rud", "title": f"Accuracy and RUD ({d}; CGL Table 3)",
           "header": ["run"] + cmp.metrics + [f"RUD {layer}" for layer in cmp.layers] + ["RUD last two layers"],
           "rows": []}
-    for name in cmp.names:
+    for name, run in zip(cmp.names, cmp.runs):
         t3["rows"].append([name] + [index[("metrics", name, "", "", m)] for m in cmp.metrics]
                           + [index[("rud", name, layer, "", f"rud_{d}")] for layer in cmp.layers]
-                          + [index[("rud", name, "", "", f"rud_last_two_{d}")]])
+                          + [_last_two_cell(index[("rud", name, "", "", f"rud_last_two_{d}")], run)])
     return [t1, t2, t3]
+
+
+def _last_two_cell(row: dict[str, Any], run: RunResults) -> dict[str, Any]:
+    if len(run.layers) >= 2:
+        return row
+    return dict(row, note=f"n/a ({len(run.layers)} layer)")
 
 
 def _preamble(cmp: Comparison) -> list[str]:
@@ -183,8 +299,14 @@ def _preamble(cmp: Comparison) -> list[str]:
 
 
 def format_markdown(cmp: Comparison) -> str:
-    """The three tables as GitHub markdown."""
+    """The comparability notes, then the three tables, as GitHub markdown."""
     lines = ["# Dissection runs compared", ""] + [line + "  " for line in _preamble(cmp)] + [""]
+    notes = comparability_notes(cmp)
+    lines += ["## Comparability", ""]
+    if notes:
+        lines += ["The runs differ in more than the model:", ""] + [f"- {n['text']}" for n in notes] + [""]
+    else:
+        lines += ["The runs agree on every recorded option, the dataset and the layers.", ""]
     for t in _tables(cmp):
         lines += [f"## {t['title']}", "", "| " + " | ".join(t["header"]) + " |",
                   "|" + "|".join("---" for _ in t["header"]) + "|"]
@@ -201,7 +323,7 @@ def format_csv(cmp: Comparison) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
-    for r in comparison_rows(cmp):
+    for r in comparison_rows(cmp) + comparability_rows(cmp):
         w.writerow({**r, "value": "" if r["value"] is None else r["value"],
                     "diff_vs_first": "" if r["diff_vs_first"] is None else r["diff_vs_first"]})
     return buf.getvalue()
@@ -223,6 +345,7 @@ def render_compare_html(cmp: Comparison, figure_path: str | Path) -> str:
         tables.append(dict(t, rows=rows))
     return env.get_template("compare.html").render(
         title="Dissection runs compared", css=css, preamble=_preamble(cmp), tables=tables,
+        notes=comparability_notes(cmp),
         figure="data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode("ascii"),
         figure_file=Path(png).name)
 

@@ -1,11 +1,20 @@
 """Soft receptive fields (CGL paper eq. 1, Figure 5) of chosen units over their top images.
 
 The only part of the reports that runs a model: the dissected model is loaded
-from summary["model"]["source"], fed the unit's top images (preprocessed with
-the normalisation and input size the dissection recorded), and the layer's
-output (the pre-activation when the layer is a conv) is turned into
-psi = sigmoid(P1 * a / S + P2), S = the unit's std over the shown images.
-No dissection statistic is recomputed.
+from summary["model"]["source"] and fed the unit's top images (preprocessed
+with the normalisation and input size the dissection recorded). psi follows
+the CGL design (shared/design/cgl.md):
+
+- a conv followed directly by a BatchNorm2d (cgl_train.groups.find_following_bn):
+  psi = sigmoid(P1 * tau + P2), tau = bn_output / gamma (eq. 4), the BN in eval
+  mode (running statistics);
+- otherwise: psi = sigmoid(P1 * a / S + P2), a = the layer's output (the
+  pre-activation for a conv), S = the unit's std over the shown images (eq. 1).
+  A BN that follows a conv inside a custom module (a ResNet block) is not
+  detectable from the module tree, so such convs get this formula too.
+
+The formula used is written under each figure. No dissection statistic is
+recomputed.
 """
 from __future__ import annotations
 
@@ -21,13 +30,13 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from broden.errors import InputError
-from cgl_train.losses import soft_receptive_field
+from cgl_train.losses import soft_receptive_field, soft_receptive_field_bn
 from reports.figures import save_figure
 
 if TYPE_CHECKING:
     from reports.render import RunResults
 
-__all__ = ["parse_psi_units", "preprocess", "unit_psi", "render_psi_figures"]
+__all__ = ["parse_psi_units", "preprocess", "unit_psi", "psi_source", "layer_psi", "render_psi_figures"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +91,19 @@ def _load_images(paths: Sequence[str], images_dir: Path) -> dict[str, np.ndarray
     return out
 
 
-def _layer_outputs(module: torch.nn.Module, layer: str, images: dict[str, np.ndarray],
+def psi_source(module: torch.nn.Module, layer: str) -> tuple[str, str | None]:
+    """("bn", BN module name) when `layer` is a Conv2d followed directly by a BatchNorm2d, else ("std", None)."""
+    from cgl_train.groups import find_following_bn
+
+    target = dict(module.named_modules()).get(layer)
+    if isinstance(target, torch.nn.Conv2d):
+        bn = find_following_bn(module, layer)
+        if bn is not None:
+            return "bn", bn
+    return "std", None
+
+
+def _layer_outputs(module: torch.nn.Module, layer: str, images: Mapping[str, np.ndarray],
                    normalization: Mapping[str, Sequence[float]], input_size: int | None,
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Layer output (C, h, w) per image, one forward pass per image size."""
@@ -99,8 +120,41 @@ def _layer_outputs(module: torch.nn.Module, layer: str, images: dict[str, np.nda
             if out.dim() != 4:
                 raise InputError(f"--psi-units {layer}: the layer outputs shape {tuple(out.shape)}, "
                                  "expected a (N, C, h, w) feature map")
-            result.update(zip(names, out.cpu()))
+            result.update(zip(names, out))
     return result
+
+
+def layer_psi(module: torch.nn.Module, layer: str, images: Mapping[str, np.ndarray],
+              chosen: Mapping[int, Sequence[str]], normalization: Mapping[str, Sequence[float]],
+              input_size: int | None, p1: float = 1.0, p2: float = 0.0, eps: float = 1e-5,
+              device: torch.device | str = "cpu") -> tuple[str, str | None, dict[int, torch.Tensor]]:
+    """psi of chosen units of `layer` over their images: (formula name, BN name or None, unit -> (k, h, w)).
+
+    `images` maps a path to an (H, W, 3) uint8 array; `chosen` maps a unit to the paths of its images.
+    The formula is "bn" for a conv followed by a BatchNorm2d, else "std" (see the module docstring).
+    """
+    formula, bn_name = psi_source(module, layer)
+    recorded = bn_name if bn_name is not None else layer
+    outputs = _layer_outputs(module, recorded, images, normalization, input_size, torch.device(device))
+    gamma = None
+    if bn_name is not None:
+        bn = module.get_submodule(bn_name)
+        # a BN without affine parameters has gamma = 1 (tau is then the normalised pre-activation)
+        gamma = bn.weight.detach() if bn.weight is not None else torch.ones(bn.num_features)
+    result: dict[int, torch.Tensor] = {}
+    for u, paths in chosen.items():
+        if not paths:
+            continue
+        channels = outputs[paths[0]].shape[0]
+        if not 0 <= u < channels:
+            raise InputError(f"--psi-units {layer}:{u}: the model's layer has {channels} channels")
+        maps = torch.stack([outputs[p][u] for p in paths])  # (k, h, w)
+        if gamma is None:
+            result[u] = unit_psi(maps, p1, p2, eps).cpu()
+        else:
+            g = gamma[u: u + 1].to(maps.device, torch.float32)  # (1,)
+            result[u] = soft_receptive_field_bn(maps[:, None], g, p1, p2, eps=eps)[:, 0].cpu()
+    return formula, bn_name, result
 
 
 def _figure(images: Sequence[np.ndarray], psi: torch.Tensor, title: str, path: Path) -> Path:
@@ -146,22 +200,26 @@ def render_psi_figures(run: "RunResults", psi_units: Mapping[str, Sequence[int]]
         layer = run.layer(layer_name)
         by_unit = {int(u["unit"]): u for u in layer.units["units"]}
         chosen = {u: [t["image"] for t in (by_unit[u].get("top_images") or [])[:top_k]] for u in units}
-        images = _load_images(sorted({p for ps in chosen.values() for p in ps}), images_dir)
-        outputs = _layer_outputs(module, layer_name, images, normalization, input_size, dev)
         for u, paths in chosen.items():
             if not paths:
                 log.warning("%s unit %d has no top images; no psi figure", layer_name, u)
-                continue
-            channels = outputs[paths[0]].shape[0]
-            if u >= channels:
-                raise InputError(f"--psi-units {layer_name}:{u}: the model's layer has {channels} channels")
-            pre = torch.stack([outputs[p][u] for p in paths])  # (k, h, w)
-            psi = unit_psi(pre, p1, p2, eps)
-            caption = (f"psi = sigmoid({p1:g} · a / S + {p2:g}) over its top {len(paths)} images, "
-                       f"S = the unit's std over them; label {by_unit[u].get('label')}, "
+        images = _load_images(sorted({p for ps in chosen.values() for p in ps}), images_dir)
+        formula, bn_name, psis = layer_psi(module, layer_name, images, chosen, normalization, input_size,
+                                           p1, p2, eps, dev)
+        for u, psi in psis.items():
+            paths = chosen[u]
+            if formula == "bn":
+                how = (f"psi = sigmoid({p1:g} · tau + {p2:g}), tau = the output of {bn_name} (the BatchNorm2d "
+                       f"after {layer_name}, running statistics) / its gamma (CGL eq. 4)")
+            else:
+                how = (f"psi = sigmoid({p1:g} · a / S + {p2:g}), a = the output of {layer_name}, S = the unit's "
+                       f"std over these images (CGL eq. 1: no BatchNorm2d directly after the layer in its "
+                       "nn.Sequential)")
+            caption = (f"{how}; over its top {len(paths)} images; label {by_unit[u].get('label')}, "
                        f"IoU {float(by_unit[u].get('iou') or 0):.3f}")
             path = _figure([images[p] for p in paths], psi,
                            f"{layer_name} unit {u}: soft receptive field (P1={p1:g}, P2={p2:g})",
                            Path(fig_dir) / f"psi-{safe_name(layer_name)}-unit{u:04d}.png")
-            figures.setdefault(layer_name, []).append({"unit": u, "path": str(path), "caption": caption})
+            figures.setdefault(layer_name, []).append({"unit": u, "path": str(path), "caption": caption,
+                                                       "formula": formula, "bn": bn_name})
     return figures

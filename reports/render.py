@@ -299,12 +299,14 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, to
         psi_figures = psi.render_psi_figures(run, psi_units, out / "figures", p1=psi_p1, p2=psi_p2,
                                              top_k=top_k, device=device, trust_pickle=trust_pickle)
 
+    # Masks are drawn at each image's label size, as the dissection thresholds them.
+    sizes = thumbnails.label_sizes(dataset_root) if dataset_note is None else {}
     for layer, row in zip(run.layers, layer_rows):
         k = layer_k[layer.name]
         strips: dict[int, str | None] = {}
         if dataset_note is None:
             strips = thumbnails.unit_strips(layer, dataset_root, out, top_k=k, thumb_height=thumb_height,
-                                            dim=dim, quality=jpeg_quality)
+                                            dim=dim, quality=jpeg_quality, sizes=sizes)
         bar = figures.detectors_bar_chart(layer.units["units"], categories, rule,
                                           out / "figures" / f"{safe_name(layer.name)}-detectors.png",
                                           title=f"{layer.name}: detectors per label")
@@ -327,6 +329,7 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, to
     write_json_atomic(out / "report.json", {
         "results": str(run.root.resolve()), "settings": settings,
         "psi_units": {name: [int(u) for u in units] for name, units in psi_units.items()},
+        "psi_formulas": {name: {str(f["unit"]): f["formula"] for f in figs} for name, figs in psi_figures.items()},
         "pages": ["index.html"] + [row["page"] for row in layer_rows]})
     index_path = out / "index.html"
     write_text_atomic(index_path, index)  # last: its presence means the report is complete

@@ -1,9 +1,15 @@
 """Per-unit strips of top images with the thresholded activation mask drawn over them.
 
-The mask follows the dissection (netdissect.md section 2, step 3): the unit's
-saved map is upsampled bilinearly (half-pixel centres) to the image size and
-compared strictly with the unit's threshold. Inactive pixels are dimmed and the
-mask outline is drawn. Each strip is written once under report/thumbs/<layer>/;
+The mask is the dissection's own (netdissect.md section 2, step 3): the unit's
+saved map is upsampled bilinearly (half-pixel centres) to the image's LABEL
+size (sh x sw, from the dataset's index.csv) and compared strictly with the
+unit's threshold. Only that boolean mask is then scaled to the thumbnail size,
+with nearest-neighbour (pixel centres), so a pixel shown as active is one the
+IoU counted. Upsampling the map to the image size instead would disagree with
+the tally: a 2x bilinear upscale lowers a single-pixel peak, so a unit that
+passes the detector rule could show an empty mask (and the other way round).
+The image is resized to the thumbnail, pixels outside the mask are dimmed and
+the mask outline is drawn. Each strip is written once under report/thumbs/<layer>/;
 its file name carries a hash of everything that shapes it, so an unchanged
 strip is reused and a stale one replaced.
 """
@@ -13,7 +19,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +32,7 @@ from dissect.fsutil import atomic_path
 if TYPE_CHECKING:
     from reports.render import LayerResults
 
-__all__ = ["activation_masks", "compose_tiles", "unit_strips", "OUTLINE_COLOR"]
+__all__ = ["activation_masks", "scale_masks", "compose_tiles", "label_sizes", "unit_strips", "OUTLINE_COLOR"]
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +43,19 @@ _UNITS_PER_CHUNK = 32  # units whose images are decoded and composed together
 
 
 def activation_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Masks `bilinear_upsample(map) > threshold` at `size` = (H, W).
+    """Masks `bilinear_upsample(map) > threshold` at `size` = the label size (sh, sw), as the dissection.
 
-    maps: (n, h, w) raw activation maps; thresholds: (n,) one per map. Returns (n, H, W) bool.
+    maps: (n, h, w) raw activation maps; thresholds: (n,) one per map. Returns (n, sh, sw) bool.
     """
     up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)  # (n, 1, H, W)
     return up[:, 0] > thresholds.float()[:, None, None]
+
+
+def scale_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize (pixel centres, 'nearest-exact') of bool masks (n, h, w) to (n, *size)."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks.bool()
+    return F.interpolate(masks[:, None].float(), size=size, mode="nearest-exact")[:, 0] > 0.5
 
 
 def _inner_boundary(mask: torch.Tensor) -> torch.Tensor:
@@ -53,17 +66,19 @@ def _inner_boundary(mask: torch.Tensor) -> torch.Tensor:
 
 
 def compose_tiles(images: torch.Tensor, masks: torch.Tensor, height: int, dim: float = 0.2) -> np.ndarray:
-    """Dim inactive pixels to `dim`, resize to `height`, outline the mask.
+    """Resize to `height`, dim pixels outside the mask to `dim`, outline the mask.
 
-    images: (n, 3, H, W) uint8; masks: (n, H, W) bool. Returns (n, th, tw, 3) uint8 tiles.
+    images: (n, 3, H, W) uint8; masks: (n, mh, mw) bool at any size (the label size), scaled to the
+    tile with `scale_masks`. Returns (n, th, tw, 3) uint8 tiles.
     """
     n, _, H, W = images.shape
     width = max(1, round(W * height / H))
-    scale = torch.where(masks, 1.0, float(dim))[:, None]  # (n, 1, H, W)
-    shaded = images.float() * scale
-    small = F.interpolate(shaded, size=(height, width), mode="bilinear", align_corners=False,
-                          antialias=True)  # (n, 3, th, tw)
-    small_mask = F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
+    small = images.float()
+    if (H, W) != (height, width):
+        small = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False,
+                              antialias=True)  # (n, 3, th, tw)
+    small_mask = scale_masks(masks, (height, width))  # (n, th, tw)
+    small = small * torch.where(small_mask, 1.0, float(dim))[:, None]
     edge = _inner_boundary(small_mask)  # (n, th, tw)
     color = torch.tensor(OUTLINE_COLOR, dtype=small.dtype, device=small.device)[None, :, None, None]
     small = torch.where(edge[:, None], color, small)
@@ -98,12 +113,21 @@ def _stat_key(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def label_sizes(dataset_root: str | Path) -> dict[str, tuple[int, int]]:
+    """Image path (relative to images/) -> its label size (sh, sw), from the dataset's index.csv."""
+    from broden.format import load_meta
+
+    return {r.image: (int(r.sh), int(r.sw)) for r in load_meta(dataset_root).records}
+
+
 def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | Path, top_k: int,
-                thumb_height: int = 112, dim: float = 0.2, quality: int = 85) -> dict[int, str | None]:
+                thumb_height: int = 112, dim: float = 0.2, quality: int = 85,
+                sizes: Mapping[str, tuple[int, int]] | None = None) -> dict[int, str | None]:
     """Write (or reuse) one JPEG strip per unit under out_dir/thumbs/<layer>/.
 
+    `sizes` maps each image path to its label size (default: read with `label_sizes`).
     Returns unit -> strip path relative to out_dir (None for a unit with no top images).
-    A missing image becomes a grey tile and is logged.
+    A missing image, or one the dataset's index no longer lists, becomes a grey tile and is logged.
     """
     from reports.render import safe_name
 
@@ -117,7 +141,9 @@ def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | 
     images_dir = Path(dataset_root) / "images"
     thumbs = Path(out_dir) / "thumbs" / safe_name(layer.name)
     thumbs.mkdir(parents=True, exist_ok=True)
-    params = f"k={top_k};h={thumb_height};dim={dim!r};q={quality};outline={OUTLINE_COLOR}"
+    if sizes is None:
+        sizes = label_sizes(dataset_root)
+    params = f"k={top_k};h={thumb_height};dim={dim!r};q={quality};outline={OUTLINE_COLOR};mask=label-size"
 
     result: dict[int, str | None] = {}
     todo: list[tuple[int, int, str, list[str]]] = []  # (row, unit, file name, image paths)
@@ -131,7 +157,7 @@ def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | 
         h.update(np.ascontiguousarray(acts[row, : len(paths)]).tobytes())
         h.update(np.float32(thresholds[row]).tobytes())
         for p in paths:
-            h.update(f"|{p}|{_stat_key(images_dir / p)}".encode())
+            h.update(f"|{p}|{_stat_key(images_dir / p)}|{sizes.get(p)}".encode())
         name = f"unit{unit:04d}-{h.hexdigest()[:12]}.jpg"
         result[unit] = (thumbs / name).relative_to(out_dir).as_posix()
         if not (thumbs / name).is_file():
@@ -141,28 +167,35 @@ def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | 
         return result
 
     for first in range(0, len(todo), _UNITS_PER_CHUNK):  # bounds memory on layers with many units
-        _write_strips(todo[first: first + _UNITS_PER_CHUNK], acts, thresholds, images_dir, thumbs,
+        _write_strips(todo[first: first + _UNITS_PER_CHUNK], acts, thresholds, images_dir, sizes, thumbs,
                       thumb_height, dim, quality)
     log.info("%s: wrote %d unit strips, reused %d", layer.name, len(todo), len(result) - len(todo))
     return result
 
 
 def _write_strips(todo: Sequence[tuple[int, int, str, list[str]]], acts: np.ndarray, thresholds: np.ndarray,
-                  images_dir: Path, thumbs: Path, thumb_height: int, dim: float, quality: int) -> None:
+                  images_dir: Path, sizes: Mapping[str, tuple[int, int]], thumbs: Path, thumb_height: int,
+                  dim: float, quality: int) -> None:
     """Draw and save the strips of `todo` = [(row in units.json, unit, file name, image paths)]."""
-    # Each needed image is read once, then maps are upsampled in one batch per image size.
-    cache = {p: _load_image(images_dir / p) for p in {p for *_, paths in todo for p in paths}}
-    by_size: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)  # size -> (todo idx, j)
+    # Each needed image is read once, then maps are thresholded in one batch per (image, label) size.
+    needed = {p for *_, paths in todo for p in paths}
+    unlisted = sorted(p for p in needed if p not in sizes)
+    if unlisted:
+        log.warning("%d top image(s) not in the dataset's index.csv (e.g. %s): shown as grey tiles",
+                    len(unlisted), unlisted[0])
+    cache = {p: _load_image(images_dir / p) if p in sizes else None for p in needed}
+    by_size: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int]]] = defaultdict(list)
     for i, (_, _, _, paths) in enumerate(todo):
         for j, p in enumerate(paths):
             if cache[p] is not None:
-                by_size[cache[p].shape[:2]].append((i, j))
+                by_size[(cache[p].shape[:2], sizes[p])].append((i, j))  # (todo idx, j)
     tiles: dict[tuple[int, int], np.ndarray] = {}
-    for size, pairs in by_size.items():
+    for (_, label_size), pairs in by_size.items():
         rows = np.array([todo[i][0] for i, _ in pairs])
         cols = np.array([j for _, j in pairs])
         maps = torch.from_numpy(acts[rows, cols].astype(np.float32))  # (n, h, w)
-        masks = activation_masks(maps, torch.from_numpy(thresholds[rows].astype(np.float32)), size)  # (n, H, W)
+        masks = activation_masks(maps, torch.from_numpy(thresholds[rows].astype(np.float32)),
+                                 label_size)  # (n, sh, sw)
         imgs = torch.from_numpy(np.stack([cache[todo[i][3][j]] for i, j in pairs])).permute(0, 3, 1, 2)
         for (i, j), tile in zip(pairs, compose_tiles(imgs, masks, thumb_height, dim)):
             tiles[(i, j)] = tile

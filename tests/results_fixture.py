@@ -121,7 +121,9 @@ def _write_tally(path: Path, units: list[dict[str, Any]]) -> None:
 
 def make_results_dir(root: str | Path, seed: int = 0, metrics: dict[str, float] | None = None,
                      model_source: str = "model.pth", k: int = 3, groups: bool = True,
-                     dataset_root: Path | None = None) -> Path:
+                     dataset_root: Path | None = None, model_kind: str = "state_dict",
+                     layer_specs: list[tuple[str, int, int]] | None = None,
+                     options: dict[str, Any] | None = None, dataset_fingerprint: str = "ds") -> Path:
     """Write a Broden dataset under root/broden (unless given) and a results dir under root/results."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -132,9 +134,10 @@ def make_results_dir(root: str | Path, seed: int = 0, metrics: dict[str, float] 
     out = root / "results"
     out.mkdir(parents=True, exist_ok=True)
     layers = []
-    for i, (name, U, hw) in enumerate(LAYERS):
+    layers_spec = LAYERS if layer_specs is None else layer_specs
+    for i, (name, U, hw) in enumerate(layers_spec):
         meta, units_json, arrays = _layer(rng, name, U, hw, k, len(image_paths), image_paths,
-                                          groups=groups and i == len(LAYERS) - 1)
+                                          groups=groups and i == len(layers_spec) - 1 and U >= 6)
         (out / name).mkdir(exist_ok=True)
         (out / name / "units.json").write_text(json.dumps(units_json, indent=1))
         _write_tally(out / name / "tally.csv", units_json["units"])
@@ -145,11 +148,12 @@ def make_results_dir(root: str | Path, seed: int = 0, metrics: dict[str, float] 
     last_two = layers[-2:]
     summary = {
         "format": "dissect-results", "version": 1,
-        "options": {"iou_threshold": THRESHOLD, "detector_rule": ">=", "top_k": k, "union": "lite", "seed": seed},
+        "options": {"iou_threshold": THRESHOLD, "detector_rule": ">=", "top_k": k, "union": "lite", "seed": seed,
+                    **(options or {})},
         "seed": seed,
-        "model": {"source": model_source, "kind": "state_dict", "arch": "tiny", "fingerprint": f"fp{seed}",
+        "model": {"source": model_source, "kind": model_kind, "arch": "tiny", "fingerprint": f"fp{seed}",
                   "metrics": metrics, "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "input_size": None},
-        "dataset": {"root": str(dataset_root), "fingerprint": "ds", "num_images": len(image_paths),
+        "dataset": {"root": str(dataset_root), "fingerprint": dataset_fingerprint, "num_images": len(image_paths),
                     "categories": CATEGORIES},
         "labels": [{"id": n, "name": name, "category": c} for n, name, c in LABELS],
         "versions": {"python": "3", "torch": "2", "numpy": "2", "toolkit": "0.1.0"},

@@ -4,6 +4,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +193,86 @@ def test_ids_above_32767_use_int32(tmp_path, cache_dir):
     for i in range(2):
         _items_equal(ds[i], off[i])
     assert int(ds.get_batch([0, 1])["labels"].max()) == 40000
+
+
+def _fake_tmp(base: Path, name: str, age_s: float = 0.0, owner: dict | None = None, lock: bool = False) -> Path:
+    d = base / name
+    d.mkdir(parents=True)
+    (d / "images.npy").write_bytes(b"\0" * 64)
+    if lock:
+        (d / ".lock").touch()
+    if owner is not None:
+        (d / "owner.json").write_text(json.dumps(owner))
+    if age_s:
+        t = time.time() - age_s
+        for p in [*d.iterdir(), d]:
+            os.utime(p, (t, t))
+    return d
+
+
+def _dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True).stdout)
+
+
+def test_stale_temporary_builds_are_removed(tiny, cache_dir):
+    import fcntl
+    import socket
+
+    fp = source_fingerprint(tiny)
+    base = cache_dir / "decoded"
+    host = socket.gethostname()
+    old = _fake_tmp(base, f".tmp-{fp[:16]}-old", age_s=2 * 3600)                  # killed long ago
+    fresh = _fake_tmp(base, f".tmp-{fp[:16]}-fresh", age_s=60)                    # maybe just starting
+    dead = _fake_tmp(base, f".tmp-{fp[:16]}-dead", owner={"host": host, "pid": _dead_pid()})
+    unlocked = _fake_tmp(base, f".tmp-{fp[:16]}-unlocked", lock=True, owner={"host": "elsewhere", "pid": 1})
+    live = _fake_tmp(base, f".tmp-{fp[:16]}-live", age_s=2 * 3600, lock=True,
+                     owner={"host": host, "pid": os.getpid()})
+    other = _fake_tmp(base, ".tmp-0000000000000000-old", age_s=2 * 3600)         # another target's
+    fd = os.open(live / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live build holds its lock, however old its files
+    try:
+        path = build_cache(tiny, progress=False)
+    finally:
+        os.close(fd)
+    assert not old.exists() and not dead.exists() and not unlocked.exists()
+    assert fresh.is_dir() and live.is_dir() and other.is_dir()
+    assert path.is_dir() and not (path / ".lock").exists() and not (path / "owner.json").exists()
+    assert sorted(p.name for p in base.iterdir()) == sorted([fp, fresh.name, live.name, other.name])
+    # once its lock is free, the old "live" one is stale too (and an up-to-date cache still cleans up)
+    assert build_cache(tiny, progress=False) == path
+    assert not live.exists() and fresh.is_dir()
+
+
+def test_a_build_killed_hard_is_cleaned_up_but_a_running_one_is_not(tiny, cache_dir):
+    base = cache_dir / "decoded"
+    script = textwrap.dedent(f"""
+        import time, broden.cache as c
+        real = c.decode_label_png
+        def slow(path):
+            time.sleep(30)
+            return real(path)
+        c.decode_label_png = slow
+        c.build_cache({str(tiny)!r}, progress=False, workers=1)
+    """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.time() + 20
+        tmps: list[Path] = []
+        while time.time() < deadline and not (tmps and (tmps[0] / "owner.json").is_file()):
+            tmps = list(base.glob(".tmp-*")) if base.is_dir() else []
+            time.sleep(0.05)
+        assert len(tmps) == 1 and f"-{proc.pid}-" in tmps[0].name
+        time.sleep(0.2)  # owner.json is written after the lock is taken
+        fp = source_fingerprint(tiny)
+        assert cache_mod.remove_stale_builds(base, fp, stale_after=0) == []  # running: kept even at age 0
+        assert tmps[0].is_dir()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert tmps[0].is_dir()  # SIGKILL leaves it behind ...
+        assert cache_mod.remove_stale_builds(base, fp) == [tmps[0]]  # ... fresh, but its owner is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -118,3 +118,75 @@ def test_compare_errors(runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     out = tmp_path / "t.md"
     assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
     assert out.read_text().startswith("# Dissection runs compared")
+
+
+def test_incomparable_runs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Differing options, dataset fingerprints and layers are listed; RUD over two layers of a
+    one-layer run is marked not available."""
+    dataset = make_dataset(tmp_path / "broden", seed=0)
+    a = make_results_dir(tmp_path / "a", seed=3, dataset_root=dataset, options={"union": "lite", "batch_size": 8})
+    b = make_results_dir(tmp_path / "b", seed=3, dataset_root=dataset, dataset_fingerprint="other",
+                         options={"union": "original", "batch_size": 16}, layer_specs=[("conv1", 6, 8)])
+    # the same seed on both: only union, batch_size, the fingerprint and conv2 differ
+    assert main(["compare", str(a), str(b), "--format", "csv", "--names", "a,b"]) == 0
+    rows = [r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["table"] == "comparability"]
+    got = {(r["run"], r["layer"], r["metric"]): r["value"] for r in rows}
+    assert got == {
+        ("a", "", "option_differs:union"): '"lite"', ("b", "", "option_differs:union"): '"original"',
+        ("a", "", "option_differs:batch_size (does not change results)"): "8",
+        ("b", "", "option_differs:batch_size (does not change results)"): "16",
+        ("a", "", "dataset_fingerprint_differs"): "ds", ("b", "", "dataset_fingerprint_differs"): "other",
+        ("b", "conv2", "layer_missing"): "missing",
+        ("a", "", "rud_last_two_layers"): "conv1 conv2", ("b", "", "rud_last_two_layers"): "conv1",
+        ("b", "", "rud_last_two_unavailable"): "fewer than two layers"}
+    assert main(["compare", str(a), str(b), "--format", "csv", "--names", "a,b"]) == 0
+    rud = [r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["metric"] == "rud_last_two_paper"]
+    assert [(r["run"], r["value"], r["diff_vs_first"]) for r in rud][1] == ("b", "", "")  # not a number
+
+    assert main(["compare", str(a), str(b), "--names", "a,b"]) == 0
+    md = capsys.readouterr().out
+    section = md.split("## Comparability")[1].split("\n## ")[0]
+    bullets = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(bullets) == 6
+    assert "- option union differs (changes results): a = \"lite\", b = \"original\"" in bullets
+    assert "- option batch_size differs (does not change results): a = 8, b = 16" in bullets
+    assert "- dataset fingerprints differ (the runs saw different data): a = ds, b = other" in bullets
+    assert "- layer conv2 is missing from b" in bullets
+    assert any(line.startswith("- RUD over the last two layers is not available for b") for line in bullets)
+    assert any(line.startswith("- RUD over the last two layers covers different layers") for line in bullets)
+    row = [line for line in md.splitlines() if line.startswith("| b |") and "n/a" in line]
+    assert len(row) == 1 and row[0].rstrip(" |").endswith("n/a (1 layer)")
+
+    out = tmp_path / "c.html"
+    assert main(["compare", str(a), str(b), "--format", "html", "--out", str(out), "--names", "a,b"]) == 0
+
+    class Notes(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.notes: list[tuple[str, str]] = []
+            self.cells: list[dict[str, str]] = []
+
+        def handle_starttag(self, tag, attrs):
+            d = {k: v or "" for k, v in attrs}
+            if tag == "li" and "data-kind" in d:
+                self.notes.append((d["data-kind"], d["data-key"]))
+            if tag == "td" and d.get("data-metric") == "rud_last_two_paper":
+                self.cells.append(d)
+
+    parser = Notes()
+    parser.feed(out.read_text())
+    assert sorted(parser.notes) == sorted([("option", "union"), ("option", "batch_size"), ("dataset", "fingerprint"),
+                                           ("layer", "conv2"), ("rud_last_two", "b"), ("rud_last_two", "layers")])
+    assert [c["data-value"] for c in parser.cells if c["data-run"] == "b"] == [""]
+    assert "n/a (1 layer)" in out.read_text()
+
+
+def test_comparable_runs_say_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dataset = make_dataset(tmp_path / "broden", seed=0)
+    a = make_results_dir(tmp_path / "a", seed=3, dataset_root=dataset)
+    b = make_results_dir(tmp_path / "b", seed=3, dataset_root=dataset, metrics={"val_acc": 0.5})
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "The runs agree on every recorded option, the dataset and the layers." in capsys.readouterr().out
+    assert main(["compare", str(a), str(b), "--format", "csv"]) == 0
+    rows = [r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["table"] == "comparability"]
+    assert {r["metric"] for r in rows} == {"rud_last_two_layers"}

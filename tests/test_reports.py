@@ -16,7 +16,7 @@ from broden.errors import InputError
 from dissect.cli import main
 from reports.psi import parse_psi_units, unit_psi
 from reports.render import read_run, render_report
-from reports.thumbnails import OUTLINE_COLOR, activation_masks, compose_tiles
+from reports.thumbnails import OUTLINE_COLOR, activation_masks, compose_tiles, scale_masks
 from results_fixture import make_dataset, make_results_dir
 
 
@@ -151,6 +151,7 @@ def test_psi_figures_and_groups(real_run: Path) -> None:
     tags = parse(page)
     psi = [a for tag, a in tags if tag == "figure" and "psi" in a.get("class", "")]
     assert [int(a["data-unit"]) for a in psi] == [0, 3]
+    assert [a["data-formula"] for a in psi] == ["std", "std"]  # tiny_cnn has no batch-norm
     for unit in (0, 3):
         assert (real_run / "report" / "figures" / f"psi-conv2-unit{unit:04d}.png").is_file()
     groups = next(l for l in summary["layers"] if l["name"] == "conv2")["groups"]
@@ -176,16 +177,47 @@ def _naive_bilinear(m: np.ndarray, H: int, W: int) -> np.ndarray:
     return out
 
 
-def test_activation_masks_match_naive_bilinear() -> None:
+def _naive_nearest(mask: np.ndarray, H: int, W: int) -> np.ndarray:
+    """Nearest-neighbour resize by pixel centres, pixel by pixel."""
+    h, w = mask.shape
+    out = np.zeros((H, W), dtype=bool)
+    for i in range(H):
+        for j in range(W):
+            out[i, j] = mask[min(int((i + 0.5) * h / H), h - 1), min(int((j + 0.5) * w / W), w - 1)]
+    return out
+
+
+def test_thumbnail_masks_are_label_size_masks_scaled_nearest() -> None:
     rng = np.random.default_rng(0)
     maps = rng.uniform(0, 1, size=(2, 3, 4)).astype(np.float32)
     thresholds = np.array([0.4, 0.6], dtype=np.float32)
-    masks = activation_masks(torch.from_numpy(maps), torch.from_numpy(thresholds), (9, 10)).numpy()
+    label_size, thumb = (9, 10), (27, 25)  # 3x up in height, 2.5x in width
+    masks = activation_masks(torch.from_numpy(maps), torch.from_numpy(thresholds), label_size).numpy()
+    assert masks.shape == (2, 9, 10)
+    shown = scale_masks(torch.from_numpy(masks), thumb).numpy()
     for n in range(2):
-        up = _naive_bilinear(maps[n].astype(np.float64), 9, 10)
+        up = _naive_bilinear(maps[n].astype(np.float64), *label_size)
         away = np.abs(up - thresholds[n]) > 1e-5  # float32 rounding may flip exact ties only
         assert away.sum() > 60
         assert np.array_equal(masks[n][away], (up > thresholds[n])[away])
+        assert np.array_equal(shown[n], _naive_nearest(masks[n], *thumb))
+
+
+def test_single_pixel_peak_shows_the_mask_the_dissection_counted() -> None:
+    # a 4x4 map with one peak, labels at 4x4 (as the tally sees it), the image at 8x8: at label size
+    # the peak stays 1.0 > 0.8, while a 2x bilinear upscale to the image would lower it to 0.5625
+    maps = torch.zeros(1, 4, 4)
+    maps[0, 1, 2] = 1.0
+    masks = activation_masks(maps, torch.tensor([0.8]), (4, 4))
+    assert masks.sum() == 1 and masks[0, 1, 2]
+    assert not activation_masks(maps, torch.tensor([0.8]), (8, 8)).any()  # what image size would show
+    image = torch.full((1, 3, 8, 8), 200, dtype=torch.uint8)
+    tile = compose_tiles(image, masks, height=8, dim=0.2)[0]  # (8, 8, 3)
+    expected = np.zeros((8, 8), dtype=bool)
+    expected[2:4, 4:6] = True  # the one label pixel covers 2x2 image pixels
+    lit = np.all(tile == np.array(OUTLINE_COLOR, dtype=np.uint8), axis=-1)  # all of a 2x2 mask is outline
+    assert np.array_equal(lit, expected)
+    assert np.all(tile[~expected] == 40)  # 200 dimmed to 20%
 
 
 def test_compose_tiles_dims_and_outlines() -> None:
@@ -244,6 +276,35 @@ def test_strips_follow_threshold_and_are_reused(tmp_path: Path) -> None:
     assert len(changed) == 2 and all(name.startswith("unit0002-") for name in changed)
     assert {n: t for n, t in again.items() if not n.startswith("unit0002-")} == \
         {n: t for n, t in before.items() if not n.startswith("unit0002-")}
+
+
+def test_strips_draw_the_mask_at_label_size(tmp_path: Path) -> None:
+    # fixture: conv1 maps 8x8, labels 16x16, images 32x32; a one-pixel peak at map (3, 3)
+    results = make_results_dir(tmp_path, seed=6)
+    acts = np.load(results / "conv1" / "top_activations.npy")
+    thresholds = np.load(results / "conv1" / "thresholds.npy")
+    acts[3:5] = 0.0
+    acts[3:5, :, 3, 3] = 1.0
+    thresholds[3], thresholds[4] = 0.7, 0.5
+    np.save(results / "conv1" / "top_activations.npy", acts)
+    np.save(results / "conv1" / "thresholds.npy", thresholds)
+    render_report(results, thumb_height=32)
+    strips = {int(a["alt"].split()[-1]): a["src"] for tag, a in parse(results / "report" / "conv1.html")
+              if tag == "img" and a.get("class") == "strip"}
+    # unit 3: at label size the peak is 0.75 * 0.75 = 0.5625 < 0.7, so nothing is active (at image
+    # size, 4x, it would be 0.875^2 = 0.77 > 0.7 over image pixels 13..14)
+    dark = np.asarray(Image.open(results / "report" / strips[3]).convert("RGB")).astype(np.float64)
+    assert dark[:, :32].max() < 0.2 * 255 + 40  # JPEG ringing; the outline would be 255
+    # unit 4: label pixels 6..7 (0.5625 > 0.5) are the mask, i.e. image pixels 12..15, all but the
+    # 2x2 centre outlined
+    lit = np.asarray(Image.open(results / "report" / strips[4]).convert("RGB")).astype(np.float64)[:, :32]
+    ring = np.zeros((32, 32), dtype=bool)
+    ring[12:16, 12:16] = True
+    ring[13:15, 13:15] = False
+    assert np.abs(lit[ring] - np.array(OUTLINE_COLOR)).mean() < 25
+    outside = np.ones((32, 32), dtype=bool)
+    outside[11:17, 11:17] = False
+    assert lit[outside].max() < 0.2 * 255 + 40  # JPEG ringing; the outline would be 255
 
 
 def test_report_renders_without_the_dataset(tmp_path: Path) -> None:
@@ -312,3 +373,110 @@ def test_unit_psi_matches_the_formula() -> None:
         expected = 1 / (1 + np.exp(-(p1 * pre / (s + 1e-5) + p2)))
         got = unit_psi(torch.from_numpy(pre), p1, p2).numpy()
         assert np.allclose(got, expected, atol=1e-6)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def _top_images(results: Path, layer: str, unit: int) -> tuple[list[str], np.ndarray]:
+    """The unit's top image paths and the images as float64 (k, 3, H, W) on the 0..1 scale."""
+    units = json.loads((results / layer / "units.json").read_text())["units"]
+    paths = [t["image"] for t in units[unit]["top_images"]]
+    root = results.parent / "broden" / "images"
+    imgs = np.stack([np.asarray(Image.open(root / p).convert("RGB")) for p in paths]).transpose(0, 3, 1, 2)
+    return paths, imgs.astype(np.float64) / 255.0
+
+
+def _pointwise_conv(x: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    """One output channel of a 1x1 conv: x (k, C, H, W), w (C,) -> (k, H, W), summed channel by channel."""
+    out = np.full(x[:, 0].shape, b, dtype=np.float64)
+    for c in range(x.shape[1]):
+        out += w[c] * x[:, c]
+    return out
+
+
+def _layer_psi(results: Path, layer: str, unit: int, p1: float, p2: float) -> tuple[str, np.ndarray]:
+    from dissect.models import load_model
+    from reports.psi import layer_psi
+
+    summary = json.loads((results / "summary.json").read_text())
+    loaded = load_model(summary["model"]["source"], trust_pickle=True)
+    paths, _ = _top_images(results, layer, unit)
+    root = results.parent / "broden" / "images"
+    images = {p: np.asarray(Image.open(root / p).convert("RGB")) for p in paths}
+    formula, _, psi = layer_psi(loaded.module, layer, images, {unit: paths}, summary["model"]["normalization"],
+                                None, p1, p2)
+    return formula, psi[unit].numpy()
+
+
+def test_psi_without_batch_norm_matches_a_hand_computation(tmp_path: Path) -> None:
+    """tiny_cnn checkpoint whose conv1 only has centre taps: a = w . x + b per pixel, S = std over the images."""
+    from cgl_train.checkpoint import make_checkpoint, save_checkpoint
+    from cgl_train.models import build_model
+
+    kwargs = {"num_classes": 2, "input_size": 32, "width1": 6, "width2": 8}
+    model = build_model("tiny_cnn", **kwargs)
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(6, 3))
+    bias = rng.normal(size=6)
+    with torch.no_grad():
+        model.conv1.weight.zero_()
+        model.conv1.weight[:, :, 1, 1] = torch.from_numpy(w)
+        model.conv1.bias.copy_(torch.from_numpy(bias))
+    ckpt = make_checkpoint(arch="tiny_cnn", arch_kwargs=kwargs, state_dict=model.state_dict(), groups={},
+                           normalization={"mean": [0.0] * 3, "std": [1.0] * 3}, input_size=32)
+    save_checkpoint(ckpt, tmp_path / "plain.pth")
+    results = make_results_dir(tmp_path, seed=8, model_source=str(tmp_path / "plain.pth"),
+                               model_kind="checkpoint")
+    unit, p1, p2 = 2, 2.0, -0.5
+    formula, got = _layer_psi(results, "conv1", unit, p1, p2)
+    _, x = _top_images(results, "conv1", unit)
+    a = _pointwise_conv(x, w[unit], bias[unit])  # (k, 32, 32)
+    s = math.sqrt(((a - a.mean()) ** 2).sum() / a.size)
+    assert formula == "std"
+    assert got.shape == a.shape
+    np.testing.assert_allclose(got, _sigmoid(p1 * a / (s + 1e-5) + p2), atol=1e-5)
+
+
+def test_psi_with_batch_norm_uses_bn_output_over_gamma(tmp_path: Path) -> None:
+    """conv1 (1x1) -> bn1 in eval mode: tau = bn_out / gamma = (a - mean) / sqrt(var + eps) + beta / gamma."""
+    from collections import OrderedDict
+
+    rng = np.random.default_rng(9)
+    model = torch.nn.Sequential(OrderedDict(
+        conv1=torch.nn.Conv2d(3, 6, 1), bn1=torch.nn.BatchNorm2d(6), relu1=torch.nn.ReLU(),
+        conv2=torch.nn.Conv2d(6, 8, 1)))
+    w, bias = rng.normal(size=(6, 3)), rng.normal(size=6)
+    mean, var = rng.normal(size=6), rng.uniform(0.5, 2.0, size=6)
+    gamma, beta = np.array([1.5, 0.7, -0.5, 2.0, 0.3, 1.0]), rng.normal(size=6)
+    with torch.no_grad():
+        model.conv1.weight.copy_(torch.from_numpy(w)[:, :, None, None])
+        model.conv1.bias.copy_(torch.from_numpy(bias))
+        model.bn1.running_mean.copy_(torch.from_numpy(mean))
+        model.bn1.running_var.copy_(torch.from_numpy(var))
+        model.bn1.weight.copy_(torch.from_numpy(gamma))
+        model.bn1.bias.copy_(torch.from_numpy(beta))
+    torch.save(model.eval(), tmp_path / "bn.pth")
+    results = make_results_dir(tmp_path, seed=9, model_source=str(tmp_path / "bn.pth"), model_kind="pickle")
+    unit, p1, p2 = 2, 2.0, -0.5  # gamma < 0 for this unit: dividing by it flips the sign back
+    formula, got = _layer_psi(results, "conv1", unit, p1, p2)
+    _, x = _top_images(results, "conv1", unit)
+    a = _pointwise_conv(x, w[unit], bias[unit])
+    bn_out = gamma[unit] * (a - mean[unit]) / math.sqrt(var[unit] + 1e-5) + beta[unit]
+    assert formula == "bn"
+    np.testing.assert_allclose(got, _sigmoid(p1 * bn_out / gamma[unit] + p2), atol=1e-5)
+    # the page says which formula each figure used
+    render_report(results, psi_units={"conv1": [unit], "conv2": [1]}, trust_pickle=True, thumb_height=16)
+    for layer, expected in (("conv1", "bn"), ("conv2", "std")):  # conv2 has no BN after it
+        figs = [a for tag, a in parse(results / "report" / f"{layer}.html")
+                if tag == "figure" and "psi" in a.get("class", "")]
+        assert [f["data-formula"] for f in figs] == [expected]
+    page = (results / "report" / "conv1.html").read_text()
+    assert "tau = the output of bn1" in page and "gamma" in page
+
+
+def test_one_layer_run_has_no_rud_over_two_layers(tmp_path: Path) -> None:
+    results = make_results_dir(tmp_path, seed=10, layer_specs=[("conv1", 6, 8)])
+    index = render_report(results, thumb_height=16).read_text()
+    assert 'id="rud-last-two-na"' in index and "rud-last-two" not in index.replace("rud-last-two-na", "")
