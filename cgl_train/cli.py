@@ -11,15 +11,17 @@ import json
 import logging
 import os
 import sys
+import textwrap
+from pathlib import Path
 from typing import Any, Sequence
 
 from broden.errors import InputError
 from cgl_train.checkpoint import CheckpointError
-from cgl_train.config import (GROUP_FORMS, LABELINGS, LR_SCHEDULES, SPATIAL_COORDS, TrainConfig,
-                              parse_layer_ints)
+from cgl_train.config import (GROUP_FORMS, LABELINGS, LR_SCHEDULES, RESUME_MAY_DIFFER, SPATIAL_COORDS,
+                              TrainConfig, check_resumable, parse_layer_ints)
 from cgl_train.distributed import env_world_size
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "recorded_options", "json_object", "main"]
 
 DESCRIPTION = """\
 Train a CNN with the objective L = L_task + lambda_bn R_bn + lambda_g L_g + lambda_s L_s
@@ -37,8 +39,41 @@ examples:
   cgl-train --data synthetic --arch tiny_cnn --out runs/cgl --lambda-bn 1e-3 --lambda-g 1e-3 --lambda-s 1e-2
   cgl-train --data /data/places365 --arch alexnet --out runs/alex --groups 5 --lambda-bn 5e-3 --amp
   torchrun --nproc_per_node 4 -m cgl_train --data /data/imagenet --arch vgg16 --out runs/vgg
-outputs: out/latest.pth, out/best.pth (best val top-1), out/log.jsonl (one JSON line per epoch), out/config.json
+  cgl-train --resume --out runs/cgl                 (continue a run with its recorded options)
+  cgl-train --resume --out runs/wd --epochs 60      (extend a 'step' or 'constant' schedule run)
+
+outputs: out/latest.pth, out/best.pth (best val top-1), out/config.json, out/log.jsonl (a first
+header line {"header": true, "seed", "config", "versions", ...}, then one JSON line per epoch)
+
+resume: --resume --out DIR starts from the options recorded in DIR (config.json, else latest.pth);
+flags may change only these options (any other that differs is an error):
+""" + textwrap.fill(", ".join(RESUME_MAY_DIFFER), width=96, initial_indent="  ", subsequent_indent="  ") + """
+--epochs may change only with the 'step' or 'constant' schedule: 'cosine' anneals to 0 at --epochs,
+so a run extended from 2 to 3 epochs would not equal a 3-epoch run; it is refused.
+
+multi-GPU (DDP under torchrun): one process per device; --batch-size is the GLOBAL batch, split
+evenly over the ranks; DDP averages the gradients; only rank 0 writes and prints. L_task and R_bn
+then give the same update as one process on the same global batch (for models without BatchNorm:
+no SyncBN is used, so AlexNet-B's BN layers normalise per rank). L_g and L_s do not: they use
+per-rank minibatch statistics, computed on each rank's share of the batch: S (the per-channel std
+over the minibatch in psi's no-BN variant), the BN statistics behind the BN variant's tau, and the
+paper-form L_g's L1 norms over minibatch and space. This is what the authors' code does, and what
+BatchNorm without SyncBN does. With --lambda-g or --lambda-s > 0, DDP training equals one process
+in expectation, not bit for bit; set them to 0 for an exact equivalence.
 """
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type of --arch-kwargs: a JSON object, with an error message that shows one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({e.msg}); expected a JSON object, "
+                                         f"e.g. '{{\"width1\": 64}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is a JSON {type(value).__name__}; expected a JSON object, "
+                                         f"e.g. '{{\"width1\": 64}}'")
+    return value
 
 
 def _add(parser: argparse.ArgumentParser, *flags: str, **kw: Any) -> None:
@@ -56,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--data", help=f"'synthetic' (the paper's shapes, generated once) or an ImageFolder root "
                            f"with train/ and val/ class folders (default {d.data})")
     _add(g, "--arch", help=f"tiny_cnn, alexnet, alexnet_b or vgg16 (default {d.arch})")
-    _add(g, "--arch-kwargs", metavar="JSON", type=json.loads,
+    _add(g, "--arch-kwargs", metavar="JSON", type=json_object,
          help='extra constructor arguments, e.g. \'{"width1": 32, "width2": 64}\' for tiny_cnn')
     _add(g, "--out", help=f"output directory (default {d.out})")
     _add(g, "--labeling", choices=LABELINGS, help=f"synthetic labels (default {d.labeling})")
@@ -98,21 +133,65 @@ def build_parser() -> argparse.ArgumentParser:
          help="do not compute the terms whose lambda is 0 for the log (faster)")
     g = p.add_argument_group("run")
     _add(g, "--seed", type=int, help=f"seeds init, data order, augmentation and pairs (default {d.seed})")
-    _add(g, "--workers", type=int, help=f"DataLoader workers (default {d.workers})")
+    _add(g, "--workers", type=int, help=f"DataLoader workers; no effect on results (augmentation is seeded per sample) "
+                                      f"(default {d.workers})")
     _add(g, "--device", help=f"'auto', 'cpu', 'cuda', 'cuda:N' (default {d.device})")
     _add(g, "--val-every", type=int, help=f"validate every N epochs and after the last (default {d.val_every})")
     _add(g, "--max-train-batches", type=int, help="stop each epoch after N batches (smoke runs)")
     _add(g, "--max-val-batches", type=int, help="validate on N batches only (smoke runs)")
-    _add(g, "--resume", action="store_true", help="continue the run in --out from latest.pth, exactly")
+    _add(g, "--resume", action="store_true",
+         help="continue the run in --out from latest.pth, exactly, with its recorded options (see below)")
     _add(g, "--quiet", action="store_true", help="no progress bars or info messages")
     return p
 
 
+def recorded_options(out: str | Path) -> tuple[dict[str, Any], str]:
+    """(train options, where they were read) of the run in `out`: config.json, else latest.pth."""
+    out = Path(out)
+    path = out / "config.json"
+    if path.is_file():
+        return TrainConfig.from_json(path).to_dict(), str(path)
+    latest = out / "latest.pth"
+    if latest.is_file():
+        from cgl_train.checkpoint import load_checkpoint
+
+        options = load_checkpoint(latest).get("train_options")
+        if not isinstance(options, dict) or not options:
+            raise CheckpointError(f"{latest}: field 'train_options' is missing or empty; cannot resume "
+                                  f"without the run's options")
+        return TrainConfig.from_dict(options, f"{latest} train_options").to_dict(), str(latest)
+    raise InputError(f"--resume: no run to resume in --out {out} (neither config.json nor latest.pth)")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then --config JSON, then the flags given; validated."""
+    """Defaults, then --config JSON, then the flags given; validated.
+
+    With --resume the base is the run's recorded options (`recorded_options`)
+    and --config values and flags may change only RESUME_MAY_DIFFER.
+    """
     given = vars(args).copy()
     path = given.pop("config", None)
+    if given.get("resume"):
+        return _resume_config(given, path)
     base = TrainConfig.from_json(path).to_dict() if path else TrainConfig().to_dict()
+    return _merge(base, given)
+
+
+def _resume_config(given: dict[str, Any], path: str | None) -> TrainConfig:
+    overrides: dict[str, Any] = {}
+    if path:
+        TrainConfig.from_json(path)  # validates the file; errors name it
+        # only the keys the file sets override the recorded run, not the defaults it was filled with
+        overrides = json.loads(Path(path).read_text())
+    out = given.get("out") or overrides.get("out") or TrainConfig().out
+    recorded, source = recorded_options(out)
+    config = _merge({**recorded, **overrides, "out": out}, given)
+    check_resumable(recorded, config, f"--resume (options recorded in {source})")
+    return config
+
+
+def _merge(base: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
+    base, given = dict(base), dict(given)
     if "layers" in given:
         given["layers"] = [s.strip() for s in given["layers"].split(",") if s.strip()]
     for option, default_key, table_key in (("groups", "groups", "group_overrides"),

@@ -18,16 +18,23 @@ from typing import Any
 from broden.errors import InputError
 
 __all__ = ["TrainConfig", "LR_SCHEDULES", "LABELINGS", "GROUP_FORMS", "SPATIAL_COORDS",
-           "RESUME_MAY_DIFFER", "parse_layer_ints"]
+           "RESUME_MAY_DIFFER", "EPOCH_DEPENDENT_SCHEDULES", "resume_conflicts", "check_resumable",
+           "parse_layer_ints"]
 
 LR_SCHEDULES = ("cosine", "step", "constant")
 LABELINGS = ("binary", "classes45")
 GROUP_FORMS = ("paper", "per_image")
 SPATIAL_COORDS = ("pixel", "normalized")
-# Fields that may change when a run is resumed without changing what it computes
-# (epochs extends the run; the rest are logistics).
+# Fields that may change when a run is resumed without changing what the run computes.
+# `epochs` extends the run, allowed only when the LR schedule does not depend on it (see
+# check_resumable); `workers` is safe because every sample's augmentation is seeded by
+# (seed, epoch, index) whatever process loads it (engine.SeededSamples); the rest are logistics
+# (`monitor` computes log-only terms from a pair generator of its own).
 RESUME_MAY_DIFFER = ("epochs", "resume", "workers", "quiet", "device", "out",
                      "synthetic_dir", "val_every", "max_val_batches", "monitor")
+# Schedules whose learning rate at an epoch depends on the total `epochs` (cosine anneals to 0
+# at `epochs`): changing `epochs` on resume would not reproduce a run trained that long.
+EPOCH_DEPENDENT_SCHEDULES = ("cosine",)
 
 
 @dataclass
@@ -70,7 +77,7 @@ class TrainConfig:
     monitor: bool = True                 # also compute terms whose lambda is 0 (no gradient, own pair generator) for the log
     amp: bool = False                    # mixed precision (autocast + GradScaler); used on CUDA only
     seed: int = 0                        # seeds init, data order, augmentation, dropout and pair sampling
-    workers: int = 2                     # DataLoader worker processes (do not change results)
+    workers: int = 2                     # DataLoader worker processes (no effect on results: per-sample seeded augmentation)
     device: str = "auto"                 # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
     val_every: int = 1                   # validate every N epochs (and always after the last)
     max_train_batches: int | None = None  # stop each epoch after N batches (tests, smoke runs)
@@ -156,6 +163,34 @@ class TrainConfig:
         if self.prox and self.lambda_bn <= 0:
             raise bad("prox", "false unless lambda_bn > 0 (the proximal step applies R_bn)")
         return self
+
+
+def resume_conflicts(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Names of the options outside RESUME_MAY_DIFFER whose values differ between two option dicts."""
+    return sorted(k for k in set(saved) | set(now)
+                  if k not in RESUME_MAY_DIFFER and saved.get(k) != now.get(k))
+
+
+def check_resumable(saved: dict[str, Any], config: TrainConfig, source: str) -> None:
+    """Raise InputError when `config` cannot continue the run recorded as `saved` (its train_options).
+
+    Only RESUME_MAY_DIFFER may change, and `epochs` only under a schedule that
+    does not depend on it: a cosine schedule anneals to 0 at `epochs`, so a run
+    extended from 2 to 3 epochs would not equal a 3-epoch run (refused, not warned).
+    """
+    now = config.to_dict()
+    differ = resume_conflicts(saved, now)
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+        raise InputError(f"{source}: cannot resume with different options ({shown}); only "
+                         f"{', '.join(RESUME_MAY_DIFFER)} may change")
+    old_epochs = saved.get("epochs", config.epochs)
+    if old_epochs != config.epochs and config.lr_schedule in EPOCH_DEPENDENT_SCHEDULES:
+        raise InputError(f"{source}: cannot resume with epochs {old_epochs} -> {config.epochs}: the "
+                         f"{config.lr_schedule!r} LR schedule depends on the number of epochs, so the "
+                         f"learning rates already used would differ from those of a {config.epochs}-epoch "
+                         f"run. Resume with --epochs {old_epochs}, or start a new run (the 'step' and "
+                         f"'constant' schedules can be extended)")
 
 
 def parse_layer_ints(text: str, option: str) -> tuple[int | None, dict[str, int]]:

@@ -3,6 +3,21 @@
 One process per device; the global batch is split evenly across ranks, each
 rank computes its losses on its share, DDP averages the gradients, and only
 rank 0 writes logs and checkpoints. Backend: nccl on CUDA, gloo on CPU.
+
+What is and is not equivalent to one process on the same global batch:
+- L_task (a mean over the batch) and R_bn (a function of the weights) are, for
+  models without BatchNorm: the average of the ranks' gradients is the
+  single-process gradient (up to float summation order). tests/test_train_ddp.py
+  checks this with lambda_g = lambda_s = 0. (With BatchNorm, e.g. AlexNet-B,
+  no SyncBN is used: every layer normalises with per-rank batch statistics.)
+- L_g and L_s are not. They use per-rank minibatch statistics, computed on each
+  rank's share of the batch only: S, the per-channel std over the minibatch in
+  psi's no-BN variant; the BN batch statistics behind the BN variant's tau; and
+  the paper-form L_g, whose L1 norms run over the (local) minibatch and space
+  before the ratio is taken. This is what the authors' code does, and what
+  BatchNorm without SyncBN does. With lambda_g or lambda_s > 0, DDP training is
+  equal to one process in expectation, not bit for bit. (The per-image L_g form
+  splits exactly over images but still sees S or the BN statistics per rank.)
 """
 from __future__ import annotations
 

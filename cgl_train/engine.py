@@ -14,33 +14,45 @@ Choices (recorded in every checkpoint through the config):
 - `prox`: R_bn is applied by a group soft-threshold after each optimizer step
   (threshold lr * lambda_bn) instead of through its gradient.
 - Data order is a pure function of (seed, epoch) (DistributedSampler's
-  permutation, also with one process); the global torch RNG (augmentation,
-  dropout) is reseeded from (seed, epoch, rank) at each epoch; the pair
-  generator's state travels in the checkpoint. So `--resume` continues a run
-  exactly (bit for bit on CPU).
+  permutation, also with one process). Each training sample's random
+  augmentation is a pure function of (seed, epoch, sample index)
+  (`SeededSamples`), whichever process loads it, so `workers` (and the
+  number of DDP ranks) does not change the images. The main process's global
+  torch RNG (dropout) is reseeded from (seed, epoch, rank) at each epoch and
+  is not touched by data loading; the pair generator's state travels in the
+  checkpoint. So `--resume` continues a run exactly (bit for bit on CPU).
+- `--resume` may change only RESUME_MAY_DIFFER, and `epochs` only under a
+  schedule that does not depend on it (config.check_resumable).
+- log.jsonl: a first header line `{"header": true, "seed", "config",
+  "cgl_options", "versions", "world_size", "data"}`, then one line per epoch
+  (`read_log` splits them; TrainResult.history holds the epoch lines only).
 - Validation top-5 is null when the task has fewer than 5 classes.
 - The logged `total` is eq. 8 (task + weighted terms, whatever way R_bn is
   applied); weight decay is not part of it.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
+import platform
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from broden.errors import InputError
 from cgl_train.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
-from cgl_train.config import RESUME_MAY_DIFFER, TrainConfig
+from cgl_train.config import TrainConfig, check_resumable
 from cgl_train.data import DataBundle, build_datasets
 from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, init_distributed,
                                    per_rank_batch, shard_indices, shutdown_distributed, wrap_ddp)
@@ -50,8 +62,9 @@ from cgl_train.models import build_model, default_group_layers
 from dissect.fsutil import write_json_atomic, write_text_atomic
 from dissect.progress import progress
 
-__all__ = ["TrainResult", "Trainer", "resolve_device", "lr_at", "cgl_options", "build_trainer",
-           "train_step", "train_one_epoch", "evaluate", "train", "TERM_NAMES"]
+__all__ = ["TrainResult", "Trainer", "Loaders", "SeededSamples", "sample_seed", "seed_worker",
+           "resolve_device", "lr_at", "cgl_options", "build_trainer", "build_loaders", "train_step",
+           "train_one_epoch", "evaluate", "train", "read_log", "log_header", "TERM_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -305,18 +318,100 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_009 + rank) % (2 ** 63)
 
 
-def _loaders(trainer: Trainer, data: DataBundle) -> tuple[DataLoader, DistributedSampler, DataLoader]:
-    cfg, dist = trainer.config, trainer.dist
-    batch = per_rank_batch(cfg.batch_size, dist)
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of training sample `index`'s random augmentation in 0-based `epoch`."""
+    # an odd multiplier distinct from _epoch_seed's, so sample and epoch streams do not coincide
+    return ((seed * 1_000_033 + epoch) * 2_147_483_659 + index) % (2 ** 63)
+
+
+class SeededSamples(Dataset):
+    """A dataset whose item i is drawn with torch, random and numpy seeded by (seed, epoch, i).
+
+    Random transforms (torchvision's crops and flips use the global torch RNG)
+    then give the same image whichever process loads item i and in whatever
+    order, so the worker count cannot change a result. The caller's RNG states
+    are restored after each item: loading in the main process (workers=0) does
+    not disturb the dropout stream. Call `set_epoch` before iterating; workers
+    receive the epoch when the loader starts them (non-persistent workers).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use `epoch`'s seeds from now on."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        s = sample_seed(self.seed, self.epoch, int(index))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s % (2 ** 32))
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: seed random and numpy from the worker's torch seed.
+
+    torch seeds each worker with base_seed + worker_id, base_seed drawn from the
+    loader's generator; this makes anything a dataset draws outside
+    SeededSamples reproducible too (per worker).
+    """
+    s = torch.initial_seed() % (2 ** 32)
+    random.seed(s)
+    np.random.seed(s)
+
+
+@dataclass
+class Loaders:
+    """The training and validation loaders of one process, and what `set_epoch` reseeds."""
+
+    train: DataLoader
+    val: DataLoader
+    sampler: DistributedSampler
+    samples: SeededSamples
+    generator: torch.Generator
+    seed: int
+    rank: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Data order, augmentation seeds and worker seeds of 0-based `epoch`."""
+        self.sampler.set_epoch(epoch)
+        self.samples.set_epoch(epoch)
+        self.generator.manual_seed(_epoch_seed(self.seed, epoch, self.rank))
+
+
+def build_loaders(config: TrainConfig, data: DataBundle, dist: DistInfo | None = None,
+                  device: torch.device | None = None) -> Loaders:
+    """Loaders whose batches depend on (seed, epoch, rank, world size) only, not on `workers`."""
+    dist = dist or DistInfo()
+    batch = per_rank_batch(config.batch_size, dist)
+    samples = SeededSamples(data.train, config.seed)
     # with one process too, so the data order is the same function of (seed, epoch) as under DDP
-    sampler = DistributedSampler(data.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=False)
-    pin = trainer.device.type == "cuda"
-    train_loader = DataLoader(data.train, batch_size=batch, sampler=sampler, num_workers=cfg.workers,
-                              pin_memory=pin, drop_last=False)
+    sampler = DistributedSampler(samples, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                 seed=config.seed, drop_last=False)
+    # the loader draws its workers' base seed from this generator, not from the global RNG
+    generator = torch.Generator().manual_seed(_epoch_seed(config.seed, 0, dist.rank))
+    pin = device is not None and device.type == "cuda"
+    train_loader = DataLoader(samples, batch_size=batch, sampler=sampler, num_workers=config.workers,
+                              pin_memory=pin, drop_last=False, generator=generator,
+                              worker_init_fn=seed_worker)
     val_set = Subset(data.val, shard_indices(len(data.val), dist))
-    val_loader = DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=cfg.workers, pin_memory=pin)
-    return train_loader, sampler, val_loader
+    val_loader = DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=config.workers,
+                            pin_memory=pin, generator=torch.Generator().manual_seed(config.seed),
+                            worker_init_fn=seed_worker)
+    return Loaders(train_loader, val_loader, sampler, samples, generator, config.seed, dist.rank)
 
 
 def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[str, Any],
@@ -334,18 +429,57 @@ def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[st
 
 
 def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    saved = dict(ckpt.get("train_options") or {})
-    now = config.to_dict()
-    differ = sorted(k for k in set(saved) | set(now)
-                    if k not in RESUME_MAY_DIFFER and saved.get(k) != now.get(k))
-    if differ:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
-        raise InputError(f"{path}: cannot resume with different options ({shown}); only "
-                         f"{', '.join(RESUME_MAY_DIFFER)} may change")
+    check_resumable(dict(ckpt.get("train_options") or {}), config, str(path))
+    done = int(ckpt["epoch"])
+    if done >= config.epochs:
+        raise InputError(f"{path}: the run already completed {done} epoch(s) and epochs = {config.epochs}; "
+                         f"nothing to resume (pass --epochs > {done} to extend a 'step' or 'constant' run)")
 
 
-def _write_log(out: Path, history: list[dict[str, Any]]) -> None:
-    write_text_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+def _versions() -> dict[str, str]:
+    try:
+        toolkit = importlib.metadata.version("concept-dissect")
+    except importlib.metadata.PackageNotFoundError:
+        toolkit = "unknown"
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "toolkit": toolkit}
+
+
+def log_header(trainer: Trainer, data: DataBundle) -> dict[str, Any]:
+    """The first line of log.jsonl: what produced the epoch lines below it."""
+    cfg = trainer.config
+    return {"header": True, "format": "cgl-train-log", "version": 1, "seed": cfg.seed,
+            "config": cfg.to_dict(), "cgl_options": trainer.objective.options.to_dict(),
+            "versions": _versions(), "world_size": trainer.dist.world_size, "data": dict(data.info)}
+
+
+def _write_log(out: Path, header: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    write_text_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in [header, *history]))
+
+
+def read_log(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(header or None, epoch entries) of a log.jsonl; InputError names a malformed line."""
+    path = Path(path)
+    header: dict[str, Any] | None = None
+    entries: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read training log: {e}") from e
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {number} is not JSON: {e}") from e
+        if not isinstance(record, dict):
+            raise InputError(f"{path}: line {number}: expected a JSON object")
+        if record.get("header"):
+            header = record
+        else:
+            entries.append(record)
+    return header, entries
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -392,16 +526,17 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         log.info("resuming %s at epoch %d", latest, start_epoch)
     if dist.is_main:
         write_json_atomic(out / "config.json", config.to_dict())
-    train_loader, sampler, val_loader = _loaders(trainer, data)
+    header = log_header(trainer, data)
+    loaders = build_loaders(config, data, dist, device)
     for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
+        loaders.set_epoch(epoch)
         torch.manual_seed(_epoch_seed(config.seed, epoch, dist.rank))
         entry: dict[str, Any] = {"epoch": epoch + 1}
-        entry.update(train_one_epoch(trainer, train_loader, epoch))
+        entry.update(train_one_epoch(trainer, loaders.train, epoch))
         last = epoch + 1 == config.epochs
         val: dict[str, Any] = {"val_top1": None, "val_top5": None, "val_loss": None}
         if last or (epoch + 1) % config.val_every == 0:
-            val = evaluate(trainer.net, val_loader, device, data.num_classes, dist,
+            val = evaluate(trainer.net, loaders.val, device, data.num_classes, dist,
                            config.max_val_batches, quiet=not show)
         entry.update(val)
         entry["p1"] = float(trainer.objective.scale.p1.detach())
@@ -416,7 +551,7 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         metrics["train_loss"] = entry["total"]
         metrics["train_task_loss"] = entry["task"]
         if dist.is_main:
-            _write_log(out, history)
+            _write_log(out, header, history)
             ckpt = _checkpoint(trainer, data, epoch + 1, metrics, history, best_top1)
             save_checkpoint(ckpt, latest)
             if improved:

@@ -20,9 +20,9 @@ from cgl_train.checkpoint import load_checkpoint
 from cgl_train.cli import main
 from cgl_train.config import TrainConfig, parse_layer_ints
 from cgl_train.data import IMAGENET_NORMALIZATION, SyntheticShapes, build_datasets
-from cgl_train.engine import build_trainer, evaluate, lr_at, train, train_step
+from cgl_train.engine import build_loaders, build_trainer, evaluate, lr_at, read_log, train, train_step
 from cgl_train.groups import GroupActivations
-from cgl_train.losses import cgl_terms
+from cgl_train.losses import cgl_terms, sample_pairs
 from cgl_train.models import build_model
 
 CPU = torch.device("cpu")
@@ -41,6 +41,19 @@ def config(shapes: Path, out: Path, **kw) -> TrainConfig:
                 workers=0, quiet=True)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def image_folder(root: Path, classes: int = 2, per_class: int = 3, size: tuple[int, int] = (40, 48),
+                 seed: int = 0) -> Path:
+    """A seeded ImageFolder root (train/ and val/ with `classes` class folders of random PNGs)."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(per_class):
+                img = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+                Image.fromarray(img).save(root / split / f"class{c}" / f"{i}.png")
+    return root
 
 
 def batch(shapes: Path, n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +199,13 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(shapes, tmp_path):
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(shapes, tmp_path):
-    kw = dict(lambda_bn=1e-3, lambda_g=1e-2, lambda_s=1e-3, epochs=2)
+    # a 'step' schedule does not depend on `epochs`, so 2 + 1 epochs must equal 3; lr_step = 2 makes
+    # the resumed epoch the first one at the lower rate
+    kw = dict(lambda_bn=1e-3, lambda_g=1e-2, lambda_s=1e-3, epochs=3, lr_schedule="step", lr_step=2,
+              lr_gamma=0.5)
     full = train(config(shapes, tmp_path / "full", **kw))
-    train(config(shapes, tmp_path / "split", **{**kw, "epochs": 1}))
+    assert [h["lr"] for h in full.history] == pytest.approx([0.01, 0.01, 0.005])
+    train(config(shapes, tmp_path / "split", **{**kw, "epochs": 2}))
     with pytest.raises(InputError, match="--resume"):  # a finished run is never overwritten silently
         train(config(shapes, tmp_path / "split", **kw))
     with pytest.raises(InputError, match="lambda_g"):  # resuming must not change what is computed
@@ -203,7 +220,24 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(shapes, tmp_path):
     strip = [{k: v for k, v in h.items() if k != "time"} for h in full.history]
     assert [{k: v for k, v in h.items() if k != "time"} for h in resumed.history] == strip
     lines = (tmp_path / "split" / "log.jsonl").read_text().splitlines()
-    assert [{k: v for k, v in json.loads(s).items() if k != "time"} for s in lines] == strip
+    assert json.loads(lines[0])["header"] is True
+    assert [{k: v for k, v in json.loads(s).items() if k != "time"} for s in lines[1:]] == strip
+    header, entries = read_log(tmp_path / "split" / "log.jsonl")
+    assert [{k: v for k, v in h.items() if k != "time"} for h in entries] == strip
+    assert header["config"] == config(shapes, tmp_path / "split", **kw, resume=True).to_dict()
+    # a finished run has nothing to resume
+    with pytest.raises(InputError, match="already completed 3 epoch"):
+        train(config(shapes, tmp_path / "split", **kw, resume=True))
+
+
+def test_resume_refuses_to_change_epochs_under_the_cosine_schedule(shapes, tmp_path):
+    # cosine anneals to 0 at `epochs`: 1 + 1 epochs would use other rates than a 2-epoch run
+    first = config(shapes, tmp_path / "cos", epochs=1, max_train_batches=1, max_val_batches=1)
+    train(first)
+    with pytest.raises(InputError, match=r"epochs 1 -> 2.*'cosine'.*depends on the number of epochs"):
+        train(first.replace(epochs=2, resume=True))
+    header, entries = read_log(tmp_path / "cos" / "log.jsonl")
+    assert [e["epoch"] for e in entries] == [1]  # the refused resume wrote nothing
 
 
 # ---------------------------------------------------------------- CLI, log and config
@@ -213,10 +247,19 @@ def test_cli_run_writes_a_log_with_every_term(shapes, tmp_path, capsys):
     code = main(["--data", "synthetic", "--synthetic-dir", str(shapes), "--synthetic-per-class", "1",
                  "--synthetic-size", "32", "--arch-kwargs", '{"width1": 8, "width2": 16}', "--out", str(out),
                  "--epochs", "2", "--batch-size", "12", "--workers", "0", "--groups", "2,conv2=4",
-                 "--lambda-bn", "1e-3", "--lambda-g", "1e-2", "--quiet"])
+                 "--lambda-bn", "1e-3", "--lambda-g", "1e-2", "--seed", "5", "--quiet"])
     assert code == 0
     assert str(out / "latest.pth") in capsys.readouterr().out
-    entries = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
+    header, entries = lines[0], lines[1:]
+    # the first line says what produced the epoch lines: seed, every option, versions
+    assert header["header"] is True and header["seed"] == 5
+    assert header["config"] == json.loads((out / "config.json").read_text())
+    assert header["config"]["seed"] == 5 and header["config"]["lambda_g"] == 1e-2
+    assert header["cgl_options"]["lambda_bn"] == 1e-3
+    assert header["versions"]["torch"] == torch.__version__
+    assert header["world_size"] == 1 and header["data"]["train_images"] == 36
+    assert all("header" not in e for e in entries)
     assert [e["epoch"] for e in entries] == [1, 2]
     for e in entries:
         for key in ("task", "r_bn", "l_g", "l_s", "total", "train_top1", "val_top1", "lr", "time"):
@@ -244,6 +287,8 @@ def test_cli_run_writes_a_log_with_every_term(shapes, tmp_path, capsys):
     (["--lambda-g", "-1"], ["lambda_g", "non-negative"]),
     (["--lr-schedule", "linear"], ["lr-schedule", "cosine"]),
     (["--group-form", "pairs"], ["paper", "per_image"]),
+    (["--arch-kwargs", "{bad"], ["--arch-kwargs", "'{bad'", "expected a JSON object", '{"width1": 64}']),
+    (["--arch-kwargs", "[64]"], ["--arch-kwargs", "expected a JSON object", '{"width1": 64}']),
 ])
 def test_cli_exits_2_on_a_bad_option_value_and_says_what_is_valid(argv, words, tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "x")]) == 2
@@ -253,10 +298,46 @@ def test_cli_exits_2_on_a_bad_option_value_and_says_what_is_valid(argv, words, t
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_resume_with_only_out_continues_a_run_started_with_non_default_flags(shapes, tmp_path, capsys):
+    flags = ["--data", "synthetic", "--synthetic-dir", str(shapes), "--synthetic-per-class", "1",
+             "--synthetic-size", "32", "--arch-kwargs", '{"width1": 8, "width2": 16}', "--batch-size", "12",
+             "--workers", "0", "--groups", "2,conv2=4", "--lambda-bn", "1e-3", "--lambda-s", "1e-2",
+             "--lr", "0.05", "--lr-schedule", "constant", "--seed", "4", "--quiet"]
+    assert main(flags + ["--out", str(tmp_path / "full"), "--epochs", "2"]) == 0
+    split = str(tmp_path / "split")
+    assert main(flags + ["--out", split, "--epochs", "1"]) == 0
+    assert main(["--resume", "--out", split, "--lambda-bn", "0.5", "--lr", "0.05"]) == 2
+    err = capsys.readouterr().err
+    assert "lambda_bn: 0.001 -> 0.5" in err and "lr:" not in err  # names what differs, only that
+    assert main(["--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+    # just --resume --out (+ --epochs, allowed under a constant schedule)
+    assert main(["--resume", "--out", split, "--epochs", "2"]) == 0
+    a = load_checkpoint(tmp_path / "full" / "latest.pth")
+    b = load_checkpoint(Path(split) / "latest.pth")
+    assert b["epoch"] == 2 and b["seed"] == 4
+    assert b["train_options"] == {**a["train_options"], "out": split, "resume": True}
+    assert b["groups"]["conv2"]["groups"] == 4 and b["train_options"]["lambda_s"] == 1e-2
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
 def test_help_says_weight_decay_applies_to_what_r_bn_does_not_cover(capsys):
     assert main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "Weight decay (--weight-decay) applies to every parameter that R_bn does not cover" in text
+
+
+def test_help_says_ddp_uses_per_rank_minibatch_statistics_for_l_g_and_l_s(capsys):
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("L_g and L_s do not: they use per-rank minibatch statistics",
+                  "This is what the authors' code does, and what BatchNorm without SyncBN does",
+                  "equals one process in expectation, not bit for bit"):
+        assert words in text, words
+    import cgl_train.distributed as distributed
+    doc = " ".join(distributed.__doc__.split())
+    assert "per-rank minibatch statistics" in doc and "not bit for bit" in doc
 
 
 def test_config_file_then_flags(tmp_path):
@@ -313,3 +394,116 @@ def test_image_folder_root(tmp_path):
         build_datasets(cfg, progress=False)
     with pytest.raises(InputError, match="ImageFolder root"):
         build_datasets(TrainConfig(data=str(tmp_path / "train" / "beach")), progress=False)
+
+
+def test_batches_and_augmentations_do_not_depend_on_the_worker_count(tmp_path):
+    root = image_folder(tmp_path / "imgs", classes=2, per_class=3)
+    data = build_datasets(TrainConfig(data=str(root), input_size=16), progress=False)
+
+    def batches(workers: int, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = TrainConfig(data=str(root), input_size=16, batch_size=2, workers=workers, seed=9)
+        loaders = build_loaders(cfg, data)
+        loaders.set_epoch(epoch)
+        return list(loaders.train)
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    serial = batches(0, 1)
+    # loading in the main process leaves the global stream (dropout) untouched
+    assert torch.equal(torch.get_rng_state(), before)
+    parallel = batches(2, 1)
+    assert len(serial) == len(parallel) == 3
+    for (xa, ya), (xb, yb) in zip(serial, parallel):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # the crops really are random, and a function of the epoch: another epoch gives other images
+    other = batches(0, 2)
+    sums_a = sorted(float(x.sum()) for xb, _ in serial for x in xb)
+    sums_b = sorted(float(x.sum()) for xb, _ in other for x in xb)
+    assert sums_a != sums_b
+
+
+def test_alexnet_b_training_uses_the_bn_form_of_psi_and_logs_the_gamma_aware_relevance(tmp_path):
+    root = image_folder(tmp_path / "imgs", classes=3, per_class=2, size=(70, 70))
+    layer, bn_name = "features.4", "features.5"  # AlexNet's conv2 (192 filters) and its BN
+    cfg = TrainConfig(data=str(root), arch="alexnet_b", input_size=63, out=str(tmp_path / "run"), groups=4,
+                      layers=[layer], lambda_g=1.0, lambda_s=1.0, monitor=False, batch_size=4, epochs=1,
+                      max_train_batches=1, max_val_batches=1, workers=0, quiet=True, seed=2)
+    result = train(cfg)
+    entry = result.history[0]
+
+    # the run's first (only) step, rebuilt: same seeded init, same first batch, same pair generator
+    data = build_datasets(cfg, progress=False)
+    trainer = build_trainer(cfg, data.num_classes, data.input_size, CPU)
+    loaders = build_loaders(cfg, data)
+    loaders.set_epoch(0)
+    x, _ = next(iter(loaders.train))
+    pair_state = trainer.objective.generator.get_state()  # the run's pairs for its first step
+    pairs = sample_pairs(trainer.layer_groups[0].spec, torch.Generator().set_state(pair_state), 3)  # (4, 144, 2)
+    net = trainer.net
+
+    def manual_terms(gamma_divide: bool) -> tuple[float, float]:
+        maps = {}
+        hooks = [net.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: maps.__setitem__(n, o.detach())) for n in (layer, bn_name)]
+        with torch.no_grad():
+            net(x)
+        for h in hooks:
+            h.remove()
+        if gamma_divide:  # eq. 4: tau = BN output / gamma
+            gamma = net.get_submodule(bn_name).weight.detach()
+            psi = torch.sigmoid(maps[bn_name] / gamma.view(1, -1, 1, 1))
+        else:  # eq. 1, the no-BN form: conv output / its minibatch std
+            pre = maps[layer]
+            psi = torch.sigmoid(pre / (pre.std(dim=(0, 2, 3), unbiased=False, keepdim=True) + 1e-5))
+        l_g = 0.0
+        for g in range(pairs.shape[0]):
+            d = []
+            for i, j in pairs[g].tolist():
+                p, q = psi[:, i], psi[:, j]
+                diff = (p - q).abs().sum()
+                d.append(float(2 * diff / (p.sum() + q.sum() + diff)))
+            l_g += sum(d) / len(d)
+        n, c, h, w = psi.shape
+        rows = torch.arange(h, dtype=torch.float32).view(h, 1).expand(h, w)
+        cols = torch.arange(w, dtype=torch.float32).view(1, w).expand(h, w)
+        mass = psi.sum(dim=(2, 3))  # (N, C)
+        cr = (psi * rows).sum(dim=(2, 3)) / mass
+        cc = (psi * cols).sum(dim=(2, 3)) / mass
+        dist = torch.sqrt((rows - cr[..., None, None]) ** 2 + (cols - cc[..., None, None]) ** 2)
+        l_s = float(((psi * dist).sum(dim=(2, 3)) / mass).mean())
+        return l_g, l_s
+
+    l_g, l_s = manual_terms(True)
+    assert entry["l_g"] == pytest.approx(l_g, rel=1e-4)
+    assert entry["l_s"] == pytest.approx(l_s, rel=1e-4)
+    l_g_std, l_s_std = manual_terms(False)
+    assert abs(l_s_std - l_s) > 1e-2 * l_s and abs(l_g_std - l_g) > 1e-2 * l_g  # the check discriminates
+
+    # with gamma != 1 and beta != 0 the objective's terms still follow tau = BN output / gamma
+    bn = net.get_submodule(bn_name)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.3, 3.0, 192) * torch.where(torch.arange(192) % 7 == 0, -1.0, 1.0))
+        bn.bias.copy_(torch.linspace(-1.0, 1.0, 192))
+    l_g, l_s = manual_terms(True)
+    assert torch.equal(trainer.objective.generator.get_state(), pair_state)  # unused so far: same pairs
+    with torch.no_grad(), GroupActivations(net, trainer.layer_groups) as acts:
+        net(x)
+        terms = trainer.objective(acts.captured)  # what train_step adds to the task loss
+    assert float(terms["l_g"]) == pytest.approx(l_g, rel=1e-4)
+    assert float(terms["l_s"]) == pytest.approx(l_s, rel=1e-4)
+    assert float(terms["total"]) == pytest.approx(l_g + l_s, rel=1e-4)
+
+    # the log entry carries beta_bn = |w_i |gamma_i| / sqrt(running_var_i + eps)|_F per group
+    ckpt = load_checkpoint(result.latest)
+    sd = ckpt["state_dict"]
+    w, gamma, var = sd[f"{layer}.weight"], sd[f"{bn_name}.weight"], sd[f"{bn_name}.running_var"]
+    naive = []
+    for g in range(4):
+        total = 0.0
+        for i in range(g * 48, (g + 1) * 48):
+            total += float((w[i] * abs(float(gamma[i])) / math.sqrt(float(var[i]) + 1e-5)).pow(2).sum())
+        naive.append(math.sqrt(total))
+    logged = read_log(tmp_path / "run" / "log.jsonl")[1][0]["relevance"][layer]
+    assert logged["beta_bn"] == pytest.approx(naive, rel=1e-5)
+    assert entry["relevance"][layer]["beta_bn"] == logged["beta_bn"]
+    assert logged["beta"] != pytest.approx(naive, rel=1e-2)  # differs from the plain relevance

@@ -23,7 +23,7 @@ import torch
 from broden.synthetic import generate_shapes_dataset
 from cgl_train.checkpoint import load_checkpoint
 from cgl_train.config import TrainConfig
-from cgl_train.engine import train
+from cgl_train.engine import read_log, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,8 @@ def test_ddp_two_cpu_processes_equal_one_process_on_the_same_global_batch(tmp_pa
     # the weights moved: equality is not the trivial "nothing was trained"
     assert not torch.allclose(a["state_dict"]["conv1.weight"], b["state_dict"]["conv1.weight"] * 0.9)
     log_a = single.history
-    log_b = [json.loads(s) for s in (ddp_dir / "log.jsonl").read_text().splitlines()]
+    header, log_b = read_log(ddp_dir / "log.jsonl")
+    assert header["world_size"] == 2 and header["seed"] == 3
     for ea, eb in zip(log_a, log_b, strict=True):
         assert eb["val_images"] == ea["val_images"] == 9  # every val image counted once over the ranks
         assert eb["task"] == pytest.approx(ea["task"], rel=1e-4)
