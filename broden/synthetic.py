@@ -36,10 +36,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from broden.errors import InputError
 from broden.writer import BrodenWriter
@@ -47,7 +46,11 @@ from dissect.progress import progress as _progress
 
 __all__ = ["GENERATOR_VERSION", "CATEGORIES", "COLORS", "SHAPES", "COLOR_RGB", "LABELS", "MARGIN",
            "CLASS_PAIRS", "CLASS_NAMES", "CLASSES_COLUMNS", "default_shape_size", "shape_masks",
-           "image_centres", "label_centres", "generate_shapes_dataset", "load_classes", "summarize"]
+           "image_centres", "label_centres", "generate_shapes_dataset", "load_classes", "summarize",
+           "DEFAULT_PER_CLASS", "DEFAULT_SIZE", "DEFAULT_SEED", "DEFAULT_VAL_FRACTION", "synthetic_dir"]
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,11 @@ BACKGROUND = (255, 255, 255)
 MARGIN = 1          # px between a shape and the edges of its half
 SOURCE = "shapes"   # images/<SOURCE>/...
 CLASSES_COLUMNS = ("image", "split", "class45", "class45_name", "binary")
+# The paper's parameters (45 * 640 = 28,800 images of 64 px, 80/20 split): one default for every CLI.
+DEFAULT_PER_CLASS = 640
+DEFAULT_SIZE = 64
+DEFAULT_SEED = 0
+DEFAULT_VAL_FRACTION = 0.2
 _CHUNK = 256        # images rasterised at once (bounds the float64 temporaries)
 
 COLORED_SHAPES = tuple(f"{c}_{s}" for c in COLORS for s in SHAPES)  # index k = 3*colour + shape
@@ -159,29 +167,46 @@ def _existing_generation(out: Path) -> dict | None:
     return meta if complete and isinstance(meta, dict) else None
 
 
-def generate_shapes_dataset(out: Path, per_class: int = 640, size: int = 64, seed: int = 0,
-                            val_fraction: float = 0.2, progress: bool = True,
-                            shape_size: int | None = None) -> Path:
+def synthetic_dir(cache_dir: str | Path | None = None, per_class: int = DEFAULT_PER_CLASS,
+                  size: int = DEFAULT_SIZE, seed: int = DEFAULT_SEED,
+                  val_fraction: float = DEFAULT_VAL_FRACTION) -> Path:
+    """The one cache location of a generated set: <cache>/synthetic/shapes-pc<N>-s<S>-seed<K>-val<F>.
+
+    `cache_dir` None means broden.cache.default_cache_dir() ($DISSECT_CACHE_DIR, else
+    ~/.cache/concept-dissect); `dissect run --dataset synthetic` and `cgl-train --data synthetic`
+    both resolve here, so a model is dissected on the very files it was trained on.
+    """
+    from broden.cache import default_cache_dir  # late: keeps this module's import light
+
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return base / "synthetic" / f"shapes-pc{int(per_class)}-s{int(size)}-seed{int(seed)}-val{float(val_fraction):g}"
+
+
+def generate_shapes_dataset(out: Path, per_class: int = DEFAULT_PER_CLASS, size: int = DEFAULT_SIZE,
+                            seed: int = DEFAULT_SEED, val_fraction: float = DEFAULT_VAL_FRACTION,
+                            progress: bool = True, shape_size: int | None = None,
+                            option: str = "--out") -> Path:
     """Write the synthetic shapes dataset as a complete Broden directory at `out` and return it.
 
     Deterministic for given arguments (byte-identical files). Written to a
     temporary directory beside `out`, then renamed into place. An existing
     non-empty `out` is reused only if it holds a complete generation with the
-    same parameters; otherwise InputError.
+    same parameters; otherwise InputError, naming `option` (the flag the user gave for `out`,
+    e.g. '--synthetic-dir' for cgl-train).
     """
     shape_size = _validate(per_class, size, seed, val_fraction, shape_size)
     params = _parameters(per_class, size, seed, val_fraction, shape_size)
     out = Path(out)
     if out.exists():
         if not out.is_dir():
-            raise InputError(f"--out {out} exists and is not a directory")
+            raise InputError(f"{option} {out} exists and is not a directory")
         if any(out.iterdir()):
             meta = _existing_generation(out)
             if (meta and meta.get("format") == FORMAT and meta.get("generator_version") == GENERATOR_VERSION
                     and meta.get("parameters") == params):
                 log.info("reusing the identical generation in %s", out)
                 return out
-            raise InputError(f"--out {out} is not empty and does not hold a complete generation with these "
+            raise InputError(f"{option} {out} is not empty and does not hold a complete generation with these "
                              f"parameters {params}; pick another directory or delete it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -284,8 +309,10 @@ def _bad(path: Path, msg: str) -> InputError:
     return InputError(f"{path}: {msg}")
 
 
-def load_classes(root: str | Path) -> pd.DataFrame:
+def load_classes(root: str | Path) -> "pd.DataFrame":
     """Read `root/classes.csv` (columns CLASSES_COLUMNS), validated against the class table and index.csv."""
+    import pandas as pd  # late: pandas is slow to import and only readers need it
+
     root = Path(root)
     path = root / "classes.csv"
     if not path.is_file():

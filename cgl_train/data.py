@@ -12,7 +12,6 @@ in the checkpoint (`x = (img / 255 - mean) / std`):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,13 +90,17 @@ class SyntheticShapes(Dataset):
 
 
 def synthetic_cache_dir(config: TrainConfig) -> Path:
-    """Where `--data synthetic` generates its set: --synthetic-dir, else a per-parameter cache dir."""
+    """Where `--data synthetic` generates its set: --synthetic-dir, else broden.synthetic.synthetic_dir().
+
+    The default lives under $DISSECT_CACHE_DIR (or ~/.cache/concept-dissect), the same place
+    `dissect run --dataset synthetic` looks, so both CLIs share one generation.
+    """
+    from broden.synthetic import synthetic_dir  # late: only synthetic runs need the generator
+
     if config.synthetic_dir:
         return Path(config.synthetic_dir)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    name = (f"shapes-pc{config.synthetic_per_class}-s{config.synthetic_size}"
-            f"-seed{config.synthetic_seed}-val{config.synthetic_val_fraction:g}")
-    return base / "concept-dissect" / "synthetic" / name
+    return synthetic_dir(None, per_class=config.synthetic_per_class, size=config.synthetic_size,
+                         seed=config.synthetic_seed, val_fraction=config.synthetic_val_fraction)
 
 
 def prepare_synthetic(config: TrainConfig, progress: bool = True) -> Path:
@@ -106,10 +109,13 @@ def prepare_synthetic(config: TrainConfig, progress: bool = True) -> Path:
 
     out = synthetic_cache_dir(config)
     log.info("synthetic shapes set at %s", out)
+    # a clash is reported against the flag the user can change: their --synthetic-dir, else the
+    # cache location (DISSECT_CACHE_DIR)
+    option = "--synthetic-dir" if config.synthetic_dir else "synthetic cache dir ($DISSECT_CACHE_DIR)"
     return Path(generate_shapes_dataset(out, per_class=config.synthetic_per_class,
                                         size=config.synthetic_size, seed=config.synthetic_seed,
                                         val_fraction=config.synthetic_val_fraction,
-                                        progress=progress))
+                                        progress=progress, option=option))
 
 
 def _synthetic(config: TrainConfig, root: Path) -> DataBundle:

@@ -14,13 +14,25 @@ from typing import Any
 
 from broden.errors import InputError
 
-__all__ = ["DissectConfig", "RESULT_FIELDS", "INTERPOLATIONS", "UNIONS", "DETECTOR_RULES",
+__all__ = ["DissectConfig", "RESULT_FIELDS", "OPTION_FLAGS", "INTERPOLATIONS", "UNIONS", "DETECTOR_RULES",
            "KEEP_ACTIVATIONS", "passes_rule"]
 
 INTERPOLATIONS = ("hazen", "linear", "lower", "higher", "nearest")
 UNIONS = ("lite", "original")
 DETECTOR_RULES = (">=", ">")
 KEEP_ACTIVATIONS = ("auto", "yes", "no")
+
+# Field -> the `dissect run` flag that sets it, so errors name what the user typed.
+OPTION_FLAGS = {
+    "top_fraction": "--quantile", "interpolation": "--interpolation", "union": "--union",
+    "iou_threshold": "--iou-threshold", "detector_rule": "--detector-rule", "unique_rule": "--unique-rule",
+    "categories": "--categories", "split": "--split", "limit": "--limit", "top_k": "--top-k",
+    "batch_size": "--batch-size", "seed": "--seed", "device": "--device",
+    "keep_activations": "--keep-activations", "activation_budget_mb": "--activation-budget-mb",
+    "normalize": "--normalize", "input_size": "--input-size", "layers": "--layers", "groups": "--groups",
+    "group_alpha": "--group-alpha", "group_threshold": "--group-threshold", "save_every": "--save-every",
+    "save_interval_s": "--save-interval",
+}
 
 
 @dataclass
@@ -54,7 +66,9 @@ class DissectConfig:
     def validate(self) -> "DissectConfig":
         """Raise InputError naming the first option with a bad value; return self."""
         def bad(name: str, expected: str) -> InputError:
-            return InputError(f"option {name}={getattr(self, name)!r}: expected {expected}")
+            # the flag for CLI users, the field for Python API users
+            return InputError(f"{OPTION_FLAGS.get(name, name)} {getattr(self, name)!r} (option {name}): "
+                              f"expected {expected}")
 
         if not 0.0 < self.top_fraction < 1.0:
             raise bad("top_fraction", "a fraction in (0, 1), e.g. 0.005")
@@ -76,6 +90,9 @@ class DissectConfig:
             raise bad("groups", "a positive integer or None")
         if not 0.0 <= self.group_alpha <= 1.0:
             raise bad("group_alpha", "a number in [0, 1]")
+        # the aligned-concept score is a convex mix of a fraction and a mean IoU, so it lies in [0, 1]
+        if not 0.0 <= self.group_threshold <= 1.0:
+            raise bad("group_threshold", "a number in [0, 1] (the score mixes a detector fraction and a mean IoU)")
         if self.split not in (None, "train", "val"):
             raise bad("split", "'train', 'val' or None")
         if self.save_interval_s < 0:

@@ -24,7 +24,7 @@ from cgl_train.checkpoint import CheckpointError, is_checkpoint, validate_checkp
 
 __all__ = ["NORMALIZATIONS", "DEFAULT_NORMALIZATION", "LoadedModel", "load_model", "model_from_module",
            "conv_layer_names", "default_layers", "module_type_name", "known_arches",
-           "resolve_normalization"]
+           "resolve_normalization", "parse_arch", "ARCH_PREFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +128,31 @@ def _build_tv(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
     return torchvision.models.get_model(arch, weights=None, **kwargs)
 
 
+# --arch prefixes that pin the registry (a bare name is looked up in the preferred registry first).
+ARCH_PREFIXES = {"torchvision": "torchvision", "tv": "torchvision", "cgl": "cgl_train", "cgl_train": "cgl_train"}
+
+
+def parse_arch(arch: str) -> tuple[str, str | None]:
+    """Split 'torchvision:alexnet' / 'cgl:alexnet' into (name, registry); a bare name gives (name, None)."""
+    prefix, sep, name = arch.partition(":")
+    if not sep:
+        return arch, None
+    if prefix not in ARCH_PREFIXES or not name:
+        raise InputError(f"--arch {arch}: expected NAME, torchvision:NAME or cgl:NAME")
+    return name, ARCH_PREFIXES[prefix]
+
+
 def _build_arch(arch: str, kwargs: Mapping[str, Any], source: str,
                 prefer: str = "cgl_train") -> nn.Module:
     """Build `arch` (weights=None: no downloads) from cgl_train.models or torchvision, `prefer` first.
 
     Checkpoints prefer cgl_train (they name its registry); bare state_dicts prefer torchvision,
     whose names users pass with --arch (cgl_train's 'alexnet' differs only in out-of-place ReLUs).
+    A 'torchvision:' or 'cgl:' prefix on `arch` uses that registry only.
     """
     builders = {"cgl_train": (_cgl_models(), _build_cgl), "torchvision": (_torchvision_classifiers(), _build_tv)}
-    order = [prefer] + [k for k in builders if k != prefer]
+    arch, pinned = parse_arch(arch)
+    order = [pinned] if pinned else [prefer] + [k for k in builders if k != prefer]
     for label in order:
         names, build = builders[label]
         if arch in names:
@@ -148,7 +164,8 @@ def _build_arch(arch: str, kwargs: Mapping[str, Any], source: str,
                 raise InputError(f"{source}: cannot build {label} architecture {arch!r} with arguments "
                                  f"{dict(kwargs)!r}: {e}") from e
     names = known_arches()
-    raise InputError(f"{source}: unknown architecture {arch!r}; valid --arch names: "
+    where = f" in {pinned}" if pinned else ""
+    raise InputError(f"{source}: unknown architecture {arch!r}{where}; valid --arch names: "
                      f"cgl_train: {', '.join(names['cgl_train']) or '(none)'}; "
                      f"torchvision: {', '.join(names['torchvision'])}")
 
@@ -168,7 +185,7 @@ def _load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], arc
                 more = f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else ""
                 parts.append(f"{label}: {', '.join(keys[:8])}{more}")
         raise InputError(f"{source}: the weights do not fit architecture {arch!r} ({'; '.join(parts)}); "
-                         f"check --arch (and --num-classes)")
+                         f"check --arch (and --num-classes, for a state_dict)")
     module.load_state_dict(state_dict, strict=True)
 
 
@@ -269,11 +286,14 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
 
 def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = False,
                normalize: str | None = None, input_size: int | None = None,
-               num_classes: int | None = None) -> LoadedModel:
-    """Load a checkpoint, state_dict (+ arch), TorchScript archive or (trusted) pickled module, on CPU.
+               num_classes: int | None = None, allow_script: bool = False) -> LoadedModel:
+    """Load a checkpoint, state_dict (+ arch), TorchScript archive (+ arch) or (trusted) pickled module, on CPU.
 
-    Normalisation comes from the checkpoint when it has one, else from `normalize`
-    (default 'imagenet'). `input_size` overrides the checkpoint's input size.
+    Normalisation: an explicit `normalize` wins (a warning when it differs from a checkpoint's),
+    else the checkpoint's, else 'imagenet'. `input_size` overrides the checkpoint's input size.
+    TorchScript modules refuse forward hooks, so an archive needs `arch`: its state_dict() is
+    loaded into that eager model. Without `arch` it is an InputError, unless `allow_script`
+    (listing layer names only), which returns the scripted module itself.
     """
     path = Path(path)
     source = str(path)
@@ -293,8 +313,17 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
                 module = torch.jit.load(str(path), map_location="cpu")
         except Exception as e:
             raise InputError(f"{path}: looks like a TorchScript archive but torch.jit.load failed: {e}") from e
-        return _finish(module, "torchscript", source, arch, fingerprint,
-                       resolve_normalization(normalize), input_size)
+        if arch is None:
+            if allow_script:
+                return _finish(module, "torchscript", source, None, fingerprint,
+                               resolve_normalization(normalize), input_size)
+            raise InputError(f"{path}: is a TorchScript archive; TorchScript modules do not support the "
+                             f"forward hooks dissection needs. Pass --arch NAME (the torchvision or "
+                             f"cgl_train architecture it was scripted from): its weights are loaded into "
+                             f"the eager model, which is dissected")
+        eager = _eager_from_state_dict(module.state_dict(), arch, num_classes, source)
+        return _finish(eager, "torchscript", source, arch, fingerprint, resolve_normalization(normalize),
+                       input_size)
 
     obj = _torch_load(path, trust_pickle)
     if is_checkpoint(obj):
@@ -320,26 +349,37 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
         raise InputError(f"{path}: is a state_dict, which does not say which architecture it is for; pass "
                          f"--arch NAME (a torchvision classification model such as resnet18, or a "
                          f"cgl_train model; `dissect layers` lists the layers once it loads)")
+    module = _eager_from_state_dict(state_dict, arch, num_classes, source)
+    return _finish(module, "state_dict", source, arch, fingerprint, resolve_normalization(normalize), input_size)
+
+
+def _eager_from_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, num_classes: int | None,
+                           source: str) -> nn.Module:
+    """Build `arch` (torchvision first, unless prefixed) with num_classes from the weights; load them strictly."""
     state_dict = _strip_prefix(state_dict)
     inferred = _infer_num_classes(state_dict)
     if num_classes is not None and inferred is not None and num_classes != inferred:
-        raise InputError(f"--num-classes {num_classes}: the weights in {path} have {inferred} outputs")
+        raise InputError(f"--num-classes {num_classes}: the weights in {source} have {inferred} outputs")
     n = num_classes if num_classes is not None else inferred
     module = _build_arch(arch, {"num_classes": n} if n is not None else {}, source, prefer="torchvision")
     _load_weights(module, state_dict, arch, source)
-    return _finish(module, "state_dict", source, arch, fingerprint, resolve_normalization(normalize), input_size)
+    return module
 
 
 def _from_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, normalize: str | None,
                      input_size: int | None, fingerprint: str) -> LoadedModel:
-    if arch is not None and arch != ckpt["arch"]:
+    if arch is not None and parse_arch(arch)[0] != ckpt["arch"]:
         raise InputError(f"--arch {arch}: {path} is a checkpoint of architecture {ckpt['arch']!r}; "
                          f"leave --arch out for checkpoints")
     norm = resolve_normalization(ckpt["normalization"])
-    if normalize is not None and resolve_normalization(normalize) != norm:
-        # the checkpoint records what the network was trained with, so it wins over the flag
-        log.warning("%s: --normalize %s ignored: the checkpoint was trained with mean=%s std=%s",
-                    path, normalize, norm["mean"], norm["std"])
+    if normalize is not None:
+        chosen = resolve_normalization(normalize)
+        if chosen != norm:
+            # an explicit flag is a deliberate choice (e.g. probing a mismatch): it wins, loudly;
+            # summary.json records the normalisation actually applied
+            log.warning("%s: --normalize %s overrides the checkpoint's normalisation (trained with "
+                        "mean=%s std=%s)", path, normalize, norm["mean"], norm["std"])
+        norm = chosen
     module = _build_arch(ckpt["arch"], ckpt["arch_kwargs"], str(path))
     _load_weights(module, ckpt["state_dict"], ckpt["arch"], str(path))
     size = input_size if input_size is not None else _check_input_size(ckpt["input_size"], f"{path}: input_size")

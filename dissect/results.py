@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,16 @@ from dissect.fsutil import atomic_path, write_json_atomic, write_text_atomic
 from dissect.labels import LayerLabels
 
 __all__ = ["FORMAT", "VERSION", "LayerResult", "DatasetInfo", "DissectionResult", "iou_from_counts",
-           "tally_csv_text", "units_json", "summary_json", "write_results", "layer_dirname"]
+           "tally_csv_text", "units_json", "summary_json", "write_results", "layer_dirname",
+           "remove_stale_outputs", "REPORT_DIRNAME"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dissect-results"
 VERSION = 1
+REPORT_DIRNAME = "report"
+# A folder holding any of these is a layer folder written by write_results (user files are left alone).
+LAYER_MARKERS = ("units.json", "tally.csv", "thresholds.npy")
 
 
 def iou_from_counts(intersection: np.ndarray, activation: np.ndarray, truth: np.ndarray,
@@ -223,10 +228,41 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
             np.save(f, arr)
 
 
+def remove_stale_outputs(out: str | Path, layers: list[str]) -> list[Path]:
+    """Delete DIR/report/ and every layer folder of an earlier run whose layer is not in `layers`.
+
+    Only folders that look like ours (holding units.json, tally.csv or thresholds.npy) are
+    removed, never other user files. Returns the removed paths.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    keep = {layer_dirname(n) for n in layers}
+    removed = []
+    report = out / REPORT_DIRNAME
+    if report.is_dir():
+        shutil.rmtree(report)
+        removed.append(report)
+    for d in sorted(out.iterdir()):
+        if (d.is_dir() and not d.is_symlink() and d.name not in keep and d.name != REPORT_DIRNAME
+                and any((d / m).is_file() for m in LAYER_MARKERS)):
+            shutil.rmtree(d)
+            removed.append(d)
+    if removed:
+        log.info("removed outputs of an earlier run from %s: %s", out, ", ".join(p.name for p in removed))
+    return removed
+
+
 def write_results(res: DissectionResult, out: str | Path) -> Path:
-    """Write every layer's files, then summary.json last (all atomic). Returns `out`."""
+    """Write every layer's files, then summary.json last (all atomic). Returns `out`.
+
+    First removes an earlier run's report and the layer folders this result does not have
+    (remove_stale_outputs), so nothing left in `out` describes another dissection.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # the directory is incomplete until rewritten
+    remove_stale_outputs(out, [lr.name for lr in res.layers])
     sel = res.dataset.selected_label_category()
     label_ids = np.flatnonzero(sel >= 0)
     for lr in res.layers:

@@ -71,10 +71,13 @@ def test_checkpoint_of_a_cgl_model_round_trips(tmp_path):
                            seed=3)
     path = save_checkpoint(ckpt, tmp_path / "tiny.pth")
 
-    loaded = load_model(path, normalize="none")  # the checkpoint's normalisation wins
+    loaded = load_model(path)  # no flag: the checkpoint's normalisation
     assert loaded.kind == "checkpoint" and loaded.arch == "tiny_cnn"
     assert loaded.fingerprint == _sha256(path)
     assert loaded.normalization == NORMALIZATIONS["lite"]
+    # an explicit --normalize wins over the checkpoint's (with a warning), and is what describe() records
+    forced = load_model(path, normalize="none")
+    assert forced.normalization == NORMALIZATIONS["none"] and forced.describe()["normalization"] == NORMALIZATIONS["none"]
     assert loaded.input_size == 16 and loaded.metrics == {"val_acc": 0.75}
     assert loaded.groups == groups and default_layers(loaded) == ["conv1", "conv2"]
     assert loaded.checkpoint["seed"] == 3
@@ -159,6 +162,7 @@ def test_state_dict_needs_arch_and_a_fitting_one(tmp_path):
         load_model(path, arch="resnet18")
     with pytest.raises(InputError, match="--num-classes 5.*3 outputs"):
         load_model(path, arch="squeezenet1_1", num_classes=5)
+    assert main(["layers", str(path), "--arch", "squeezenet1_1", "--num-classes", "5"]) == 2  # a real flag
     with pytest.raises(InputError, match="unknown normalisation 'bgr'.*imagenet, lite, none"):
         load_model(path, arch="squeezenet1_1", normalize="bgr")
     with pytest.raises(InputError, match="--input-size"):
@@ -182,12 +186,72 @@ def test_missing_and_foreign_files(tmp_path):
 
 # ------------------------------------------------------------------ TorchScript and pickles
 
+def _scripted_squeezenet(path: Path, num_classes: int = 3) -> nn.Module:
+    net = _squeezenet(num_classes, seed=4).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(net).save(str(path))
+    return net
+
+
+def test_torchscript_with_arch_loads_into_the_eager_model(tmp_path):
+    from dissect.hooks import LayerRecorder
+
+    net = _scripted_squeezenet(tmp_path / "sq.ts")
+    loaded = load_model(tmp_path / "sq.ts", arch="squeezenet1_1")
+    assert loaded.kind == "torchscript" and loaded.arch == "squeezenet1_1"
+    assert loaded.fingerprint == _sha256(tmp_path / "sq.ts")
+    assert not isinstance(loaded.module, torch.jit.ScriptModule)  # eager: hooks work
+    assert _same_weights(loaded.module, net)
+    x = torch.rand(1, 3, 48, 48)
+    with LayerRecorder(loaded.module, ["features.3.squeeze"]) as rec:
+        got = rec.forward(x)["features.3.squeeze"]
+    with torch.no_grad():
+        expected = net.features[3].squeeze(net.features[:3](x))  # the conv's own output, before its ReLU
+    assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(InputError, match="do not fit architecture 'resnet18'"):
+        load_model(tmp_path / "sq.ts", arch="resnet18")
+
+
+def test_cli_layers_on_torchscript(tmp_path, capsys):
+    _scripted_squeezenet(tmp_path / "sq.ts")
+    assert main(["layers", str(tmp_path / "sq.ts"), "--arch", "squeezenet1_1", "--input-size", "64"]) == 0
+    rows = _table_rows(capsys.readouterr().out)
+    assert rows["features.0"][1] == "(64, 31, 31)"  # (64 - 3) // 2 + 1, as for the state_dict
+    assert main(["layers", str(tmp_path / "sq.ts")]) == 0  # names only, and says why
+    out = capsys.readouterr().out
+    assert "features.0" in out and "--arch" in out and "(64, 31, 31)" not in out
+    assert main(["run", str(tmp_path / "sq.ts"), "--dataset", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "TorchScript" in capsys.readouterr().err
+
+
+def test_arch_prefix_picks_the_registry(tmp_path):
+    from dissect.models import _build_arch
+
+    # alexnet exists in both registries: cgl_train's has out-of-place ReLUs, torchvision's in-place ones
+    assert _build_arch("alexnet", {"num_classes": 2}, "x", prefer="torchvision").features[1].inplace is True
+    assert _build_arch("cgl:alexnet", {"num_classes": 2}, "x", prefer="torchvision").features[1].inplace is False
+    assert _build_arch("torchvision:alexnet", {"num_classes": 2}, "x").features[1].inplace is True
+    # through load_model, on a small state_dict
+    path = tmp_path / "sq.pth"
+    torch.save(_squeezenet(3).state_dict(), path)
+    loaded = load_model(path, arch="torchvision:squeezenet1_1")
+    assert loaded.module.classifier[1].out_channels == 3
+    with pytest.raises(InputError, match="unknown architecture 'squeezenet1_1' in cgl_train"):
+        load_model(path, arch="cgl:squeezenet1_1")
+    with pytest.raises(InputError, match="--arch keras:alexnet: expected NAME, torchvision:NAME or cgl:NAME"):
+        load_model(path, arch="keras:alexnet")
+
+
 def test_torchscript_round_trip(tmp_path):
     net = _tiny_net().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script's deprecation notice
         torch.jit.script(net).save(str(tmp_path / "net.ts"))
-    loaded = load_model(tmp_path / "net.ts", normalize="none", input_size=8)
+    # forward hooks are refused on scripted modules: dissecting one needs --arch
+    with pytest.raises(InputError, match=r"net\.ts: is a TorchScript archive.*forward hooks.*--arch NAME"):
+        load_model(tmp_path / "net.ts")
+    loaded = load_model(tmp_path / "net.ts", normalize="none", input_size=8, allow_script=True)
     assert loaded.kind == "torchscript" and loaded.arch is None
     assert loaded.fingerprint == _sha256(tmp_path / "net.ts")
     assert loaded.normalization == NORMALIZATIONS["none"] and loaded.input_size == 8

@@ -111,3 +111,37 @@ def test_failed_write_leaves_no_summary(tmp_path, monkeypatch):
     assert (tmp_path / "features.0" / "units.json").exists()
     assert not (tmp_path / "features.3" / "units.json").exists()
     assert not [p for p in tmp_path.rglob("*.tmp")]  # no temp leftovers
+
+
+def test_rewrite_removes_stale_report_and_layer_folders(tmp_path):
+    # an earlier run of layers features.0 and conv1, with a rendered report
+    res = make_result()
+    old = LayerResult(**{**res.layers[0].__dict__, "name": "conv1"})
+    res.layers.append(old)
+    write_results(res, tmp_path)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "index.html").write_text("<html>old</html>")
+    # user files and folders that are not ours survive
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "readme.txt").write_text("mine")
+    assert (tmp_path / "conv1" / "tally.csv").is_file()
+
+    write_results(make_result(), tmp_path)  # the new run: features.0 only
+    assert not (tmp_path / "conv1").exists()
+    assert not (tmp_path / "report").exists()
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    assert (tmp_path / "readme.txt").read_text() == "mine"
+    assert (tmp_path / "features.0" / "units.json").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [layer["name"] for layer in summary["layers"]] == ["features.0"]
+
+
+def test_remove_stale_outputs_keeps_requested_layers(tmp_path):
+    for name, marker in (("a", "units.json"), ("b", "tally.csv"), ("c", "thresholds.npy"), ("d", "other.txt")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / marker).write_text("x")
+    removed = results_mod.remove_stale_outputs(tmp_path, ["a"])
+    assert sorted(p.name for p in removed) == ["b", "c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "d"]
+    assert results_mod.remove_stale_outputs(tmp_path / "absent", ["a"]) == []

@@ -250,3 +250,39 @@ def test_cli_summary(tmp_path, capsys):
     red = sum(int((lab["color"] == 1).sum()) for _, _, lab in _load(out))
     assert any(line.split()[:2] == ["red", str(red)] for line in text.splitlines())
     assert cli_main(["synth", "--out", str(tmp_path / "bad"), "--size", "33"]) == 2
+
+
+def test_one_synthetic_dir_for_both_clis(tmp_path, monkeypatch):
+    from broden.synthetic import DEFAULT_PER_CLASS, synthetic_dir
+    from cgl_train.config import TrainConfig
+    from cgl_train.data import synthetic_cache_dir
+    from dissect.commands.run import SYNTHETIC_DEFAULTS
+    from dissect.commands.synth import DEFAULT_PER_CLASS as SYNTH_PER_CLASS
+
+    monkeypatch.setenv("DISSECT_CACHE_DIR", str(tmp_path / "cache"))
+    expected = tmp_path / "cache" / "synthetic" / "shapes-pc640-s64-seed0-val0.2"
+    assert synthetic_dir() == expected  # honours DISSECT_CACHE_DIR; the paper's defaults
+    assert synthetic_dir(tmp_path / "x", per_class=3, size=32, seed=2, val_fraction=0.25) == \
+        tmp_path / "x" / "synthetic" / "shapes-pc3-s32-seed2-val0.25"
+    # cgl-train's default location is the same resolver's
+    assert synthetic_cache_dir(TrainConfig(data="synthetic")) == expected
+    cfg = TrainConfig(data="synthetic", synthetic_per_class=3, synthetic_size=32, synthetic_seed=2,
+                      synthetic_val_fraction=0.25)
+    assert synthetic_cache_dir(cfg) == synthetic_dir(None, 3, 32, 2, 0.25)
+    # one default per_class everywhere (the paper's 640)
+    assert DEFAULT_PER_CLASS == SYNTH_PER_CLASS == SYNTHETIC_DEFAULTS["per_class"] == \
+        TrainConfig().synthetic_per_class == 640
+
+
+def test_clash_names_the_option_the_user_gave(ds32, capsys):
+    from cgl_train.config import TrainConfig
+    from cgl_train.data import prepare_synthetic
+
+    # cgl-train --synthetic-dir DS with another per-class
+    cfg = TrainConfig(data="synthetic", synthetic_dir=str(ds32), synthetic_per_class=3, synthetic_size=32)
+    with pytest.raises(InputError, match=f"^--synthetic-dir {ds32} is not empty") as err:
+        prepare_synthetic(cfg, progress=False)
+    assert "--out" not in str(err.value)
+    # dissect synth --out DS with another per-class
+    assert cli_main(["synth", "--out", str(ds32), "--per-class", "3", "--size", "32", "--quiet"]) == 2
+    assert f"--out {ds32} is not empty" in capsys.readouterr().err

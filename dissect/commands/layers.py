@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from dissect.hooks import layer_shapes
-from dissect.models import conv_layer_names, load_model, module_type_name
-
+# torch and the model code load in run(), so `dissect --help` stays fast.
 DEFAULT_INPUT_SIZE = 224
+ARCH_HELP = ("architecture of a state_dict or TorchScript archive: a torchvision classification model or a "
+             "cgl_train model. A bare name is looked up in torchvision first, then cgl_train; prefix it to "
+             "pick the registry: 'torchvision:alexnet' or 'cgl:alexnet'")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,11 +15,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "layers", help="list a model's layers and their output shapes",
         description="List layer names (for --layers), module types and output shapes (C, h, w). "
-                    "Shows every Conv2d by default, every module with --all.")
+                    "Shows every Conv2d by default, every module with --all. A TorchScript archive "
+                    "shows output shapes only with --arch (its weights are loaded into that eager model, "
+                    "as `dissect run` needs).")
     p.add_argument("model", metavar="MODEL",
                    help="checkpoint, state_dict (with --arch), TorchScript archive or pickled module")
-    p.add_argument("--arch", metavar="NAME", default=None,
-                   help="architecture of a state_dict (torchvision classification model or cgl_train model)")
+    p.add_argument("--arch", metavar="NAME", default=None, help=ARCH_HELP)
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="outputs of a state_dict's classifier (default: inferred from the weights)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="load a whole pickled module; this runs code from the file, so only for files you trust")
     p.add_argument("--input-size", type=int, metavar="N", default=None,
@@ -38,7 +40,13 @@ def _format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, run one zero image through it and print the layer table."""
-    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, input_size=args.input_size)
+    import torch
+
+    from dissect.hooks import layer_shapes
+    from dissect.models import conv_layer_names, load_model, module_type_name
+
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, input_size=args.input_size,
+                        num_classes=args.num_classes, allow_script=True)
     size = loaded.input_size or DEFAULT_INPUT_SIZE
     module = loaded.module
     modules = dict(module.named_modules())
@@ -52,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     note = ""
     if isinstance(module, torch.jit.ScriptModule):
         shapes: dict[str, tuple[int, ...]] = {}
-        note = "output shapes need forward hooks, which TorchScript models do not support"
+        note = ("output shapes need forward hooks, which TorchScript models do not support; pass --arch NAME "
+                "to load the weights into the eager model (as `dissect run` requires)")
     else:
         shapes = layer_shapes(module, names, (size, size), strict=not args.all)
 

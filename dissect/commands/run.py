@@ -11,9 +11,16 @@ from typing import Any
 from broden.errors import InputError
 from dissect.config import DETECTOR_RULES, INTERPOLATIONS, KEEP_ACTIVATIONS, UNIONS, DissectConfig
 
+# register() must stay cheap (`dissect --help` imports every command): torch, pandas, the pipeline and
+# the dataset code are imported inside run().
+
 log = logging.getLogger(__name__)
 
 KNOWN_SYNTHETIC = "synthetic"
+SYNTHETIC_DEFAULTS = {"per_class": 640, "size": 64, "seed": 0, "val_fraction": 0.2}  # broden.synthetic's (paper)
+ARCH_HELP = ("architecture of a state_dict or TorchScript archive: a torchvision classification model or a "
+             "cgl_train model. A bare name is looked up in torchvision first, then cgl_train; prefix it to "
+             "pick the registry: 'torchvision:alexnet' or 'cgl:alexnet'")
 
 
 def register(subparsers: Any) -> None:
@@ -22,7 +29,9 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "run", help="dissect a model: label every unit of the chosen layers with Broden concepts",
         description="Network Dissection of MODEL (a cgl checkpoint, a state_dict with --arch, a TorchScript "
-                    "archive, or a pickled module with --trust-pickle). Writes DIR/summary.json, and per layer "
+                    "archive with --arch, or a pickled module with --trust-pickle). TorchScript modules "
+                    "refuse forward hooks, so a TorchScript archive needs --arch NAME: its weights are "
+                    "loaded into the eager NAME model, which is dissected. Writes DIR/summary.json, and per layer "
                     "tally.csv, units.json, thresholds.npy, top_activations.npy, iou.npy. Works under "
                     "`torchrun --nproc-per-node N` (images are sharded, results identical).")
     p.add_argument("model", metavar="MODEL", help="model file")
@@ -32,14 +41,17 @@ def register(subparsers: Any) -> None:
                         "set, generated once into the cache dir)")
     p.add_argument("--out", required=True, metavar="DIR", help="results directory")
     g = p.add_argument_group("model")
-    g.add_argument("--arch", help="architecture of a state_dict (torchvision or cgl_train name)")
+    g.add_argument("--arch", metavar="NAME", help=ARCH_HELP)
+    g.add_argument("--num-classes", type=int, metavar="N",
+                   help="outputs of a state_dict's classifier (default: inferred from the weights)")
     g.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a whole pickled module (runs code from the file: only for files you trust)")
     g.add_argument("--layers", nargs="+", metavar="NAME",
                    help="dotted module names (default: the checkpoint's grouped layers, else every Conv2d); "
                         "`dissect layers MODEL` lists them")
     g.add_argument("--normalize", choices=("imagenet", "lite", "none"),
-                   help="input normalisation when the checkpoint has none (default imagenet)")
+                   help="input normalisation (default: the checkpoint's, else imagenet); given explicitly it "
+                        "wins over the checkpoint's (with a warning) and summary.json records what was used")
     g.add_argument("--input-size", type=int, metavar="N",
                    help="resize images to N x N before the model (bilinear, antialiased), e.g. 32 for CIFAR nets")
     m = p.add_argument_group("method (defaults: NetDissect-Lite)")
@@ -90,9 +102,12 @@ def register(subparsers: Any) -> None:
     s.add_argument("--mirror", action="append", default=[], metavar="URL", help="extra base URL for --download")
     s.add_argument("--decoded-cache", choices=("auto", "build", "off"), default="auto",
                    help="decoded image cache: auto (use one if present), build (make it first), off")
-    s.add_argument("--synthetic-per-class", type=int, default=64,
-                   help="images per class when generating the synthetic set (default 64)")
-    s.add_argument("--synthetic-size", type=int, default=64, help="synthetic image size (default 64)")
+    s.add_argument("--synthetic-per-class", type=int, metavar="N",
+                   help="--dataset synthetic: images per class (default: the checkpoint's training set when "
+                        f"it was trained on synthetic data, else {SYNTHETIC_DEFAULTS['per_class']})")
+    s.add_argument("--synthetic-size", type=int, metavar="PX",
+                   help="--dataset synthetic: image size (default: the checkpoint's training set, else "
+                        f"{SYNTHETIC_DEFAULTS['size']})")
     p.set_defaults(func=run)
 
 
@@ -109,9 +124,41 @@ def config_from_args(args: argparse.Namespace) -> DissectConfig:
         save_interval_s=args.save_interval_s).validate()
 
 
+def synthetic_source(loaded: Any, per_class: int | None = None,
+                     size: int | None = None) -> tuple[dict[str, Any], Path | None]:
+    """Parameters of the synthetic set to dissect on, and the checkpoint's own directory if reusable.
+
+    A checkpoint trained with `--data synthetic` names its set in train_options: its
+    synthetic_dir is used while it still exists (and no flag overrides), else its parameters
+    regenerate the same set. Flags override; without a checkpoint the paper's defaults apply.
+    """
+    params = dict(SYNTHETIC_DEFAULTS)
+    reuse: Path | None = None
+    ckpt = getattr(loaded, "checkpoint", None) or {}
+    train = ckpt.get("train_options") or {}
+    if train.get("data") == KNOWN_SYNTHETIC:
+        for key in params:
+            if train.get(f"synthetic_{key}") is not None:
+                params[key] = train[f"synthetic_{key}"]
+        saved = train.get("synthetic_dir")
+        if saved and Path(saved).is_dir() and per_class is None and size is None:
+            reuse = Path(saved)
+    if per_class is not None:
+        params["per_class"] = per_class
+    if size is not None:
+        params["size"] = size
+    return params, reuse
+
+
 def resolve_dataset(name: str, cache_dir: Path | None, download: bool, mirrors: list[str],
-                    per_class: int, size: int, quiet: bool) -> Path:
-    """A Broden directory for --dataset: a path, a known name in the cache dir, or 'synthetic'."""
+                    synthetic: dict[str, Any] | None = None, quiet: bool = False,
+                    synthetic_reuse: Path | None = None) -> Path:
+    """A Broden directory for --dataset: a path, a known name in the cache dir, or 'synthetic'.
+
+    `synthetic`: per_class/size/seed/val_fraction of the synthetic set (default: the paper's),
+    generated once under broden.synthetic.synthetic_dir(cache_dir, ...); `synthetic_reuse`: an
+    existing generation to use as is (a checkpoint's training set).
+    """
     from broden.cache import default_cache_dir
 
     path = Path(name).expanduser()
@@ -119,10 +166,14 @@ def resolve_dataset(name: str, cache_dir: Path | None, download: bool, mirrors: 
         return path
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if name == KNOWN_SYNTHETIC:
-        from broden.synthetic import generate_shapes_dataset
+        from broden.synthetic import generate_shapes_dataset, synthetic_dir
 
-        target = cache / "datasets" / f"synthetic_shapes_s{size}_pc{per_class}_seed0"
-        return Path(generate_shapes_dataset(target, per_class=per_class, size=size, seed=0, progress=not quiet))
+        if synthetic_reuse is not None:
+            log.info("dissecting on the checkpoint's training set %s", synthetic_reuse)
+            return Path(synthetic_reuse)
+        params = {**SYNTHETIC_DEFAULTS, **(synthetic or {})}
+        target = synthetic_dir(cache, **params)
+        return Path(generate_shapes_dataset(target, **params, progress=not quiet, option="--cache-dir"))
     from broden.download import DATASETS, download_dataset, get_spec
 
     if name not in DATASETS:
@@ -171,13 +222,14 @@ def _run(args: argparse.Namespace) -> int:
     set_quiet(args.quiet or not ctx.is_main)
 
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, normalize=args.normalize,
-                        input_size=args.input_size)
+                        input_size=args.input_size, num_classes=args.num_classes)
     if config.input_size is None and loaded.input_size is not None:
         config.input_size = loaded.input_size
     if config.layers:
         resolve_layers(loaded.module, config.layers)  # unknown names fail before any work
-    root = resolve_dataset(args.dataset, args.cache_dir, args.download, args.mirror, args.synthetic_per_class,
-                           args.synthetic_size, args.quiet)
+    synthetic, reuse = synthetic_source(loaded, args.synthetic_per_class, args.synthetic_size)
+    root = resolve_dataset(args.dataset, args.cache_dir, args.download, args.mirror, synthetic, args.quiet,
+                           synthetic_reuse=reuse)
     if args.decoded_cache == "build" and ctx.is_main:
         from broden.cache import build_cache
 
@@ -203,6 +255,13 @@ def _run(args: argparse.Namespace) -> int:
 
                     print(f"report: {render_report(out)}")
             return 0
+    if ctx.is_main:
+        from dissect.models import default_layers
+        from dissect.results import remove_stale_outputs
+
+        # before any work: a report or layer folder of an earlier run must not pass for this one's
+        remove_stale_outputs(out, config.layers or default_layers(loaded))
+    distributed.barrier(ctx)
     res = run_dissection(loaded, dataset, config, out, ctx)
     if ctx.is_main:
         for lr in res.layers:
