@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(g, "--out", help=f"output directory (default {d.out})")
     _add(g, "--labeling", choices=LABELINGS, help=f"synthetic labels (default {d.labeling})")
     _add(g, "--synthetic-dir", help="where the synthetic set is generated or reused "
-                                    "(default: ~/.cache/concept-dissect/synthetic/<parameters>)")
+                                    "(default: $DISSECT_CACHE_DIR, else ~/.cache/concept-dissect, then synthetic/<parameters>)")
     _add(g, "--synthetic-per-class", type=int, help=f"synthetic images per class (default {d.synthetic_per_class})")
     _add(g, "--synthetic-size", type=int, help=f"synthetic image size (default {d.synthetic_size})")
     _add(g, "--synthetic-seed", type=int, help=f"synthetic generator seed (default {d.synthetic_seed})")

@@ -46,7 +46,7 @@ class TrainConfig:
     out: str = "runs/cgl"                # output dir: log.jsonl, config.json, latest.pth, best.pth
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor args (e.g. tiny_cnn width1/width2)
     labeling: str = "binary"             # synthetic labeling: 'binary' (a square is present, the paper's Table 1) or 'classes45'
-    synthetic_dir: str | None = None     # where the synthetic set is generated/reused (None: ~/.cache/concept-dissect/...)
+    synthetic_dir: str | None = None     # where the synthetic set is generated/reused (None: $DISSECT_CACHE_DIR/synthetic/<parameters>)
     synthetic_per_class: int = 640       # images per class of the 45 pairs (authors: 640, 28,800 images)
     synthetic_size: int = 64             # synthetic image size in pixels (paper: 64)
     synthetic_seed: int = 0              # seed of the synthetic generator (independent of the training seed)
