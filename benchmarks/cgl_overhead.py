@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a shared, oversubscribed CPU")
     return p.parse_args(argv)
 
 
@@ -60,6 +62,8 @@ def _timed_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, acts: GroupA
 def main(argv: list[str] | None = None) -> int:
     """Run both modes, print the medians and their ratio."""
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     size = args.size or DEFAULT_INPUT_SIZE[args.arch]
     classes = args.num_classes or (2 if args.arch == "tiny_cnn" else 1000)

@@ -46,6 +46,17 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- soft receptive field
 
+def _sigmoid_affine(x: torch.Tensor, scale: torch.Tensor | float, shift: torch.Tensor | float) -> torch.Tensor:
+    """sigmoid(x * scale + shift) in two passes over x (addcmul, then sigmoid) instead of four.
+
+    scale is per channel (1, C, 1, 1) (or a scalar); x (N, C, H, W).
+    """
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    shift = torch.as_tensor(shift, dtype=x.dtype, device=x.device)
+    # addcmul's backward needs only its inputs, so the in-place sigmoid is safe for autograd
+    return torch.addcmul(shift, x, scale).sigmoid_()
+
+
 def soft_receptive_field(pre: torch.Tensor, p1: torch.Tensor | float, p2: torch.Tensor | float,
                          eps: float = 1e-5) -> torch.Tensor:
     """psi = sigmoid(p1 * pre / S + p2), S = per-channel std over N*H*W, plus eps (eq. 1).
@@ -59,7 +70,7 @@ def soft_receptive_field(pre: torch.Tensor, p1: torch.Tensor | float, p2: torch.
     pre = _upcast(pre)
     var = pre.var(dim=(0, 2, 3), unbiased=False, keepdim=True)  # (1, C, 1, 1)
     std = _safe_sqrt(var) + eps
-    return torch.sigmoid(p1 * pre / std + p2)
+    return _sigmoid_affine(pre, p1 / std, p2)
 
 
 def soft_receptive_field_bn(bn_out: torch.Tensor, gamma: torch.Tensor, p1: torch.Tensor | float,
@@ -77,8 +88,7 @@ def soft_receptive_field_bn(bn_out: torch.Tensor, gamma: torch.Tensor, p1: torch
     gamma = _upcast(gamma)
     sign = torch.where(gamma < 0, -torch.ones_like(gamma), torch.ones_like(gamma))
     safe_gamma = torch.where(gamma.abs() < eps, sign * eps, gamma)
-    tau = bn_out / safe_gamma.view(1, -1, 1, 1)
-    return torch.sigmoid(p1 * tau + p2)
+    return _sigmoid_affine(bn_out, p1 / safe_gamma.view(1, -1, 1, 1), p2)
 
 
 class ReceptiveFieldScale(nn.Module):
@@ -140,6 +150,78 @@ def sample_pairs(spec: GroupSpec, generator: torch.Generator, pairs_per_filter: 
     return torch.stack([i + offset, j + offset], dim=-1)
 
 
+# Pairs are processed in chunks of about this many map elements per gathered side: on the CPU a
+# chunk then stays in cache, on a GPU one or two chunks cover a layer (few kernel launches).
+_PAIR_CHUNK_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 26}
+_DEFAULT_CHUNK_ELEMS = 1 << 24
+
+
+def _pair_chunk(device: torch.device, row_elems: int) -> int:
+    """Number of pairs per chunk for rows of `row_elems` elements on `device` (at least 1)."""
+    budget = _PAIR_CHUNK_ELEMS.get(device.type, _DEFAULT_CHUNK_ELEMS)
+    return max(1, budget // max(1, row_elems))
+
+
+class _PairL1(torch.autograd.Function):
+    """L1 norms of channels and of differences of channel pairs, without storing the (P, N, S) differences.
+
+    forward(rows (C, N, S), left (P,), right (P,), per_image) -> (diff, norms):
+    diff = sum |rows[left] - rows[right]| and norms = sum |rows|, over (N, S)
+    (shapes (P,), (C,)) or over S only when per_image (shapes (P, N), (C, N)).
+    The backward recomputes sign(rows[left] - rows[right]) chunk by chunk and
+    scatters it with index_add_ along the contiguous first dim (fast on CPU and
+    GPU), so the autograd graph holds only `rows`. Chunks of pairs bound the
+    temporaries (and keep them in cache on CPU). The gathers use advanced
+    indexing: on CPU, index_select measured slower, worst with several threads.
+    sign(0) = 0, as abs's backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                per_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs, n = left.shape[0], rows.shape[1]
+        sum_dims = (2,) if per_image else (1, 2)
+        norms = torch.linalg.vector_norm(rows, ord=1, dim=sum_dims)  # (C,) or (C, N)
+        diff = rows.new_empty((pairs, n) if per_image else (pairs,))  # (P,) or (P, N)
+        step = _pair_chunk(rows.device, rows[0].numel())
+        for k in range(0, pairs, step):
+            a = rows[left[k:k + step]]  # (p, N, S)
+            diff[k:k + step] = torch.linalg.vector_norm(a.sub_(rows[right[k:k + step]]), ord=1, dim=sum_dims)
+        ctx.save_for_backward(rows, left, right)
+        ctx.per_image = per_image
+        return diff, norms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_diff: torch.Tensor | None,
+                 grad_norms: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None]:
+        rows, left, right = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        # the gradient of one reduced value broadcast over the dims it summed
+        expand = (lambda g: g.unsqueeze(-1)) if ctx.per_image else (lambda g: g.view(-1, 1, 1))
+        if grad_norms is not None:
+            grad = rows.sign().mul_(expand(grad_norms))  # (C, N, S)
+        else:
+            grad = torch.zeros_like(rows)
+        if grad_diff is not None:
+            step = _pair_chunk(rows.device, rows[0].numel())
+            for k in range(0, left.shape[0], step):
+                lk, rk = left[k:k + step], right[k:k + step]
+                s = rows[lk]  # (p, N, S)
+                s.sub_(rows[rk]).sign_().mul_(expand(grad_diff[k:k + step]))
+                grad.index_add_(0, lk, s)
+                grad.index_add_(0, rk, s, alpha=-1)
+        return grad, None, None, None
+
+
+def _pairs_to(pairs: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move the (CPU-drawn) pairs to `device` without a host sync: a pinned source, non_blocking."""
+    if device.type == "cuda" and pairs.device.type == "cpu":
+        return pairs.pin_memory().to(device, non_blocking=True)
+    return pairs.to(device)
+
+
 def group_activation_loss(psi: torch.Tensor, spec: GroupSpec, pairs: torch.Tensor,
                           form: str = "paper") -> torch.Tensor:
     """L_g of one layer: sum over groups of the mean over its pairs of D(psi_i, psi_j) (eq. 5).
@@ -158,20 +240,66 @@ def group_activation_loss(psi: torch.Tensor, spec: GroupSpec, pairs: torch.Tenso
     groups, r = pairs.shape[0], pairs.shape[1]
     if r == 0:
         return psi.sum() * 0.0  # no pairs (groups of one filter): zero, still on the graph
-    flat = pairs.to(psi.device).reshape(-1, 2)  # (G*r, 2)
-    left, right = flat[:, 0], flat[:, 1]
-    # |psi_c|_1 is shared by all the pairs using channel c: compute it once per channel
-    norm_dims = (0, 2, 3) if form == "paper" else (2, 3)
-    norms = psi.abs().sum(dim=norm_dims)  # (C,) or (N, C)
-    diff = (psi.index_select(1, left) - psi.index_select(1, right)).abs().sum(dim=norm_dims)  # (P,) or (N, P)
-    den = norms.index_select(-1, left) + norms.index_select(-1, right) + diff
-    dist = _safe_div(2 * diff, den)
+    n = psi.shape[0]
+    flat = _pairs_to(pairs, psi.device).reshape(-1, 2)  # (G*r, 2)
+    left, right = flat[:, 0].contiguous(), flat[:, 1].contiguous()
+    # channel-major rows, so that gathering a channel reads (and its gradient writes) one contiguous block
+    rows = psi[:, : spec.grouped].transpose(0, 1).reshape(spec.grouped, n, -1)  # (Cg, N, H*W)
+    diff, norms = _PairL1.apply(rows, left, right, form == "per_image")  # (P,)|(P, N), (Cg,)|(Cg, N)
+    den = norms.index_select(0, left) + norms.index_select(0, right) + diff
+    dist = _safe_div(2 * diff, den)  # (P,) or (P, N)
     if form == "per_image":
-        dist = dist.mean(dim=0)  # (P,)
+        dist = dist.mean(dim=1)  # (P,)
     return dist.view(groups, r).mean(dim=1).sum()
 
 
 # ---------------------------------------------------------------- spatial loss
+
+class _SpatialSpread(torch.autograd.Function):
+    """spread (N, C) = sum_j psi_j |j - c|_2 / sum_j psi_j, c = sum_j j psi_j / sum_j psi_j, per map.
+
+    forward(psi (N, C, H, W), rows (H,), cols (W,)). The centroid comes from
+    separable row and column sums; the only full-size temporaries are the
+    distance map d and psi * d. The backward is the closed form
+        d spread / d psi_j = (d_j - spread + v . (j - c) / mass) / mass,
+        v = sum_k psi_k (c - j_k) / d_k  (terms with d_k = 0 count 0, as sqrt's zero-safe gradient),
+    whose linear part in j is again separable, so no autograd graph of
+    full-size temporaries is kept. A map of zero mass has spread 0 and gradient 0.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, psi: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        row_mass = psi.sum(dim=3)  # (N, C, H)
+        col_mass = psi.sum(dim=2)  # (N, C, W)
+        mass = row_mass.sum(dim=2)  # (N, C)
+        cy = _safe_div(row_mass @ rows, mass)  # (N, C)
+        cx = _safe_div(col_mass @ cols, mass)  # (N, C)
+        dy = rows - cy.unsqueeze(-1)  # (N, C, H)
+        dx = cols - cx.unsqueeze(-1)  # (N, C, W)
+        dist = torch.add((dy * dy).unsqueeze(-1), (dx * dx).unsqueeze(-2)).sqrt_()  # (N, C, H, W)
+        spread = _safe_div((psi * dist).sum(dim=(2, 3)), mass)  # (N, C)
+        ctx.save_for_backward(psi, dist, mass, dy, dx, spread)
+        return spread
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        psi, dist, mass, dy, dx, spread = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        inv_mass = _safe_div(torch.ones_like(mass), mass)  # (N, C), 0 for an empty map
+        # psi / d: where d = 0 the quotient is inf or nan; those terms count 0 (zero-safe sqrt)
+        w = torch.div(psi, dist).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (N, C, H, W)
+        ay = -(w.sum(dim=3) * dy).sum(dim=2) * inv_mass  # (N, C): v_y / mass
+        ax = -(w.sum(dim=2) * dx).sum(dim=2) * inv_mass  # (N, C): v_x / mass
+        t = grad * inv_mass  # (N, C)
+        row_term = t.unsqueeze(-1) * (ay.unsqueeze(-1) * dy - spread.unsqueeze(-1))  # (N, C, H)
+        col_term = (t * ax).unsqueeze(-1) * dx  # (N, C, W)
+        out = dist.mul(t[..., None, None])  # (N, C, H, W)
+        out += row_term.unsqueeze(-1)
+        out += col_term.unsqueeze(-2)
+        return out, None, None
+
 
 def spatial_loss(psi: torch.Tensor, coords: str = "pixel") -> torch.Tensor:
     """L_s: mean over images and maps of sum_j psi_j |j - c|_2 / sum_j psi_j, c = psi's centroid.
@@ -189,14 +317,7 @@ def spatial_loss(psi: torch.Tensor, coords: str = "pixel") -> torch.Tensor:
     scale = float(max(h, w)) if coords == "normalized" else 1.0
     rows = torch.arange(h, device=psi.device, dtype=psi.dtype) / scale  # (H,)
     cols = torch.arange(w, device=psi.device, dtype=psi.dtype) / scale  # (W,)
-    mass = psi.sum(dim=(2, 3))  # (N, C)
-    cy = _safe_div((psi.sum(dim=3) * rows).sum(dim=2), mass)  # (N, C)
-    cx = _safe_div((psi.sum(dim=2) * cols).sum(dim=2), mass)  # (N, C)
-    dy2 = (rows.view(1, 1, h, 1) - cy[..., None, None]) ** 2  # (N, C, H, 1)
-    dx2 = (cols.view(1, 1, 1, w) - cx[..., None, None]) ** 2  # (N, C, 1, W)
-    dist = _safe_sqrt(dy2 + dx2)  # (N, C, H, W)
-    spread = _safe_div((psi * dist).sum(dim=(2, 3)), mass)  # (N, C)
-    return spread.mean()
+    return _SpatialSpread.apply(psi, rows, cols).mean()
 
 
 # ---------------------------------------------------------------- block norm and relevance

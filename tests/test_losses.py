@@ -407,3 +407,105 @@ def test_options_validation_and_round_trip():
         CGLOptions(spatial_layers="conv9").spatial_layer_names([LayerGroups("conv1", GroupSpec(6, 2))])
     with pytest.raises(InputError, match="unknown"):
         CGLOptions.from_dict({"lambda_x": 1.0})
+
+
+# ---------------------------------------------------------------- gradients of the fused implementations
+
+def naive_group_loss_torch(psi: torch.Tensor, pairs: torch.Tensor, form: str) -> torch.Tensor:
+    """Differentiable loop version of L_g (autograd through plain per-pair tensor ops)."""
+    total = psi.new_zeros(())
+    for g in range(pairs.shape[0]):
+        ds = []
+        for i, j in pairs[g].tolist():
+            images = [psi[:, i]] if form == "paper" else [psi[k, i] for k in range(psi.shape[0])]
+            others = [psi[:, j]] if form == "paper" else [psi[k, j] for k in range(psi.shape[0])]
+            per = [2 * (p - q).abs().sum() / (p.abs().sum() + q.abs().sum() + (p - q).abs().sum())
+                   for p, q in zip(images, others)]
+            ds.append(sum(per) / len(per))
+        total = total + sum(ds) / len(ds)
+    return total
+
+
+def naive_spatial_torch(psi: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Differentiable loop version of L_s, pixel by pixel."""
+    n, c, h, w = psi.shape
+    losses = []
+    for i, ch in itertools.product(range(n), range(c)):
+        m = psi[i, ch]
+        mass = m.sum()
+        cy = sum(m[y, x] * (y / scale) for y in range(h) for x in range(w)) / mass
+        cx = sum(m[y, x] * (x / scale) for y in range(h) for x in range(w)) / mass
+        spread = sum(m[y, x] * torch.sqrt((y / scale - cy) ** 2 + (x / scale - cx) ** 2)
+                     for y in range(h) for x in range(w))
+        losses.append(spread / mass)
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("form", ["paper", "per_image"])
+def test_group_loss_gradient_matches_naive_autograd(form):
+    spec = GroupSpec(channels=7, groups=2)  # f = 3, one free filter (its gradient must be 0)
+    psi = _rand(3, 7, 2, 3, seed=21).requires_grad_()
+    pairs = sample_pairs(spec, torch.Generator().manual_seed(22))
+    group_activation_loss(psi, spec, pairs, form).backward()
+    ref = psi.detach().clone().requires_grad_()
+    naive_group_loss_torch(ref, pairs, form).backward()
+    torch.testing.assert_close(psi.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    assert (psi.grad[:, 6] == 0).all() and psi.grad.abs().sum() > 0
+    x = _rand(2, 4, 2, 2, seed=23).requires_grad_()
+    spec4 = GroupSpec(4, 2)
+    pairs4 = sample_pairs(spec4, torch.Generator().manual_seed(24))
+    assert torch.autograd.gradcheck(lambda p: group_activation_loss(p, spec4, pairs4, form), (x,))
+
+
+@pytest.mark.parametrize("form", ["paper", "per_image"])
+def test_group_loss_chunking_changes_nothing(form, monkeypatch):
+    import cgl_train.losses as losses
+    spec = GroupSpec(channels=9, groups=3)
+    psi = _rand(2, 9, 3, 3, seed=25)
+    pairs = sample_pairs(spec, torch.Generator().manual_seed(26))
+    results = []
+    for budget in (1 << 30, 1):  # one chunk; then one pair per chunk
+        monkeypatch.setitem(losses._PAIR_CHUNK_ELEMS, "cpu", budget)
+        x = psi.clone().requires_grad_()
+        value = group_activation_loss(x, spec, pairs, form)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-15)
+    assert results[0][0].item() == pytest.approx(naive_group_loss(psi, pairs, form), rel=1e-12)
+
+
+@pytest.mark.parametrize("coords,scale", [("pixel", 1.0), ("normalized", 4.0)])
+def test_spatial_loss_gradient_matches_naive_autograd(coords, scale):
+    psi = _rand(2, 2, 3, 4, seed=27).requires_grad_()
+    spatial_loss(psi, coords=coords).backward()
+    ref = psi.detach().clone().requires_grad_()
+    naive_spatial_torch(ref, scale).backward()
+    torch.testing.assert_close(psi.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    x = _rand(1, 2, 3, 3, seed=28).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: spatial_loss(p, coords=coords), (x,))
+
+
+def test_spatial_loss_gradient_hand_values():
+    # one hot pixel at (1, 2): c sits on it, spread 0; dL/dpsi_j = |j - (1, 2)| / (maps), the
+    # direction term counting 0 at d = 0 (zero-safe sqrt); an all-zero map has gradient 0
+    psi = torch.zeros(1, 2, 3, 4, dtype=D64)
+    psi[0, 0, 1, 2] = 1.0
+    psi.requires_grad_()
+    loss = spatial_loss(psi)
+    assert loss.item() == 0.0
+    loss.backward()
+    ys, xs = torch.meshgrid(torch.arange(3, dtype=D64), torch.arange(4, dtype=D64), indexing="ij")
+    torch.testing.assert_close(psi.grad[0, 0], torch.sqrt((ys - 1) ** 2 + (xs - 2) ** 2) / 2)
+    assert (psi.grad[0, 1] == 0).all()
+
+
+def test_psi_bn_gradient_matches_formula():
+    bn_out = _randn(2, 3, 2, 2, seed=29).requires_grad_()
+    gamma = torch.tensor([0.5, -2.0, 1.5], dtype=D64, requires_grad=True)
+    weights = _rand(2, 3, 2, 2, seed=30)
+    (soft_receptive_field_bn(bn_out, gamma, 1.5, -0.5) * weights).sum().backward()
+    b2, g2 = bn_out.detach().clone().requires_grad_(), gamma.detach().clone().requires_grad_()
+    (torch.sigmoid(1.5 * (b2 / g2.view(1, 3, 1, 1)) - 0.5) * weights).sum().backward()
+    torch.testing.assert_close(bn_out.grad, b2.grad)
+    torch.testing.assert_close(gamma.grad, g2.grad)
