@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from dissect.stats import IoUTally, TopImages, TopQuantile
-from dissect.upsample import threshold_masks, upsample
+from dissect.upsample import mask_pixels, threshold_masks, upsample
 
 
 def _time(fn: Callable[[], object], repeat: int, device: torch.device) -> tuple[float, float]:
@@ -83,6 +83,7 @@ def main() -> None:
     tq.count = 0  # keep adding without tripping total_per_unit
     tally = IoUTally(u, cat, 6, device=dev)
     tally_orig = IoUTally(u, cat, 6, union="original", device=dev)
+    prepared = tally.prepare_labels(labels, image_labels)  # once per batch, shared by every layer
     tops = TopImages(u, 10, device=dev)
     idx = torch.arange(b, device=dev)
 
@@ -95,9 +96,13 @@ def main() -> None:
              masks.numel()),
             ("threshold_masks (pruned)", lambda: threshold_masks(acts, thresholds, (size, size)),
              masks.numel()),
+            ("mask_pixels (sparse, exact)",
+             lambda: [r for r in mask_pixels(acts, thresholds, (size, size))], masks.numel()),
             ("IoUTally.add lite", lambda: tally.add(masks, labels, image_labels), masks.numel()),
             ("IoUTally.add_activations lite",
              lambda: tally.add_activations(acts, thresholds, labels, image_labels), masks.numel()),
+            ("IoUTally.add_activations prepared",
+             lambda: tally.add_activations(acts, thresholds, prepared), masks.numel()),
             ("IoUTally.add original", lambda: tally_orig.add(masks, labels, image_labels), masks.numel()),
             ("TopImages.add", lambda: tops.add(idx, acts), acts.numel())]
     try:

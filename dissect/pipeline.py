@@ -36,14 +36,10 @@ from dissect.results import (DatasetInfo, DissectionResult, LayerResult, iou_fro
                              read_summary, write_results)
 from dissect.state import RunState, run_key
 from dissect.stats import IoUTally, TopImages, TopQuantile
-from dissect.upsample import threshold_masks
 
 __all__ = ["dissect_model", "run_dissection", "plan_key", "load_results", "resolve_device", "dataset_info"]
 
 log = logging.getLogger(__name__)
-
-# Stage 2 thresholds at most this many mask pixels at once (bool bytes): bounds memory, not results.
-_MASK_CHUNK = 1 << 27
 
 
 def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | Path | None = None,
@@ -317,12 +313,9 @@ class _Engine:
             labels = batch["labels"].to(self.device)              # (B, K, sh, sw)
             image_labels = batch["image_labels"].to(self.device)  # (B, M)
             b = labels.shape[0]
-            for n in self.layers:
-                c = self.shapes[n][0]
-                step = max(1, _MASK_CHUNK // max(1, c * self.label_size[0] * self.label_size[1]))
-                for j in range(0, b, step):  # image chunks bound the mask memory only
-                    masks = threshold_masks(acts[n][j:j + step], thresholds[n], self.label_size)
-                    tallies[n].add(masks, labels[j:j + step], image_labels[j:j + step])
+            prepared = tallies[self.layers[0]].prepare_labels(labels, image_labels)  # shared by all layers
+            for n in self.layers:  # sparse: only output windows near a hot source pixel are computed
+                tallies[n].add_activations(acts[n], thresholds[n], prepared)
             if kept is not None:
                 kept[i] = {}  # free as we go
             bar.update(b)

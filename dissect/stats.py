@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from broden.errors import InputError
-from dissect.upsample import mask_chunks
+from dissect.upsample import mask_pixels
 
-__all__ = ["TopQuantile", "IoUTally", "TopImages", "INTERPOLATIONS", "UNIONS"]
+__all__ = ["TopQuantile", "IoUTally", "LabelBatch", "TopImages", "INTERPOLATIONS", "UNIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +159,19 @@ class TopQuantile:
         self._fill_bound = min(self._fill_bound, self.k)
         log.debug("TopQuantile: buffer cut back to the %d largest values per unit", self.k)
 
-    def _candidates(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # values of v (B, U, p) above their unit's floor, grouped by unit: (unit, value, count per unit)
+    def _candidates(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # values of v (B, U, p) above their unit's floor: (unit, value, rank among the unit's, count per unit)
+        nb, u, p = v.shape
         keep = ~(v <= self._floor.view(1, -1, 1))  # NaN is kept, so result() can refuse it
-        bi, ui, pi = keep.nonzero(as_tuple=True)
-        vals = v[bi, ui, pi]
-        order = torch.argsort(ui, stable=True)
-        ui, vals = ui[order], vals[order]
-        return ui, vals, torch.bincount(ui, minlength=self.num_units)
+        at = torch.nonzero(keep.view(-1)).squeeze(1)  # (m,) flat (b*U + u)*p + i, ascending
+        vals = v.reshape(-1).index_select(0, at)
+        blk = torch.div(at, p, rounding_mode="floor")  # (m,) block b*U + u
+        per_blk = torch.bincount(blk, minlength=nb * u)  # (B*U,)
+        first = torch.cumsum(per_blk, 0) - per_blk  # where each block starts in `at`
+        before = (torch.cumsum(per_blk.view(nb, u), 0) - per_blk.view(nb, u)).view(-1)  # unit's, earlier blocks
+        # rank within the unit without sorting: earlier blocks' candidates + place within the block
+        rank = before.index_select(0, blk) + torch.arange(at.numel(), device=self.device) - first.index_select(0, blk)
+        return blk % u, vals, rank, per_blk.view(nb, u).sum(0)
 
     def add(self, acts: torch.Tensor) -> None:
         """Add a batch of activations, (B, U, h, w) or (U, n)."""
@@ -175,20 +180,26 @@ class TopQuantile:
         if self.count + n > self.total_per_unit:
             raise InputError(f"TopQuantile was told to expect {self.total_per_unit} values per unit "
                              f"but got {self.count + n}: check total_per_unit (N*h*w)")
-        self.count += n
+        seen, self.count = self.count, self.count + n
         if n == 0:
             return
-        if n > self.k:  # only the k largest of a batch can matter
+        # Only the k largest of a batch can matter. Cutting a batch to them (topk) pays while
+        # the floor is low (about k * n / seen values per unit pass it, for values in random
+        # order); later the floor test alone leaves few values. Either way the result is exact.
+        if n > self.k and seen < 2 * n:
             rows = v.transpose(0, 1).reshape(self.num_units, n)
             v = rows.topk(self.k, dim=1, sorted=False).values[None]  # (1, U, k)
             n = self.k
-        ui, vals, cnt = self._candidates(v)
+        ui, vals, rank, cnt = self._candidates(v)
+        if n > self.k and int(cnt.max()) > self.k:  # an unlucky batch: cut it after all
+            rows = v.transpose(0, 1).reshape(self.num_units, n)
+            v = rows.topk(self.k, dim=1, sorted=False).values[None]
+            n = self.k
+            ui, vals, rank, cnt = self._candidates(v)
         if self._fill_bound + n > self.capacity and int((self._fill + cnt).max()) > self.capacity:
-            self._compact()  # now fill <= k and cnt <= n <= k: everything fits in 2k
-            ui, vals, cnt = self._candidates(v)
-        start = torch.cumsum(cnt, 0) - cnt  # (U,) first candidate of each unit
-        pos = self._fill[ui] + torch.arange(ui.numel(), device=self.device) - start[ui]
-        self._buf[ui, pos] = vals.float()
+            self._compact()  # now fill <= k and cnt <= k: everything fits in 2k
+            ui, vals, rank, cnt = self._candidates(v)
+        self._buf[ui, self._fill.index_select(0, ui) + rank] = vals.float()
         self._fill += cnt
         self._fill_bound = min(self.capacity, self._fill_bound + n)
 
@@ -253,48 +264,107 @@ class TopQuantile:
                              f"expected {(self.num_units, self.k)}")
         self._reset_buffers()
         self._buf[:, :self.k] = values.to(self.device, torch.float32)
-        self._fill = _require(state, "fill", "TopQuantile").to(self.device, torch.int64)
+        # a copy: `add` updates fill in place and must not write through into the caller's state
+        self._fill = _require(state, "fill", "TopQuantile").to(self.device, torch.int64).clone()
         self._floor = torch.where(self._fill >= self.k, self._buf[:, self.k - 1],
                                   torch.full_like(self._floor, -math.inf))
         self._fill_bound = self.k
         self.count = int(_require(state, "count", "TopQuantile"))
 
 
-class _Batch:
-    """One batch's tally in progress: fed the on-pixels of the masks, chunk by chunk."""
+class LabelBatch:
+    """One batch's labels, prepared once for the tallies of every layer (`IoUTally.prepare_labels`).
 
-    def __init__(self, tally: "IoUTally", labels: torch.Tensor, image_labels: torch.Tensor,
-                 b: int) -> None:
-        self.t = tally
-        dev, nl, nc, u = tally.device, tally.num_labels, tally.num_categories, tally.num_units
-        self.b = b
-        self.k = labels.shape[1]
-        self.p = labels.shape[2] * labels.shape[3]
+    Holds what does not depend on units: labels per pixel, each pixel's set of
+    categories (bit-coded), the G contribution and the categories present per
+    image. Built for tallies with the same label_category, categories and union.
+    """
+
+    def __init__(self, tally: "IoUTally", labels: torch.Tensor, image_labels: torch.Tensor) -> None:
+        dev, nc = tally.device, tally.num_categories
+        b = labels.shape[0]
+        tally._check_labels(b, tuple(labels.shape[2:]), labels, image_labels)
+        self.key = (tally.num_categories, tally.union, tally.num_labels)
+        self.label_category = tally.label_category
+        self.size = (int(labels.shape[2]), int(labels.shape[3]))
+        self.b, self.k, self.p = b, labels.shape[1], self.size[0] * self.size[1]
         self.labels = labels.to(dev).reshape(b, self.k, self.p)  # (B, K, P)
         self.by_pixel = self.labels.permute(0, 2, 1).reshape(b * self.p, self.k)  # (B*P, K)
         self.image_labels = image_labels.to(dev, torch.int64)  # (B, M)
-        self.counts = torch.zeros(b * u, dtype=torch.int64, device=dev)  # |mask| per (image, unit)
-        self.inter = torch.zeros(u * nl, dtype=torch.int64, device=dev)
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.pending_count = 0
         # Category presence goes through each pixel's SET of categories, coded as bits: one
         # lookup per on-pixel instead of K, then (B*U, 2^C) set counts -> (B*U, C) presence.
         self.sets = 1 << nc if nc <= _MAX_SET_CATEGORIES else 0
-        self.pixel_set = self._pixel_sets() if self.k and self.sets else None  # (B*P,)
-        width = (self.sets if self.sets else nc) if tally.union == "lite" else 0
-        self.present = torch.zeros(b * u * width, dtype=torch.int64, device=dev)  # lite presence
+        self.pixel_set = self._pixel_sets(tally.category_bit) if self.k and self.sets else None  # (B*P,)
+        codes = torch.arange(max(self.sets, 1), device=dev)
+        self.set_members = ((codes[:, None] >> torch.arange(nc, device=dev)) & 1).float()  # (2^C, C)
+        self.truth = self._truth(tally)  # (L,) this batch's G
+        self.img_cat_present = self._image_categories(tally)  # (B, C) from image-level labels
+        self.anywhere = self._anywhere(tally) if tally.union == "original" else None  # (B, C)
 
-    def _pixel_sets(self) -> torch.Tensor:
-        bits = self.t.category_bit[self.labels]  # (B, K, P)
+    def _pixel_sets(self, category_bit: torch.Tensor) -> torch.Tensor:
+        bits = category_bit[self.labels]  # (B, K, P)
         out = bits[:, 0]
         for layer in range(1, self.k):  # OR over the few label layers
             out = out | bits[:, layer]
         return out.reshape(-1)  # (B*P,)
 
-    def _set_members(self) -> torch.Tensor:
-        dev, nc = self.t.device, self.t.num_categories
-        codes = torch.arange(self.sets, device=dev)
-        return ((codes[:, None] >> torch.arange(nc, device=dev)) & 1).float()  # (2^C, C)
+    def _truth(self, t: "IoUTally") -> torch.Tensor:
+        # G: pixel labels of every layer, then image-level labels (sh*sw each)
+        truth = torch.zeros(t.num_labels, dtype=torch.int64, device=t.device)
+        if self.k:
+            truth += torch.bincount(self.labels.reshape(-1), minlength=t.num_labels)
+        if self.image_labels.numel():
+            truth += torch.bincount(self.image_labels.reshape(-1), minlength=t.num_labels) * self.p
+        truth[0] = 0
+        return truth
+
+    def _image_categories(self, t: "IoUTally") -> torch.Tensor:
+        b, dev = self.b, t.device
+        present = torch.zeros(b, t.num_categories, dtype=torch.bool, device=dev)  # (B, C)
+        if self.image_labels.numel():
+            m = self.image_labels.shape[1]
+            icat = t.label_category[self.image_labels]  # (B, M)
+            ok = icat >= 0
+            rows = torch.arange(b, device=dev)[:, None].expand(b, m)
+            present[rows[ok], icat[ok]] = True
+        return present
+
+    def _anywhere(self, t: "IoUTally") -> torch.Tensor:
+        # union="original": categories with a label anywhere in the image
+        b, nc, dev = self.b, t.num_categories, t.device
+        present = self.img_cat_present
+        if self.k and self.sets:
+            keys = torch.arange(b, device=dev).repeat_interleave(self.p) * self.sets + self.pixel_set
+            seen = (torch.bincount(keys, minlength=b * self.sets).view(b, self.sets) > 0).float()
+            present = present | (seen @ self.set_members > 0)
+        elif self.k:
+            cats = t.label_category[self.labels.reshape(b, -1).long()]  # (B, K*P)
+            keys = (torch.arange(b, device=dev)[:, None] * nc + cats)[cats >= 0]
+            present = present | (torch.bincount(keys, minlength=b * nc).view(b, nc) > 0)
+        return present
+
+    def check(self, t: "IoUTally") -> None:
+        """Raise unless this batch was prepared for tallies like `t`."""
+        if self.key != (t.num_categories, t.union, t.num_labels) or not (
+                self.label_category is t.label_category or torch.equal(self.label_category, t.label_category)):
+            raise InputError("LabelBatch was prepared by an IoUTally with other labels, categories or union")
+
+
+class _Batch:
+    """One batch's tally in progress: fed the on-pixels of the masks, chunk by chunk."""
+
+    def __init__(self, tally: "IoUTally", lb: LabelBatch) -> None:
+        lb.check(tally)
+        self.t, self.lb = tally, lb
+        dev, nl, nc, u = tally.device, tally.num_labels, tally.num_categories, tally.num_units
+        self.b, self.k, self.p = lb.b, lb.k, lb.p
+        self.counts = torch.zeros(self.b * u, dtype=torch.int64, device=dev)  # |mask| per (image, unit)
+        self.inter = torch.zeros(u * nl, dtype=torch.int64, device=dev)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending_count = 0
+        self.sets = lb.sets
+        width = (self.sets if self.sets else nc) if tally.union == "lite" else 0
+        self.present = torch.zeros(self.b * u * width, dtype=torch.int64, device=dev)  # lite presence
 
     def on_pixels(self, bu: torch.Tensor, pix: torch.Tensor) -> None:
         """Take mask pixels that are on: bu (n,) = image*U + unit, pix (n,) = y*sw + x."""
@@ -312,18 +382,18 @@ class _Batch:
         self.pending, self.pending_count = [], 0
         if bu.numel() == 0:
             return
-        t = self.t
+        t, lb = self.t, self.lb
         u, nl, nc = t.num_units, t.num_labels, t.num_categories
         self.counts += torch.bincount(bu, minlength=self.b * u)
         if self.k == 0:
             return
         at = (bu // u) * self.p + pix  # (n,) row of by_pixel
-        lab = self.by_pixel[at].long()  # (n, K)
+        lab = lb.by_pixel[at].long()  # (n, K)
         self.inter += torch.bincount(((bu % u)[:, None] * nl + lab).reshape(-1), minlength=u * nl)
         if t.union != "lite":
             return
-        if self.pixel_set is not None:
-            keys = bu * self.sets + self.pixel_set[at]
+        if lb.pixel_set is not None:
+            keys = bu * self.sets + lb.pixel_set[at]
             self.present += torch.bincount(keys, minlength=self.b * u * self.sets)
         else:
             cat = t.label_category[lab]  # (n, K)
@@ -333,47 +403,28 @@ class _Batch:
     def finish(self) -> None:
         """Fold the batch into the tally: G, image-level intersections and A."""
         self._flush()
-        t, b, dev = self.t, self.b, self.t.device
+        t, lb, b, dev = self.t, self.lb, self.b, self.t.device
         u, nl, nc = t.num_units, t.num_labels, t.num_categories
         counts = self.counts.view(b, u)  # (B, U)
         t.intersection += self.inter.view(u, nl)
-
-        # G: pixel labels of every layer, then image-level labels (sh*sw each)
-        if self.k:
-            t.truth += torch.bincount(self.labels.reshape(-1), minlength=nl)
-        image_labels = self.image_labels
-        img_cat_present = torch.zeros(b, nc, dtype=torch.bool, device=dev)  # (B, C)
+        t.truth += lb.truth
+        image_labels = lb.image_labels
         if image_labels.numel():
             m = image_labels.shape[1]
-            t.truth += torch.bincount(image_labels.reshape(-1), minlength=nl) * self.p
             # I[u, l] += |mask_u| for each image-level label l of the image
             src = (counts.t()[:, :, None] * (image_labels != 0)[None]).reshape(u, b * m)  # (U, B*M)
             t.intersection.index_add_(1, image_labels.reshape(-1), src)
-            icat = t.label_category[image_labels]  # (B, M)
-            ok = icat >= 0
-            rows = torch.arange(b, device=dev)[:, None].expand(b, m)
-            img_cat_present[rows[ok], icat[ok]] = True
-        t.truth[0] = 0
         t.intersection[:, 0] = 0
 
         if t.union == "lite":
             if self.sets:
                 seen = (self.present.view(b * u, self.sets) > 0).float()  # (B*U, 2^C)
-                pixel_present = (seen @ self._set_members() > 0).view(b, u, nc)
+                pixel_present = (seen @ lb.set_members > 0).view(b, u, nc)
             else:
                 pixel_present = self.present.view(b, u, nc) > 0
-            present = img_cat_present[:, None, :] | pixel_present  # (B, U, C)
+            present = lb.img_cat_present[:, None, :] | pixel_present  # (B, U, C)
         else:
-            present_img = img_cat_present
-            if self.k and self.sets:
-                keys = torch.arange(b, device=dev).repeat_interleave(self.p) * self.sets + self.pixel_set
-                seen = (torch.bincount(keys, minlength=b * self.sets).view(b, self.sets) > 0).float()
-                present_img = present_img | (seen @ self._set_members() > 0)
-            elif self.k:
-                cats = t.label_category[self.labels.reshape(b, -1).long()]  # (B, K*P)
-                keys = (torch.arange(b, device=dev)[:, None] * nc + cats)[cats >= 0]
-                present_img = present_img | (torch.bincount(keys, minlength=b * nc).view(b, nc) > 0)
-            present = present_img[:, None, :]  # (B, 1, C)
+            present = lb.anywhere[:, None, :]  # (B, 1, C)
         t.activation += (present.long() * counts[:, :, None]).sum(dim=0)
         t.images += b
 
@@ -465,35 +516,48 @@ class IoUTally:
         self._check_labels(b, (sh, sw), labels, image_labels)
         p = sh * sw
         flat = masks.to(self.device).reshape(b * u, p)  # (B*U, P)
-        batch = _Batch(self, labels, image_labels, b)
+        batch = _Batch(self, LabelBatch(self, labels, image_labels))
         rows_per_chunk = max(1, self.chunk_elements // p)
         for r0 in range(0, b * u, rows_per_chunk):
             on = torch.nonzero(flat[r0:r0 + rows_per_chunk].reshape(-1)).squeeze(1)  # (n,)
             batch.on_pixels(on // p + r0, on % p)
         batch.finish()
 
-    def add_activations(self, acts: torch.Tensor, thresholds: torch.Tensor, labels: torch.Tensor,
-                        image_labels: torch.Tensor) -> None:
+    def prepare_labels(self, labels: torch.Tensor, image_labels: torch.Tensor) -> LabelBatch:
+        """Validate and prepare a batch's labels (B, K, sh, sw) and image_labels (B, M) once.
+
+        The result serves `add_activations` of every tally with the same
+        label_category, categories and union (one per layer, in a dissection).
+        """
+        if labels.dim() != 4:
+            raise InputError(f"labels must be (B, K, sh, sw), got shape {tuple(labels.shape)}")
+        return LabelBatch(self, labels, image_labels)
+
+    def add_activations(self, acts: torch.Tensor, thresholds: torch.Tensor, labels: torch.Tensor | LabelBatch,
+                        image_labels: torch.Tensor | None = None) -> None:
         """Tally a batch from raw maps: the same as `add(upsample(acts, size) > thresholds[u], ...)`.
 
-        acts (B, U, h, w), thresholds (U,); the label size (sh, sw) comes from
-        `labels`. Only maps that can fire are upsampled, and no dense
-        (B, U, sh, sw) mask is ever built: the fast path for a dissection.
+        acts (B, U, h, w), thresholds (U,); `labels` is the (B, K, sh, sw)
+        tensor with `image_labels` (B, M), or a LabelBatch from
+        `prepare_labels` (image_labels then None). The label size (sh, sw)
+        comes from the labels. Only output windows near source values that
+        reach the threshold are computed (`upsample.mask_pixels`) and no
+        dense (B, U, sh, sw) mask or upsampled map is ever built.
         """
         if acts.dim() != 4 or acts.shape[1] != self.num_units:
             raise InputError(f"acts must be (B, {self.num_units}, h, w), got {tuple(acts.shape)}")
-        if labels.dim() != 4:
-            raise InputError(f"labels must be (B, K, sh, sw), got shape {tuple(labels.shape)}")
-        b = acts.shape[0]
-        sh, sw = labels.shape[2:]
-        self._check_labels(b, (sh, sw), labels, image_labels)
-        p = sh * sw
-        batch = _Batch(self, labels, image_labels, b)
-        acts = acts.to(self.device)
-        for rows, masks in mask_chunks(acts, thresholds.to(self.device), (sh, sw),
-                                       self.chunk_elements):
-            on = torch.nonzero(masks.reshape(-1)).squeeze(1)  # (n,)
-            batch.on_pixels(rows[on // p], on % p)
+        if isinstance(labels, LabelBatch):
+            lb = labels
+        else:
+            if image_labels is None:
+                raise InputError("add_activations needs image_labels (B, M) with a labels tensor")
+            lb = self.prepare_labels(labels, image_labels)
+        if lb.b != acts.shape[0]:
+            raise InputError(f"labels are for {lb.b} images, acts for {acts.shape[0]}")
+        batch = _Batch(self, lb)
+        for rows, pix in mask_pixels(acts.to(self.device), thresholds.to(self.device), lb.size,
+                                     self.chunk_elements):
+            batch.on_pixels(rows, pix)
         batch.finish()
 
     def merge(self, other: "IoUTally") -> None:
@@ -578,12 +642,16 @@ class TopImages:
             self.maps = self.maps.to(self.device)
         return self
 
-    def _combine(self, scores: torch.Tensor, indices: torch.Tensor, maps: torch.Tensor) -> None:
-        # scores/indices (U, k + n), maps (U, k + n, h, w): keep the k best by (score desc, index asc)
+    def _order(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        # (U, k) columns of the k best by (score desc, index asc), for scores/indices (U, k + n)
         by_index = indices.argsort(dim=1, stable=True)
         s = scores.gather(1, by_index)
         order = s.argsort(dim=1, descending=True, stable=True)[:, :self.k]
-        pick = by_index.gather(1, order)  # (U, k)
+        return by_index.gather(1, order)
+
+    def _combine(self, scores: torch.Tensor, indices: torch.Tensor, maps: torch.Tensor) -> None:
+        # scores/indices (U, k + n), maps (U, k + n, h, w): keep the k best by (score desc, index asc)
+        pick = self._order(scores, indices)  # (U, k)
         self.scores = scores.gather(1, pick)
         self.indices = indices.gather(1, pick)
         u, _, h, w = maps.shape
@@ -610,9 +678,17 @@ class TopImages:
         acts = acts.to(self.device)
         new_scores = acts.float().amax(dim=(2, 3)).t()  # (U, B)
         new_idx = indices.to(self.device, torch.int64)[None, :].expand(u, b)
-        new_maps = acts.transpose(0, 1).to(torch.float16)  # (U, B, h, w)
-        self._combine(torch.cat([self.scores, new_scores], 1), torch.cat([self.indices, new_idx], 1),
-                      torch.cat([self.maps, new_maps], 1))
+        scores = torch.cat([self.scores, new_scores], 1)
+        indices = torch.cat([self.indices, new_idx], 1)
+        pick = self._order(scores, indices)  # (U, k) columns of [kept | batch]
+        # gather only the k winning maps per unit: no float16 copy of the whole batch
+        old = pick < self.k
+        units = torch.arange(u, device=self.device)[:, None].expand(u, self.k)
+        fresh = acts[(pick - self.k).clamp(min=0), units].to(torch.float16)  # (U, k, h, w)
+        kept = self.maps.gather(1, pick.clamp(max=self.k - 1)[:, :, None, None].expand(u, self.k, h, w))
+        self.maps = torch.where(old[:, :, None, None], kept, fresh)
+        self.scores = scores.gather(1, pick)
+        self.indices = indices.gather(1, pick)
 
     def merge(self, other: "TopImages") -> None:
         """Fold in another shard's top images (same units and k)."""

@@ -360,3 +360,60 @@ def test_cuda_equals_cpu():
         assert all(t.device.type == dev for t in out[dev])
     for a, b in zip(out["cpu"], out["cuda"]):
         assert torch.equal(a, b.cpu())
+
+
+# ---------------------------------------------------------------- fast paths stay exact
+
+
+@pytest.mark.parametrize("batch", [1, 3, 20])
+def test_top_quantile_long_stream_equals_numpy(batch):
+    # many batches: cut-to-top-k batches early, floor-only batches later, compactions in between
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(60, 3, 6, 5, generator=gen)
+    x[:, 1] = torch.arange(60 * 30, dtype=torch.float32).view(60, 6, 5)  # increasing: floor keeps rising
+    x[:, 2] = torch.randint(0, 4, (60, 6, 5), generator=gen).float()  # ties
+    total = 60 * 30
+    for method in ("hazen", "lower"):
+        expected = _numpy_quantile(x, 1 - 0.02, method).astype(np.float32)
+        got = _feed(TopQuantile(3, total, 0.02, method), x, batch).result()
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=0)
+
+
+def test_top_quantile_state_is_not_changed_by_later_adds():
+    x = _quantile_data(seed=6)
+    total = x.shape[0] * x.shape[2] * x.shape[3]
+    tq = _feed(TopQuantile(6, total, 0.1), x[:4], 2)
+    state = tq.state_dict()
+    fill = state["fill"].clone()
+    resumed = TopQuantile(6, total, 0.1)
+    resumed.load_state_dict(state)
+    _feed(resumed, x[4:], 3)
+    assert torch.equal(state["fill"], fill)  # load_state_dict copies what `add` updates in place
+    again = TopQuantile(6, total, 0.1)
+    again.load_state_dict(state)
+    _feed(again, x[4:], 3)
+    assert torch.equal(again.result(), resumed.result())
+
+
+@pytest.mark.parametrize("union", ["lite", "original"])
+def test_prepared_labels_serve_several_tallies(union):
+    _, labels, image_labels = _tally_data(seed=4)
+    gen = torch.Generator().manual_seed(9)
+    cat = _label_category()
+    maps = {"a": torch.randn(5, 4, 3, 4, generator=gen), "b": torch.randn(5, 2, 6, 7, generator=gen)}
+    thresholds = {"a": torch.tensor([0.5, 0.0, 1.0, -0.2]), "b": torch.tensor([0.3, 1.2])}
+    shared = IoUTally(4, cat, NUM_CATS, union=union).prepare_labels(labels, image_labels)
+    for name, acts in maps.items():
+        u = acts.shape[1]
+        dense = upsample(acts, (6, 7)) > thresholds[name].view(1, u, 1, 1)
+        want = IoUTally(u, cat, NUM_CATS, union=union)
+        want.add(dense, labels, image_labels)
+        got = IoUTally(u, cat, NUM_CATS, union=union)
+        got.add_activations(acts, thresholds[name], shared)
+        for key in ("truth", "intersection", "activation"):
+            assert torch.equal(got.result()[key], want.result()[key])
+    other = IoUTally(4, cat, NUM_CATS, union="original" if union == "lite" else "lite")
+    with pytest.raises(InputError, match="LabelBatch"):
+        other.add_activations(maps["a"], thresholds["a"], shared)
+    with pytest.raises(InputError, match="labels are for"):
+        IoUTally(4, cat, NUM_CATS, union=union).add_activations(maps["a"][:2], thresholds["a"], shared)

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from broden.errors import InputError
-from dissect.upsample import threshold_masks, upsample
+from dissect import upsample as upsample_mod
+from dissect.upsample import mask_pixels, threshold_masks, upsample
 
 
 def _pil_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -76,3 +77,86 @@ def test_threshold_masks_equals_dense_expression():
 def test_threshold_masks_rejects_wrong_threshold_shape():
     with pytest.raises(InputError, match="thresholds"):
         threshold_masks(torch.zeros(1, 3, 4, 4), torch.zeros(2), (8, 8))
+
+
+# ---------------------------------------------------------------- sparse masks (mask_pixels)
+
+def _dense_keys(acts, thresholds, size):
+    # (b*U + u) * sh*sw + y*sw + x of every pixel of the dense expression, sorted
+    b, u = acts.shape[:2]
+    on = upsample(acts, size) > thresholds.view(1, u, 1, 1)
+    return torch.nonzero(on.reshape(-1)).squeeze(1)
+
+
+def _sparse_keys(acts, thresholds, size, max_elements=1 << 23):
+    keys = [rows * (size[0] * size[1]) + pix for rows, pix in
+            mask_pixels(acts, thresholds, size, max_elements)]
+    keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
+    assert keys.dtype == torch.int64
+    assert keys.unique().numel() == keys.numel()  # every pixel once
+    return keys.sort().values
+
+
+def _adversarial_maps(src, seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, u = 3, 6
+    acts = torch.randn(b, u, *src, generator=gen)
+    acts[:, 1] = torch.relu(acts[:, 1])  # ReLU maps: many exact zeros
+    acts[:, 2] = (acts[:, 2] * 4).round() / 4  # heavy ties
+    acts[:, 4] = acts[:, 4] * 1e6
+    flat = acts.transpose(0, 1).reshape(u, -1)
+    thresholds = torch.quantile(flat, 0.9, dim=1)
+    thresholds[1] = 0.0  # strict: zeros must stay off
+    thresholds[2] = 0.5  # equal to many source values
+    thresholds[3] = flat[3].max()  # equal to the largest source
+    thresholds[5] = -0.3  # negative: whole regions fire
+    acts[0, 0] = thresholds[0]  # constant exactly at T
+    acts[1, 0] = torch.nextafter(thresholds[0], torch.tensor(np.inf))  # one ulp above
+    return acts, thresholds
+
+
+@pytest.mark.parametrize("src,dst", [((13, 13), (112, 112)), ((27, 27), (56, 56)), ((55, 55), (112, 112)),
+                                     ((5, 9), (23, 40)), ((7, 7), (7, 7)), ((1, 4), (3, 11)),
+                                     ((20, 20), (10, 13))])
+def test_mask_pixels_equals_dense_expression_bit_for_bit(src, dst):
+    for seed in range(2):
+        acts, thresholds = _adversarial_maps(src, seed)
+        want = _dense_keys(acts, thresholds, dst)
+        assert want.numel() > 0
+        assert torch.equal(_sparse_keys(acts, thresholds, dst), want)
+        assert torch.equal(_sparse_keys(acts, thresholds, dst, max_elements=40_000), want)  # several chunks
+
+
+def test_mask_pixels_ambiguous_pixels_are_decided_by_interpolate(monkeypatch):
+    # a huge ambiguity band sends most candidate pixels to F.interpolate: same pixels
+    acts, thresholds = _adversarial_maps((13, 13), 7)
+    want = _dense_keys(acts, thresholds, (112, 112))
+    calls = []
+    original = upsample_mod._decide_densely
+
+    def spy(*args):
+        calls.append(args[3].numel())
+        return original(*args)
+
+    monkeypatch.setattr(upsample_mod, "_decide_densely", spy)
+    monkeypatch.setattr(upsample_mod, "_AMBIGUOUS", 0.3)
+    assert torch.equal(_sparse_keys(acts, thresholds, (112, 112)), want)
+    assert calls and sum(calls) > 1000
+
+
+def test_mask_pixels_with_infinite_values_and_empty_masks():
+    gen = torch.Generator().manual_seed(5)
+    acts = torch.randn(2, 3, 6, 6, generator=gen)
+    acts[0, 1, 2, 3] = float("inf")
+    acts[1, 2, 0, 0] = -float("inf")
+    thresholds = torch.tensor([0.5, 1.0, 0.0])
+    assert torch.equal(_sparse_keys(acts, thresholds, (20, 17)), _dense_keys(acts, thresholds, (20, 17)))
+    far = torch.full((3,), 100.0)
+    assert _sparse_keys(acts.clamp(max=1), far, (20, 17)).numel() == 0
+
+
+def test_mask_pixels_rejects_bad_input():
+    with pytest.raises(InputError, match="thresholds"):
+        list(mask_pixels(torch.zeros(1, 3, 4, 4), torch.zeros(2), (8, 8)))
+    with pytest.raises(InputError, match="size"):
+        list(mask_pixels(torch.zeros(1, 3, 4, 4), torch.zeros(3), (8, 0)))
