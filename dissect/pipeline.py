@@ -155,8 +155,12 @@ def software_versions() -> dict[str, str]:
         toolkit = importlib.metadata.version("concept-dissect")
     except importlib.metadata.PackageNotFoundError:
         toolkit = "unknown"
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "toolkit": toolkit}
+    import PIL
+    import torchvision
+
+    # torchvision builds the models and Pillow decodes the images: both can change results
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__, "toolkit": toolkit}
 
 
 # ---------------------------------------------------------------- the two passes
