@@ -59,6 +59,7 @@ from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, 
 from cgl_train.groups import GroupActivations, LayerGroups, layer_groups_config
 from cgl_train.losses import CGLObjective, CGLOptions
 from cgl_train.models import build_model, default_group_layers
+from dissect.devices import parse_device
 from dissect.fsutil import write_json_atomic, write_text_atomic
 from dissect.progress import progress
 
@@ -101,21 +102,9 @@ class Trainer:
     arch_kwargs: dict[str, Any]
 
 
-def _parse_device(name: str) -> torch.device:
-    try:
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise InputError(f"option device = {name!r}: {e}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"option device = {name!r}: CUDA is not available here; use --device cpu")
-    return device
-
-
 def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
     """'auto' -> cuda when present, else cpu; under DDP on CUDA without an index, this rank's GPU."""
-    device = _parse_device(name)
+    device = parse_device(name)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", dist.local_rank if dist and dist.enabled else 0)
@@ -492,7 +481,7 @@ def train(config: TrainConfig) -> TrainResult:
                          f"or choose another --out")
     if config.resume and not latest.is_file():
         raise InputError(f"--resume: no checkpoint to resume at {latest}")
-    dist = init_distributed(_parse_device(config.device))
+    dist = init_distributed(parse_device(config.device))
     try:
         device = resolve_device(config.device, dist)
         return _train(config, out, latest, best_path, device, dist)

@@ -26,6 +26,7 @@ from torch import nn
 
 from broden.errors import InputError
 from dissect.config import DissectConfig
+from dissect.devices import parse_device
 from dissect.distributed import DistContext, barrier, merge_stats, shard_range
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
                             layout_from_spec)
@@ -114,15 +115,7 @@ def dissect_model(model: nn.Module | Any, dataset: Any, layers: list[str] | None
 
 def resolve_device(name: str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else is parsed by torch."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as e:
-        raise InputError(f"--device {name!r}: not a device name (expected auto, cpu, cuda, cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return dev
+    return parse_device(name)
 
 
 def resolve_layers(loaded: Any, config: DissectConfig) -> list[str]:
