@@ -140,6 +140,7 @@ class BrodenDataset(torch.utils.data.Dataset):
             raise InputError(f"limit: expected a non-negative integer, got {limit!r}")
         rows = [r.index for r in self.meta.records if split is None or r.split == split]
         self.split = split
+        self.limit = None if limit is None else int(limit)
         self.rows: np.ndarray = np.asarray(rows[:limit] if limit is not None else rows, dtype=np.int64)
         self._known: np.ndarray | None = None
         self.cache = self._open_cache(cache)

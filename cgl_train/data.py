@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from broden.errors import InputError
 from cgl_train.config import TrainConfig
+from dissect.models import NORMALIZATIONS
 
 __all__ = ["SYNTHETIC_NORMALIZATION", "IMAGENET_NORMALIZATION", "DataBundle", "SyntheticShapes",
            "synthetic_cache_dir", "prepare_synthetic", "build_datasets", "normalize_uint8"]
@@ -30,7 +31,7 @@ __all__ = ["SYNTHETIC_NORMALIZATION", "IMAGENET_NORMALIZATION", "DataBundle", "S
 log = logging.getLogger(__name__)
 
 SYNTHETIC_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
-IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+IMAGENET_NORMALIZATION = NORMALIZATIONS["imagenet"]  # one definition, the one dissections apply
 DEFAULT_IMAGEFOLDER_SIZE = 224
 
 
@@ -138,7 +139,7 @@ def _image_folder(config: TrainConfig, root: Path) -> DataBundle:
             raise InputError(f"--data {root}: expected an ImageFolder root with {split}/<class>/ "
                              f"subfolders (ImageNet/Places365 layout), or 'synthetic'")
     size = config.input_size or DEFAULT_IMAGEFOLDER_SIZE
-    norm = dict(IMAGENET_NORMALIZATION)
+    norm = {k: list(v) for k, v in IMAGENET_NORMALIZATION.items()}  # a copy: the bundle may be edited
     normalize = transforms.Normalize(norm["mean"], norm["std"])
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])

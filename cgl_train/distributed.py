@@ -21,73 +21,18 @@ What is and is not equivalent to one process on the same global batch:
 """
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from broden.errors import InputError
+# one description of a process's place in a job, shared with `dissect run`
+from dissect.distributed import DistContext, barrier, env_world_size, init_from_env, shutdown
 
-__all__ = ["DistInfo", "env_world_size", "init_distributed", "shutdown_distributed", "per_rank_batch",
+__all__ = ["DistInfo", "env_world_size", "init_from_env", "shutdown", "per_rank_batch",
            "shard_indices", "all_reduce_sum", "average_gradients", "wrap_ddp", "barrier"]
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class DistInfo:
-    """Where this process stands in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # this module created the process group (and destroys it)
-
-    @property
-    def enabled(self) -> bool:
-        """True when more than one process trains."""
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        """Rank 0: the only writer of logs and checkpoints."""
-        return self.rank == 0
-
-
-def env_world_size() -> int:
-    """WORLD_SIZE from the environment (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group described by torchrun's env vars (no-op for one process)."""
-    world = env_world_size()
-    if world <= 1:
-        return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    owns = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
-        owns = True
-        log.info("joined process group: rank %d of %d (%s)", rank, world, backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, owns_group=owns)
-
-
-def shutdown_distributed(info: DistInfo) -> None:
-    """Destroy the process group if `init_distributed` created it."""
-    if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(info: DistInfo) -> None:
-    """Wait for every rank (no-op for one process)."""
-    if info.enabled:
-        dist.barrier()
+DistInfo = DistContext  # the training code's name for it
 
 
 def per_rank_batch(global_batch: int, info: DistInfo) -> int:

@@ -32,11 +32,9 @@ Choices (recorded in every checkpoint through the config):
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import math
-import platform
 import random
 import time
 from dataclasses import dataclass, field
@@ -54,14 +52,15 @@ from broden.errors import InputError
 from cgl_train.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cgl_train.config import TrainConfig, check_resumable
 from cgl_train.data import DataBundle, build_datasets
-from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, init_distributed,
-                                   per_rank_batch, shard_indices, shutdown_distributed, wrap_ddp)
+from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, init_from_env,
+                                   per_rank_batch, shard_indices, shutdown, wrap_ddp)
 from cgl_train.groups import GroupActivations, LayerGroups, layer_groups_config
 from cgl_train.losses import CGLObjective, CGLOptions
 from cgl_train.models import build_model, default_group_layers
 from dissect.devices import parse_device
 from dissect.fsutil import write_json_atomic, write_text_atomic
 from dissect.progress import progress
+from dissect.provenance import software_versions
 
 __all__ = ["TrainResult", "Trainer", "Loaders", "SeededSamples", "sample_seed", "seed_worker",
            "resolve_device", "lr_at", "cgl_options", "build_trainer", "build_loaders", "train_step",
@@ -200,9 +199,13 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
             if weight.grad is not None:  # coupled L2 on the free filters, as SGD's weight_decay does
                 weight.grad[start:].add_(weight[start:], alpha=cfg.weight_decay)
     average_gradients(list(trainer.objective.parameters()), trainer.dist)
+    scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
     trainer.scaler.step(opt)
     trainer.scaler.update()
-    trainer.objective.proximal_step(opt.param_groups[0]["lr"])
+    # the scaler skips the step on inf/NaN gradients and then lowers its scale: the proximal
+    # step belongs to the optimizer step, so it is skipped with it
+    if scale is None or trainer.scaler.get_scale() >= scale:
+        trainer.objective.proximal_step(opt.param_groups[0]["lr"])
     if acts is not None:
         acts.clear()
     with torch.no_grad():
@@ -425,21 +428,12 @@ def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> N
                          f"nothing to resume (pass --epochs > {done} to extend a 'step' or 'constant' run)")
 
 
-def _versions() -> dict[str, str]:
-    try:
-        toolkit = importlib.metadata.version("concept-dissect")
-    except importlib.metadata.PackageNotFoundError:
-        toolkit = "unknown"
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "toolkit": toolkit}
-
-
 def log_header(trainer: Trainer, data: DataBundle) -> dict[str, Any]:
     """The first line of log.jsonl: what produced the epoch lines below it."""
     cfg = trainer.config
     return {"header": True, "format": "cgl-train-log", "version": 1, "seed": cfg.seed,
             "config": cfg.to_dict(), "cgl_options": trainer.objective.options.to_dict(),
-            "versions": _versions(), "world_size": trainer.dist.world_size, "data": dict(data.info)}
+            "versions": software_versions(), "world_size": trainer.dist.world_size, "data": dict(data.info)}
 
 
 def _write_log(out: Path, header: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -481,12 +475,12 @@ def train(config: TrainConfig) -> TrainResult:
                          f"or choose another --out")
     if config.resume and not latest.is_file():
         raise InputError(f"--resume: no checkpoint to resume at {latest}")
-    dist = init_distributed(parse_device(config.device))
+    dist = init_from_env(parse_device(config.device))
     try:
         device = resolve_device(config.device, dist)
         return _train(config, out, latest, best_path, device, dist)
     finally:
-        shutdown_distributed(dist)
+        shutdown(dist)
 
 
 def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device: torch.device,

@@ -495,12 +495,13 @@ class CGLObjective(nn.Module):
 
     Holds the shared (P1, P2) and the seeded pair generator; `state_dict()`
     carries both (the generator's state as extra state), so a resumed run draws
-    the same pairs. Terms with lambda = 0 are skipped unless `monitor=True`,
-    which computes them without gradient for the logs.
+    the same pairs. Terms with lambda = 0 are computed without gradient for the
+    logs when `monitor` is on (the default, as cgl_train.config.TrainConfig's),
+    and skipped when it is off.
     """
 
     def __init__(self, model: nn.Module, layer_groups: Sequence[LayerGroups], options: CGLOptions,
-                 seed: int = 0, monitor: bool = False) -> None:
+                 seed: int = 0, monitor: bool = True) -> None:
         super().__init__()
         self.layer_groups = list(layer_groups)
         self.options = options

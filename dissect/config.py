@@ -17,6 +17,7 @@ from broden.errors import InputError
 __all__ = ["DissectConfig", "RESULT_FIELDS", "OPTION_FLAGS", "INTERPOLATIONS", "UNIONS", "DETECTOR_RULES",
            "KEEP_ACTIVATIONS", "passes_rule"]
 
+# numpy.quantile(method=...) names we reproduce; hazen is Hyndman-Fan type 5, the reference's.
 INTERPOLATIONS = ("hazen", "linear", "lower", "higher", "nearest")
 UNIONS = ("lite", "original")
 DETECTOR_RULES = (">=", ">")

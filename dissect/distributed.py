@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_from_env", "shard_range", "merge_stats", "barrier"]
+__all__ = ["DistContext", "env_world_size", "init_from_env", "shutdown", "shard_range", "merge_stats", "barrier"]
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,12 @@ class Mergeable(Protocol):
 
 @dataclass(frozen=True)
 class DistContext:
-    """This process's place in the job; world_size 1 is a plain single process."""
+    """This process's place in the job (dissections and training alike); world_size 1 is a plain single process."""
 
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # init_from_env created the process group, so `shutdown` destroys it
 
     @property
     def active(self) -> bool:
@@ -43,27 +45,50 @@ class DistContext:
         return self.world_size > 1
 
     @property
+    def enabled(self) -> bool:
+        """Same as `active` (the training code's word)."""
+        return self.active
+
+    @property
     def is_main(self) -> bool:
         """Rank 0: the one that writes outputs and prints."""
         return self.rank == 0
+
+
+def env_world_size() -> int:
+    """WORLD_SIZE from the environment (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _local_rank(rank: int) -> int:
+    return int(os.environ.get("LOCAL_RANK", rank))
 
 
 def init_from_env(device: torch.device | None = None) -> DistContext:
     """Join the process group torchrun describes in the environment (WORLD_SIZE, RANK, MASTER_ADDR...).
 
     Backend: nccl when `device` is CUDA, else gloo. Without WORLD_SIZE > 1 this is a single process.
+    A group that already exists is joined as is (and left to its creator to destroy).
     """
     if dist.is_available() and dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = dist.get_rank()
+        return DistContext(rank, dist.get_world_size(), _local_rank(rank))
+    world = env_world_size()
     if world <= 1:
         return DistContext()
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, init_method="env://")
-    log.info("joined process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
-    return DistContext(dist.get_rank(), dist.get_world_size())
+    rank = dist.get_rank()
+    log.info("joined process group: rank %d of %d (%s)", rank, dist.get_world_size(), backend)
+    return DistContext(rank, dist.get_world_size(), _local_rank(rank), owns_group=True)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Destroy the process group if `init_from_env` created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_range(n: int, rank: int, world_size: int, batch_size: int = 1) -> tuple[int, int]:

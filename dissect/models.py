@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from broden.download import sha256_file
 from broden.errors import InputError
 from cgl_train.checkpoint import CheckpointError, is_checkpoint, validate_checkpoint
 
@@ -226,14 +227,6 @@ def _infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
 
 # ---------------------------------------------------------------- fingerprints
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _state_dict_sha256(module: nn.Module) -> str:
     """Hash of names, dtypes, shapes and bytes of every tensor in the state_dict (sorted by name)."""
     h = hashlib.sha256()
@@ -303,7 +296,7 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
     input_size = _check_input_size(input_size)
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):
         raise InputError(f"--num-classes: expected a positive integer, got {num_classes!r}")
-    fingerprint = _file_sha256(path)
+    fingerprint = sha256_file(path)
 
     if _is_torchscript(path):
         try:

@@ -9,10 +9,9 @@ this rank's shard and merge exactly (dissect.distributed).
 """
 from __future__ import annotations
 
-import importlib.metadata
+import dataclasses
 import json
 import logging
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from broden.errors import InputError
@@ -32,13 +30,16 @@ from dissect.groups import (concept_groups, equal_groups, following_bn, group_of
                             layout_from_spec)
 from dissect.hooks import LayerRecorder, layer_shapes
 from dissect.labels import label_units, layer_label_summary
+from dissect.preprocess import preprocess
+from dissect.provenance import software_versions
 from dissect.progress import progress
 from dissect.results import (DatasetInfo, DissectionResult, LayerResult, iou_from_counts, layer_dirname,
                              read_summary, write_results)
 from dissect.state import RunState, run_key
 from dissect.stats import IoUTally, TopImages, TopQuantile
 
-__all__ = ["dissect_model", "run_dissection", "plan_key", "load_results", "resolve_device", "dataset_info"]
+__all__ = ["dissect_model", "run_dissection", "plan_key", "effective_config", "load_results", "resolve_device",
+           "dataset_info", "software_versions"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | Path | None = None,
                    ctx: DistContext = DistContext()) -> DissectionResult:
     """The paper's story: load, threshold, tally, label, write (rank 0 writes when `out` is given)."""
-    config.validate()
+    config = effective_config(loaded, dataset, config)
     torch.manual_seed(config.seed)  # the engine draws no random numbers; seeded for any model that does
     np.random.seed(config.seed)
     device = resolve_device(config.device)
@@ -85,8 +86,55 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
 
 def plan_key(loaded: Any, dataset: Any, config: DissectConfig) -> str:
     """The run key (model + layers + dataset + result options) that names this dissection."""
+    config = effective_config(loaded, dataset, config)
     return run_key(loaded.fingerprint, resolve_layers(loaded, config), dataset_info(dataset).fingerprint,
                    config.result_key())
+
+
+def effective_config(loaded: Any, dataset: Any, config: DissectConfig) -> DissectConfig:
+    """A validated copy of `config` holding the values the run really uses (what summary.json records).
+
+    The model's input size is the default of input_size; the dataset's selection fills
+    categories/split/limit; requested layers are put in network order. An explicit option that
+    contradicts the given model or dataset is an InputError rather than silently ignored.
+    """
+    from dissect.models import resolve_normalization
+
+    config = dataclasses.replace(config).validate()
+    if loaded.input_size is not None:
+        if config.input_size is None:
+            config.input_size = loaded.input_size
+        elif config.input_size != loaded.input_size:
+            raise InputError(f"input_size {config.input_size}: the model was loaded with input size "
+                             f"{loaded.input_size}; leave input_size None or load the model with the size wanted")
+    if config.normalize is not None and resolve_normalization(config.normalize) != loaded.normalization:
+        raise InputError(f"normalize {config.normalize!r}: the model was loaded with normalisation "
+                         f"{loaded.normalization}; leave normalize None or load the model with it")
+    _apply_selection(config, dataset)
+    if config.layers:
+        config.layers = resolve_layers(loaded, config)
+    return config
+
+
+def _apply_selection(config: DissectConfig, dataset: Any) -> None:
+    """Fill categories/split/limit from the dataset; an explicit value must match it."""
+    every = list(dataset.categories) == list(dataset.meta.categories)
+    used = {"categories": None if every else list(dataset.categories),
+            "split": getattr(dataset, "split", None), "limit": getattr(dataset, "limit", None)}
+    given = config.categories
+    if given is not None:
+        given = [given] if isinstance(given, str) else list(given)
+        # categories are always applied in category.csv order, so compare as sets
+        if set(given) != set(dataset.categories):
+            raise InputError(f"categories {given}: the dataset passed selects {list(dataset.categories)}; "
+                             f"leave categories None or build the dataset with them")
+        used["categories"] = list(dataset.categories)
+    for name in ("split", "limit"):
+        value = getattr(config, name)
+        if value is not None and value != used[name]:
+            raise InputError(f"{name} {value!r}: the dataset passed was built with {name}={used[name]!r}; "
+                             f"leave {name} None or build the dataset with it")
+    config.categories, config.split, config.limit = used["categories"], used["split"], used["limit"]
 
 
 def dissect_model(model: nn.Module | Any, dataset: Any, layers: list[str] | None = None,
@@ -119,10 +167,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_layers(loaded: Any, config: DissectConfig) -> list[str]:
-    """config.layers, else the model's default layers (checkpoint groups, else every Conv2d)."""
+    """config.layers (in network order, repeats dropped), else the model's default layers
+    (checkpoint groups, else every Conv2d)."""
+    from dissect.hooks import resolve_layers as find_layers
     from dissect.models import default_layers
 
-    layers = list(config.layers) if config.layers else default_layers(loaded)
+    if config.layers:
+        layers = list(find_layers(loaded.module, config.layers))  # unknown names fail here, with hints
+    else:
+        layers = default_layers(loaded)
+    # network order, whatever the --layers order: "the last two layers" must mean the deepest two
+    order = {name: i for i, (name, _) in enumerate(loaded.module.named_modules())}
+    layers.sort(key=lambda name: order.get(name, len(order)))
     if not layers:
         raise InputError("--layers: the model has no Conv2d layers; name the layers to dissect")
     for name in layers:
@@ -140,20 +196,6 @@ def dataset_info(dataset: Any) -> DatasetInfo:
                        all_categories=list(meta.categories), label_names=list(meta.label_names),
                        label_category=np.asarray(meta.label_category, dtype=np.int64),
                        images=[r.image for r in meta.records])
-
-
-def software_versions() -> dict[str, str]:
-    """Versions recorded in summary.json."""
-    try:
-        toolkit = importlib.metadata.version("concept-dissect")
-    except importlib.metadata.PackageNotFoundError:
-        toolkit = "unknown"
-    import PIL
-    import torchvision
-
-    # torchvision builds the models and Pillow decodes the images: both can change results
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__, "toolkit": toolkit}
 
 
 # ---------------------------------------------------------------- the two passes
@@ -212,9 +254,6 @@ class _Engine:
         self.shapes = {k: tuple(int(x) for x in v) for k, v in shapes.items()}
         rec = self.dataset.record(0)
         self.label_size = (int(rec.sh), int(rec.sw))
-        mean = torch.tensor(self.normalization["mean"], device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.normalization["std"], device=self.device).view(1, 3, 1, 1)
-        self.mean, self.std = mean, std
 
     def _bar_args(self) -> dict[str, Any]:
         return {} if self.ctx.is_main else {"disable": True}  # one bar per job, not per rank
@@ -225,11 +264,7 @@ class _Engine:
             yield s, self.dataset.get_batch(np.arange(s, min(s + bs, self.end)))
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = images.to(self.device).float().div_(255.0)  # (B, 3, H, W)
-        if self.config.input_size and tuple(x.shape[-2:]) != (self.config.input_size,) * 2:
-            x = F.interpolate(x, size=(self.config.input_size,) * 2, mode="bilinear",
-                              align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
+        x = preprocess(images.to(self.device), self.normalization, self.config.input_size)  # (B, 3, H, W)
         with torch.no_grad(), LayerRecorder(self.model, self.layers, stop_after_last=True) as rec:
             return rec.forward(x)
 

@@ -87,7 +87,7 @@ class LayerResult:
     iou: np.ndarray                   # (U, L) float64 by global id (0 outside the selected categories)
     top_indices: np.ndarray           # (U, k) int64 dataset indices (-1: fewer images than k)
     top_scores: np.ndarray            # (U, k) float32 spatial max
-    top_maps: np.ndarray              # (U, k, h, w) float16
+    top_maps: np.ndarray              # (U, k, h, w) float32
     labels: LayerLabels
     counts: dict[str, Any]            # labels.layer_label_summary(...)
     groups: list[dict[str, Any]] | None = None
@@ -202,10 +202,12 @@ def summary_json(res: DissectionResult) -> dict[str, Any]:
         entry.update(lr.counts)
         entry["groups"] = lr.groups
         layers.append(entry)
+    # CGL Table 3 is over the last two layers (network order, see pipeline.resolve_layers): none with fewer
     last = res.layers[-2:]
     units = sum(lr.labels.num_units for lr in last)
-    rud_last_two = {k: (sum(lr.counts["unique_detectors"][k]["total"] for lr in last) / units if units else 0.0)
-                    for k in ("paper", "top_label")}
+    rud_last_two = None if len(last) < 2 else {
+        k: (sum(lr.counts["unique_detectors"][k]["total"] for lr in last) / units if units else 0.0)
+        for k in ("paper", "top_label")}
     return {
         "format": FORMAT, "version": VERSION,
         "options": res.options,
@@ -271,7 +273,7 @@ def write_results(res: DissectionResult, out: str | Path) -> Path:
         write_text_atomic(d / "tally.csv", tally_csv_text(lr, res.dataset))
         write_json_atomic(d / "units.json", units_json(lr, res.dataset, int(res.options.get("top_k", 0))))
         _save_npy(d / "thresholds.npy", np.asarray(lr.thresholds, dtype=np.float32))
-        _save_npy(d / "top_activations.npy", np.asarray(lr.top_maps, dtype=np.float16))
+        _save_npy(d / "top_activations.npy", np.asarray(lr.top_maps, dtype=np.float32))
         _save_npy(d / "iou.npy", np.asarray(lr.iou, dtype=np.float64)[:, label_ids].astype(np.float32))
     write_json_atomic(out / "summary.json", summary_json(res))
     log.info("results written to %s", out)

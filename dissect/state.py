@@ -48,7 +48,9 @@ class RunState:
         self.dir = self.root / where if self.root is not None else None
 
     def _path(self, stage: str) -> Path:
-        assert self.dir is not None
+        if self.dir is None:
+            raise RuntimeError(f"run state {stage!r}: this RunState has no output directory (out=None); "
+                               "check `enabled` before loading or saving")
         return self.dir / f"{stage}.pt"
 
     def load(self, stage: str) -> dict[str, Any] | None:

@@ -20,17 +20,15 @@ from typing import Any
 import torch
 
 from broden.errors import InputError
+from dissect.config import INTERPOLATIONS, UNIONS  # defined once, beside the options that take them
 from dissect.upsample import mask_pixels
 
 __all__ = ["TopQuantile", "IoUTally", "LabelBatch", "TopImages", "INTERPOLATIONS", "UNIONS"]
 
 log = logging.getLogger(__name__)
 
-# numpy.quantile(method=...) names we reproduce; hazen is Hyndman-Fan type 5, the reference's.
 # Category presence uses bit-coded category sets up to this many categories (Broden has 6).
 _MAX_SET_CATEGORIES = 10
-INTERPOLATIONS = ("hazen", "linear", "lower", "higher", "nearest")
-UNIONS = ("lite", "original")
 
 
 def _device(device: Any) -> torch.device:
@@ -631,7 +629,7 @@ class TopImages:
         self.scores = torch.full((self.num_units, self.k), -math.inf, device=self.device)
         self.indices = torch.full((self.num_units, self.k), _NO_IMAGE, dtype=torch.int64,
                                   device=self.device)
-        self.maps: torch.Tensor | None = None  # (U, k, h, w) float16, shaped on the first add
+        self.maps: torch.Tensor | None = None  # (U, k, h, w) float32, shaped on the first add
 
     def to(self, device: Any) -> "TopImages":
         """Move the state to `device` (in place); returns self."""
@@ -658,7 +656,8 @@ class TopImages:
         self.maps = maps.gather(1, pick[:, :, None, None].expand(u, self.k, h, w))
 
     def _empty_maps(self, h: int, w: int) -> torch.Tensor:
-        return torch.zeros(self.num_units, self.k, h, w, dtype=torch.float16, device=self.device)
+        # float32, as the tally saw them: reports threshold these maps with the tally's thresholds
+        return torch.zeros(self.num_units, self.k, h, w, dtype=torch.float32, device=self.device)
 
     def add(self, indices: torch.Tensor, acts: torch.Tensor) -> None:
         """Offer a batch: indices (B,) dataset image indices, acts (B, U, h, w)."""
@@ -681,10 +680,10 @@ class TopImages:
         scores = torch.cat([self.scores, new_scores], 1)
         indices = torch.cat([self.indices, new_idx], 1)
         pick = self._order(scores, indices)  # (U, k) columns of [kept | batch]
-        # gather only the k winning maps per unit: no float16 copy of the whole batch
+        # gather only the k winning maps per unit: no copy of the whole batch
         old = pick < self.k
         units = torch.arange(u, device=self.device)[:, None].expand(u, self.k)
-        fresh = acts[(pick - self.k).clamp(min=0), units].to(torch.float16)  # (U, k, h, w)
+        fresh = acts[(pick - self.k).clamp(min=0), units].to(torch.float32)  # (U, k, h, w)
         kept = self.maps.gather(1, pick.clamp(max=self.k - 1)[:, :, None, None].expand(u, self.k, h, w))
         self.maps = torch.where(old[:, :, None, None], kept, fresh)
         self.scores = scores.gather(1, pick)
@@ -705,7 +704,7 @@ class TopImages:
                       torch.cat([self.maps, other.maps.to(self.device)], 1))
 
     def result(self) -> dict[str, torch.Tensor]:
-        """dict(indices (U, k') int64, scores (U, k') float32, maps (U, k', h, w) float16).
+        """dict(indices (U, k') int64, scores (U, k') float32, maps (U, k', h, w) float32).
 
         k' = min(k, images seen); rows sorted by score descending, ties by index.
         """
@@ -729,5 +728,5 @@ class TopImages:
                                  f"this object has {getattr(self, attr)!r}")
         self.scores = _require(state, "scores", "TopImages").to(self.device, torch.float32).clone()
         self.indices = _require(state, "indices", "TopImages").to(self.device, torch.int64).clone()
-        maps = _require(state, "maps", "TopImages").to(self.device, torch.float16)
+        maps = _require(state, "maps", "TopImages").to(self.device, torch.float32)
         self.maps = maps.clone() if maps.shape[2] * maps.shape[3] > 0 else None

@@ -33,7 +33,14 @@ __all__ = ["upsample", "mask_chunks", "threshold_masks", "mask_pixels"]
 _ROUNDING_MARGIN = 1e-5
 
 
-def _check_size(size: tuple[int, int]) -> tuple[int, int]:
+def _check_inputs(acts: torch.Tensor, thresholds: torch.Tensor | None, size: tuple[int, int]) -> tuple[int, int]:
+    """Validate (B, U, h, w) activations, (U,) thresholds (when given) and the output size; return (sh, sw)."""
+    if acts.dim() != 4:
+        raise InputError(f"activations must be (B, U, h, w), got shape {tuple(acts.shape)}")
+    u = acts.shape[1]
+    if thresholds is not None and thresholds.shape != (u,):
+        raise InputError(f"thresholds must have shape ({u},) to match the activations' units, "
+                         f"got {tuple(thresholds.shape)}")
     if len(size) != 2 or any(int(s) != s or int(s) < 1 for s in size):
         raise InputError(f"upsample size must be two positive ints (sh, sw), got {size!r}")
     return int(size[0]), int(size[1])
@@ -41,9 +48,7 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
 
 def upsample(acts: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear (half-pixel centres) resize of (B, U, h, w) maps to (B, U, sh, sw), in float32."""
-    if acts.dim() != 4:
-        raise InputError(f"activations must be (B, U, h, w), got shape {tuple(acts.shape)}")
-    size = _check_size(size)
+    size = _check_inputs(acts, None, size)
     return F.interpolate(acts.float(), size=size, mode="bilinear", align_corners=False)
 
 
@@ -57,13 +62,8 @@ def mask_chunks(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, i
     its largest input otherwise. At most `max_elements` float32 values are
     upsampled at a time.
     """
-    if acts.dim() != 4:
-        raise InputError(f"activations must be (B, U, h, w), got shape {tuple(acts.shape)}")
+    sh, sw = _check_inputs(acts, thresholds, size)
     b, u, h, w = acts.shape
-    if thresholds.shape != (u,):
-        raise InputError(f"thresholds must have shape ({u},) to match the activations' units, "
-                         f"got {tuple(thresholds.shape)}")
-    sh, sw = _check_size(size)
     if acts.numel() == 0:
         return
     flat = acts.reshape(b * u, h, w)  # (B*U, h, w)
@@ -87,10 +87,8 @@ def threshold_masks(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[in
     (see `mask_chunks`), so the full (B, U, sh, sw) float copy is never made.
     `IoUTally.add_activations` skips even the dense bool result.
     """
-    if acts.dim() != 4:
-        raise InputError(f"activations must be (B, U, h, w), got shape {tuple(acts.shape)}")
+    sh, sw = _check_inputs(acts, thresholds, size)
     b, u = acts.shape[:2]
-    sh, sw = _check_size(size)
     out = torch.zeros(b * u, sh, sw, dtype=torch.bool, device=acts.device)
     for rows, masks in mask_chunks(acts, thresholds, (sh, sw), max_elements):
         out[rows] = masks
@@ -162,13 +160,8 @@ def mask_pixels(acts: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, i
     the number of such cells, not B * U * sh * sw. At most `max_elements`
     candidate output pixels are evaluated at a time.
     """
-    if acts.dim() != 4:
-        raise InputError(f"activations must be (B, U, h, w), got shape {tuple(acts.shape)}")
+    sh, sw = _check_inputs(acts, thresholds, size)
     b, u, h, w = acts.shape
-    if thresholds.shape != (u,):
-        raise InputError(f"thresholds must have shape ({u},) to match the activations' units, "
-                         f"got {tuple(thresholds.shape)}")
-    sh, sw = _check_size(size)
     if acts.numel() == 0:
         return
     dev = acts.device

@@ -31,6 +31,7 @@ from PIL import Image
 
 from broden.errors import InputError
 from cgl_train.losses import soft_receptive_field, soft_receptive_field_bn
+from dissect.preprocess import preprocess  # the dissection's own transform, so psi sees what it saw
 from reports.figures import save_figure
 
 if TYPE_CHECKING:
@@ -57,18 +58,6 @@ def parse_psi_units(specs: Sequence[str] | None) -> dict[str, list[int]]:
         result.setdefault(layer, [])
         result[layer] += [u for u in numbers if u not in result[layer]]
     return result
-
-
-def preprocess(images: torch.Tensor, normalization: Mapping[str, Sequence[float]],
-               input_size: int | None) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> model input: optional square resize (bilinear, antialias), then
-    x = (img / 255 - mean) / std (docs/contracts.md conventions)."""
-    x = images.float() / 255.0
-    if input_size is not None and tuple(x.shape[-2:]) != (input_size, input_size):
-        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.as_tensor(normalization["mean"], dtype=x.dtype, device=x.device)[None, :, None, None]
-    std = torch.as_tensor(normalization["std"], dtype=x.dtype, device=x.device)[None, :, None, None]
-    return (x - mean) / std
 
 
 def unit_psi(pre: torch.Tensor, p1: float = 1.0, p2: float = 0.0, eps: float = 1e-5) -> torch.Tensor:
@@ -193,7 +182,7 @@ def render_psi_figures(run: "RunResults", psi_units: Mapping[str, Sequence[int]]
     module = loaded.module.to(dev).eval()
     # The recorded preprocessing is what the dissection saw; it wins over the loader's defaults.
     normalization = model_info.get("normalization") or loaded.normalization
-    input_size = model_info.get("input_size")
+    input_size = summary.get("options", {}).get("input_size") or model_info.get("input_size")
 
     figures: dict[str, list[dict[str, Any]]] = {}
     for layer_name, units in psi_units.items():

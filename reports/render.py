@@ -19,6 +19,7 @@ import jinja2
 import numpy as np
 
 from broden.errors import InputError
+from dissect.config import DETECTOR_RULES, DissectConfig, passes_rule
 from dissect.fsutil import write_json_atomic, write_text_atomic
 
 __all__ = ["RunResults", "LayerResults", "read_run", "render_report", "detector_rule",
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 RESULTS_FORMAT = "dissect-results"
 RESULTS_VERSION = 1
 # Lite's report counts a unit as a detector at IoU >= 0.04 (netdissect.md section 2, step 7).
-DEFAULT_DETECTOR_THRESHOLD = 0.04
-DEFAULT_DETECTOR_RULE = ">="
+# the dissection's own defaults, for runs whose summary lacks the options
+DEFAULT_DETECTOR_THRESHOLD = DissectConfig().iou_threshold
+DEFAULT_DETECTOR_RULE = DissectConfig().detector_rule
 UNIQUE_DEFINITIONS = {
     "paper": "per category, distinct best labels among units scoring > threshold in that "
              "category; total = sum over categories (the CGL paper's scripts)",
@@ -128,20 +130,21 @@ def read_run(results_dir: str | Path) -> RunResults:
 
 def detector_rule(options: Mapping[str, Any]) -> tuple[float, str]:
     """(threshold, rule) of the detector rule recorded in the run's options (dissect.config names:
-    `iou_threshold`, `detector_rule` '>=' or '>'); Lite's 0.04 and '>=' when a run lacks them."""
+    `iou_threshold`, `detector_rule` '>=' or '>'); DissectConfig's defaults when a run lacks them."""
     threshold = options.get("iou_threshold", DEFAULT_DETECTOR_THRESHOLD)
     rule = options.get("detector_rule", DEFAULT_DETECTOR_RULE)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise InputError(f"summary.json options.iou_threshold: expected a number, got {threshold!r}")
-    if rule not in (">=", ">"):
-        raise InputError(f"summary.json options.detector_rule: expected '>=' or '>', got {rule!r}")
+    if rule not in DETECTOR_RULES:
+        raise InputError(f"summary.json options.detector_rule: expected one of {', '.join(DETECTOR_RULES)}, "
+                         f"got {rule!r}")
     return float(threshold), rule
 
 
 def is_detector(iou: float, rule: tuple[float, str]) -> bool:
     """Whether a unit whose top label scores `iou` is a detector under `rule` = (threshold, op)."""
     threshold, op = rule
-    return iou > threshold if op == ">" else iou >= threshold
+    return bool(passes_rule(iou, threshold, op))
 
 
 def safe_name(name: str) -> str:

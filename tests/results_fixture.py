@@ -52,7 +52,7 @@ def _layer(rng: np.random.Generator, name: str, U: int, hw: int, k: int, n_image
     L = len(LABELS)
     iou = rng.uniform(0.0, 0.12, size=(U, L)).astype(np.float32)
     thresholds = rng.uniform(0.3, 0.7, size=U).astype(np.float32)
-    top_acts = rng.uniform(0.0, 1.0, size=(U, k, hw, hw)).astype(np.float16)
+    top_acts = rng.uniform(0.0, 1.0, size=(U, k, hw, hw)).astype(np.float32)
     units = []
     for u in range(U):
         per_cat = {}

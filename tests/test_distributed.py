@@ -88,3 +88,17 @@ def test_two_processes_equal_one(tmp_path):
     assert summary(dist_out) == summary(single)
     groups = summary(single)["layers"][1]["groups"]
     assert [g["units"] for g in groups] == [[0, 1, 2], [3, 4, 5]]  # the checkpoint's groups
+
+
+def test_one_context_class_for_training_and_dissection(monkeypatch):
+    from cgl_train.distributed import DistInfo, per_rank_batch, shard_indices
+    from dissect.distributed import DistContext, init_from_env
+
+    assert DistInfo is DistContext
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ctx = init_from_env(torch.device("cpu"))
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.active, ctx.enabled, ctx.owns_group) == \
+        (0, 1, True, False, False, False)
+    third = DistContext(rank=2, world_size=3, local_rank=0)
+    assert shard_indices(8, third) == [2, 5] and per_rank_batch(12, third) == 4
+    assert third.enabled and not third.is_main

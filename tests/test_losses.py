@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from broden.errors import InputError
+from cgl_train.config import TrainConfig
 from cgl_train.groups import Captured, GroupActivations, GroupSpec, LayerGroups
 from cgl_train.losses import (CGLObjective, CGLOptions, ReceptiveFieldScale, block_norm, cgl_terms,
                               group_activation_loss, group_relevance, group_relevance_bn, layer_relevance,
@@ -384,13 +385,17 @@ def test_objective_skips_zero_lambdas_unless_monitoring():
     model, layers, x = _setup()
     with GroupActivations(model, layers) as acts:
         model(x)
-        out = CGLObjective(model, layers, CGLOptions(lambda_bn=1.0), seed=0)(acts.captured)
+        out = CGLObjective(model, layers, CGLOptions(lambda_bn=1.0), seed=0, monitor=False)(acts.captured)
         assert set(out) == {"r_bn", "total"}
         torch.testing.assert_close(out["total"], out["r_bn"])
-        monitored = CGLObjective(model, layers, CGLOptions(lambda_bn=1.0), seed=0, monitor=True)(acts.captured)
+        # monitoring is the default, here as in the training config users get from the CLI
+        default = CGLObjective(model, layers, CGLOptions(lambda_bn=1.0), seed=0)
+        assert default.monitor is TrainConfig().monitor is True
+        monitored = default(acts.captured)
         assert set(monitored) == {"r_bn", "l_g", "l_s", "total"}
         assert not monitored["l_g"].requires_grad and monitored["l_g"].item() > 0
-    prox = CGLObjective(model, layers, CGLOptions(lambda_bn=1.0, block_norm_mode="proximal"), seed=0)
+    prox = CGLObjective(model, layers, CGLOptions(lambda_bn=1.0, block_norm_mode="proximal"), seed=0,
+                        monitor=False)
     assert prox({})["total"].item() == 0.0
     prox.proximal_step(lr=100.0)  # threshold 100: every group goes to zero
     assert (model.conv1.weight == 0).all() and (model.conv2.weight == 0).all()

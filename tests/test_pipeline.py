@@ -309,3 +309,82 @@ def test_cpu_equals_cuda(concept_root, tmp_path):
     for name in ("units", "pool"):  # exact ops only: the 1x1 conv may use TF32 on the GPU
         for f in ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy"):
             assert (outs["cpu"] / name / f).read_bytes() == (outs["cuda"] / name / f).read_bytes(), (name, f)
+
+
+# ---------------------------------------------------------------- options the run really used
+
+def test_loaded_model_input_size_is_the_default(concept_root):
+    from broden.errors import InputError
+    from dissect.models import model_from_module
+
+    # the stored images are 8x8; a model loaded for 4x4 inputs must see 4x4 ones
+    loaded = model_from_module(ConceptNet().eval(), normalization="none", input_size=4)
+    res = dissect_model(loaded, concept_root, ["units", "pool"], config())
+    assert res.layer("units").shape == (6, 4, 4) and res.layer("pool").shape == (6, 2, 2)
+    assert res.options["input_size"] == 4
+    with pytest.raises(InputError, match="input_size 6"):
+        dissect_model(loaded, concept_root, ["units"], config(input_size=6))
+
+
+def test_loaded_model_normalization_conflict_is_an_error(concept_root):
+    from broden.errors import InputError
+    from dissect.models import model_from_module
+
+    loaded = model_from_module(ConceptNet().eval(), normalization="none")
+    with pytest.raises(InputError, match="normalize 'imagenet'"):
+        dissect_model(loaded, concept_root, ["units"], config(normalize="imagenet"))
+    res = dissect_model(loaded, concept_root, ["units"], config(normalize=None))
+    assert res.model["normalization"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
+
+
+def test_options_record_the_given_dataset_selection(concept_root):
+    from broden.dataset import BrodenDataset
+    from broden.errors import InputError
+
+    ds = BrodenDataset(concept_root, categories=["scene", "color"], split="train", limit=2, cache="off")
+    res = dissect_model(ConceptNet().eval(), ds, ["units"], config())
+    # what was used, in category.csv order, and not the config's None defaults
+    assert (res.options["categories"], res.options["split"], res.options["limit"]) == (["color", "scene"], "train", 2)
+    assert res.dataset.num_images == 2
+    assert res.layer("units").labels.categories == ["color", "scene"]
+    for bad, field in ((dict(split="val"), "split"), (dict(limit=3), "limit"), (dict(categories=["color"]), "categories")):
+        with pytest.raises(InputError, match=field):
+            dissect_model(ConceptNet().eval(), ds, ["units"], config(**bad))
+    same = dissect_model(ConceptNet().eval(), ds, ["units"], config(categories=["color", "scene"], split="train", limit=2))
+    assert same.options["categories"] == ["color", "scene"]
+
+
+def test_layers_run_in_network_order(concept_root, tmp_path):
+    out = tmp_path / "res"
+    res = dissect_model(ConceptNet().eval(), concept_root, ["block.0", "units", "pool"], config(), out=out)
+    assert [lr.name for lr in res.layers] == ["units", "pool", "block.0"]
+    assert res.options["layers"] == ["units", "pool", "block.0"]
+    s = json.loads((out / "summary.json").read_text())
+    assert [e["name"] for e in s["layers"]] == ["units", "pool", "block.0"]
+    by_name = {e["name"]: e for e in s["layers"]}
+    for d in ("paper", "top_label"):
+        uniq = by_name["pool"]["unique_detectors"][d]["total"] + by_name["block.0"]["unique_detectors"][d]["total"]
+        assert s["rud_last_two"][d] == pytest.approx(uniq / (6 + 4))
+    one = dissect_model(ConceptNet().eval(), concept_root, ["pool"], config(), out=tmp_path / "one")
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["rud_last_two"] is None
+    assert len(one.layers) == 1
+
+
+def test_preprocess_is_shared_and_follows_the_formula():
+    import reports.psi
+    from dissect.preprocess import preprocess
+
+    assert reports.psi.preprocess is preprocess  # psi replays exactly the dissection's input
+    img = torch.tensor([[[0, 255], [51, 102]]] * 3, dtype=torch.uint8)[None]  # (1, 3, 2, 2)
+    norm = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.25, 2.0]}
+    got = preprocess(img, norm, None)
+    for c in range(3):
+        for y in range(2):
+            for x in range(2):
+                want = (int(img[0, c, y, x]) / 255 - norm["mean"][c]) / norm["std"][c]
+                assert float(got[0, c, y, x]) == pytest.approx(want, rel=1e-6, abs=1e-7)
+    # a square resize of a constant image stays constant: only the size changes
+    flat = torch.full((2, 3, 6, 9), 51, dtype=torch.uint8)
+    small = preprocess(flat, norm, 4)
+    assert small.shape == (2, 3, 4, 4)
+    assert torch.allclose(small[:, 0], torch.full((2, 4, 4), (0.2 - 0.1) / 0.5))

@@ -88,7 +88,21 @@ def test_units_json_and_arrays(tmp_path):
     assert iou.shape == (3, 3) and iou.dtype == np.float32
     assert iou[0, 0] == np.float32(80 / 120) and iou[1, 2] == np.float32(20 / 300)
     assert summary["layers"][0]["detectors"] == 2
-    assert summary["rud_last_two"]["top_label"] == pytest.approx(2 / 3)
+    assert summary["rud_last_two"] is None  # one layer: "the last two layers" do not exist
+
+
+def test_rud_last_two_and_float32_maps(tmp_path):
+    res = make_result(categories=("color", "scene"))
+    first = res.layers[0]
+    maps = np.full(first.top_maps.shape, 1 / 3, np.float32)  # not a float16 value
+    second = LayerResult(**{**first.__dict__, "name": "features.3", "top_maps": maps})
+    res.layers.append(second)
+    write_results(res, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # two layers of 3 units, 2 top-label unique detectors each (red, kitchen): 4 / 6
+    assert summary["rud_last_two"]["top_label"] == pytest.approx(4 / 6)
+    stored = np.load(tmp_path / "features.3" / "top_activations.npy")
+    assert stored.dtype == np.float32 and np.array_equal(stored, maps)
 
 
 def test_failed_write_leaves_no_summary(tmp_path, monkeypatch):

@@ -109,3 +109,13 @@ def test_quick_stages_are_not_saved(root, tmp_path):
                       out=out)
     handle.remove()
     assert not list(out.rglob("stage*.pt"))
+
+
+def test_disabled_state_names_no_path():
+    from dissect.state import RunState
+
+    state = RunState(None, "key")
+    assert not state.enabled and state.load("stage1") is None
+    state.save("stage1", {"next": 1})  # a no-op, not an error
+    with pytest.raises(RuntimeError, match="no output directory"):
+        state._path("stage1")  # an explicit error, also under python -O

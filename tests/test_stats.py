@@ -296,7 +296,7 @@ def _naive_top_images(indices, acts, k):
         out_idx.append([int(indices[i]) for i in order])
         out_scores.append([float(scores[i, unit]) for i in order])
         out_maps.append(torch.stack([acts[i, unit] for i in order]))
-    return np.array(out_idx), np.array(out_scores, np.float32), torch.stack(out_maps).half()
+    return np.array(out_idx), np.array(out_scores, np.float32), torch.stack(out_maps)
 
 
 def test_top_images_matches_naive_sort_and_merge():
@@ -304,6 +304,7 @@ def test_top_images_matches_naive_sort_and_merge():
     n, u, h, w, k = 13, 3, 4, 5, 4
     acts = torch.randint(0, 4, (n, u, h, w), generator=gen).float() / 4  # heavy ties in spatial max
     acts[:, 2] = 0.5  # every image ties for unit 2: smallest indices win
+    acts += 1 / 3  # not a float16 value: the kept maps must be the float32 maps the tally thresholds
     indices = torch.randperm(100, generator=gen)[:n]
     want_idx, want_scores, want_maps = _naive_top_images(indices, acts, k)
 
@@ -322,7 +323,7 @@ def test_top_images_matches_naive_sort_and_merge():
         res = top.result()
         np.testing.assert_array_equal(res["indices"].numpy(), want_idx)
         np.testing.assert_array_equal(res["scores"].numpy(), want_scores)
-        assert res["maps"].dtype == torch.float16 and torch.equal(res["maps"], want_maps)
+        assert res["maps"].dtype == torch.float32 and torch.equal(res["maps"], want_maps)
     assert sorted(want_idx[2]) == sorted(indices.tolist())[:k]
 
 

@@ -223,8 +223,6 @@ def _run(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, normalize=args.normalize,
                         input_size=args.input_size, num_classes=args.num_classes)
-    if config.input_size is None and loaded.input_size is not None:
-        config.input_size = loaded.input_size
     if config.layers:
         resolve_layers(loaded.module, config.layers)  # unknown names fail before any work
     synthetic, reuse = synthetic_source(loaded, args.synthetic_per_class, args.synthetic_size)
