@@ -31,7 +31,6 @@ import argparse
 import itertools
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +55,8 @@ def candidates(run: str) -> list[dict[str, float]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _finished(config: Any) -> dict[str, Any] | None:
-    """The last epoch entry of a finished run of exactly `config` in its out dir, or None."""
+def _finished(config: Any) -> list[dict[str, Any]] | None:
+    """The epoch entries of a finished run of exactly `config` in its out dir, or None."""
     from cgl_train.config import resume_conflicts
 
     out = Path(config.out)
@@ -68,7 +67,7 @@ def _finished(config: Any) -> dict[str, Any] | None:
             json.loads(saved.read_text()).get("epochs") != config.epochs:
         raise SystemExit(f"{out} holds a run with other options; remove it or use another --out")
     entries = [e for e in map(json.loads, log_path.read_text().splitlines()) if "epoch" in e]
-    return entries[-1] if entries and entries[-1]["epoch"] >= config.epochs else None
+    return entries if entries and entries[-1]["epoch"] >= config.epochs else None
 
 
 def choose(results: list[dict[str, Any]], tolerance: float) -> dict[str, Any]:
@@ -114,12 +113,12 @@ def main() -> None:
                           synthetic_size=data["size"], synthetic_seed=data["seed"],
                           synthetic_val_fraction=data["val_fraction"], seed=args.seed, quiet=True,
                           out=str(args.out / "runs" / f"{run}-{i}"))
-            start = time.time()
             config = TrainConfig.from_dict(values, "hparam_search")
-            last = _finished(config) or train(config).history[-1]
+            history = _finished(config) or train(config).history
+            last = history[-1]
             row = {"params": params, "val_top1": last.get("val_top1"),
                    "train_task_loss": float(last["task"] if last.get("task") is not None else math.nan),
-                   "seconds": round(time.time() - start, 1)}
+                   "seconds": round(sum(e.get("time", 0.0) for e in history), 1)}
             all_results[run].append(row)
             print(run, params, row["val_top1"], row["train_task_loss"], f"{row['seconds']}s", flush=True)
         chosen[run] = choose(all_results[run], args.tolerance)
@@ -130,7 +129,7 @@ def main() -> None:
              f"Data preset `{args.mode}` ({data['per_class']} images per class, {data['size']} px), seed "
              f"{args.seed}, tolerance {args.tolerance:.3f} in val top-1.", ""]
     for run in RUNS:
-        lines += [f"## {RUN_TITLES[run]}", "", "| params | val top-1 | final train task loss | s | chosen |",
+        lines += [f"## {RUN_TITLES[run]}", "", "| params | val top-1 | final train task loss | training s | chosen |",
                   "|---|---|---|---|---|"]
         for r in all_results[run]:
             mark = "yes" if r is chosen[run] else ""
