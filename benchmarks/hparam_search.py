@@ -63,8 +63,8 @@ def _finished(config: Any) -> list[dict[str, Any]] | None:
     log_path, saved = out / "log.jsonl", out / "config.json"
     if not (log_path.is_file() and saved.is_file()):
         return None
-    if resume_conflicts(json.loads(saved.read_text()), config.to_dict()) or \
-            json.loads(saved.read_text()).get("epochs") != config.epochs:
+    recorded = json.loads(saved.read_text())
+    if resume_conflicts(recorded, config.to_dict()) or recorded.get("epochs") != config.epochs:
         raise SystemExit(f"{out} holds a run with other options; remove it or use another --out")
     entries = [e for e in map(json.loads, log_path.read_text().splitlines()) if "epoch" in e]
     return entries if entries and entries[-1]["epoch"] >= config.epochs else None

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from broden.errors import InputError
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -36,6 +38,17 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json(path: str | Path, hint: str = "") -> Any:
+    """Read a JSON file; InputError naming the file when it is missing or malformed (`hint` says what to do)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file{'; ' + hint if hint else ''}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from e
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

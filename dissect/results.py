@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from broden.errors import InputError
-from dissect.fsutil import atomic_path, write_json_atomic, write_text_atomic
+from dissect.fsutil import atomic_path, read_json, write_json_atomic, write_text_atomic
 from dissect.labels import LayerLabels
 
 __all__ = ["FORMAT", "VERSION", "LayerResult", "DatasetInfo", "DissectionResult", "iou_from_counts",
@@ -283,12 +282,8 @@ def write_results(res: DissectionResult, out: str | Path) -> Path:
 def read_summary(out: str | Path) -> dict[str, Any]:
     """Read DIR/summary.json; InputError when missing or not a results file."""
     path = Path(out) / "summary.json"
-    if not path.is_file():
-        raise InputError(f"{path}: no such file (not a finished dissection directory)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
-    if data.get("format") != FORMAT:
-        raise InputError(f"{path}: field 'format' is {data.get('format')!r}, expected {FORMAT!r}")
+    data = read_json(path, "not a finished dissection directory (the --out of `dissect run`)")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"{path}: field 'format' is {got!r}, expected {FORMAT!r}")
     return data

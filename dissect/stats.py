@@ -401,7 +401,7 @@ class _Batch:
     def finish(self) -> None:
         """Fold the batch into the tally: G, image-level intersections and A."""
         self._flush()
-        t, lb, b, dev = self.t, self.lb, self.b, self.t.device
+        t, lb, b = self.t, self.lb, self.b
         u, nl, nc = t.num_units, t.num_labels, t.num_categories
         counts = self.counts.view(b, u)  # (B, U)
         t.intersection += self.inter.view(u, nl)

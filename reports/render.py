@@ -7,7 +7,6 @@ under DIR/report/.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -20,15 +19,14 @@ import numpy as np
 
 from broden.errors import InputError
 from dissect.config import DETECTOR_RULES, DissectConfig, passes_rule
-from dissect.fsutil import write_json_atomic, write_text_atomic
+from dissect.fsutil import read_json, write_json_atomic, write_text_atomic
+from dissect.results import VERSION as RESULTS_VERSION, read_summary
 
 __all__ = ["RunResults", "LayerResults", "read_run", "render_report", "detector_rule",
            "is_detector", "safe_name", "template_env", "DEFAULT_DETECTOR_THRESHOLD"]
 
 log = logging.getLogger(__name__)
 
-RESULTS_FORMAT = "dissect-results"
-RESULTS_VERSION = 1
 # Lite's report counts a unit as a detector at IoU >= 0.04 (netdissect.md section 2, step 7).
 # the dissection's own defaults, for runs whose summary lacks the options
 DEFAULT_DETECTOR_THRESHOLD = DissectConfig().iou_threshold
@@ -86,15 +84,6 @@ class RunResults:
         raise InputError(f"{self.root}: no layer {name!r}; layers: {[l.name for l in self.layers]}")
 
 
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise InputError(f"{path}: missing; is this a results directory written by `dissect run`?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
-
-
 def _require(obj: Mapping[str, Any], keys: Sequence[str], where: str) -> None:
     missing = [k for k in keys if k not in obj]
     if missing:
@@ -107,9 +96,7 @@ def read_run(results_dir: str | Path) -> RunResults:
     if not root.is_dir():
         raise InputError(f"{root}: not a directory; expected the --out directory of `dissect run`")
     summary_path = root / "summary.json"
-    summary = _read_json(summary_path)
-    if not isinstance(summary, dict) or summary.get("format") != RESULTS_FORMAT:
-        raise InputError(f"{summary_path}: field 'format' must be {RESULTS_FORMAT!r}")
+    summary = read_summary(root)
     if summary.get("version") != RESULTS_VERSION:
         raise InputError(f"{summary_path}: field 'version' is {summary.get('version')!r}; "
                          f"this toolkit reads version {RESULTS_VERSION}")
@@ -119,7 +106,7 @@ def read_run(results_dir: str | Path) -> RunResults:
         where = f"{summary_path}: layers[{i}]"
         _require(meta, ["name", "dir", "num_units", "detectors", "unique_detectors", "rud"], where)
         layer_dir = root / meta["dir"]
-        units = _read_json(layer_dir / "units.json")
+        units = read_json(layer_dir / "units.json", "the results directory is incomplete; rerun `dissect run`")
         _require(units, ["layer", "num_units", "units", "top_k"], str(layer_dir / "units.json"))
         if len(units["units"]) != meta["num_units"]:
             raise InputError(f"{layer_dir / 'units.json'}: {len(units['units'])} units, "

@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
     m.add_argument("--iou-threshold", type=float, default=d.iou_threshold,
                    help=f"detector IoU threshold (default {d.iou_threshold})")
     m.add_argument("--detector-rule", choices=DETECTOR_RULES, default=d.detector_rule,
-                   help=f"'>=' as Lite's report (default) or '>' as the paper's scripts")
+                   help="'>=' as Lite's report (default) or '>' as the paper's scripts")
     m.add_argument("--unique-rule", choices=DETECTOR_RULES, default=d.unique_rule,
                    help=f"rule of the 'paper' unique-detector count (default '{d.unique_rule}')")
     m.add_argument("--categories", nargs="+", metavar="CAT", help="categories to label with (default all)")
