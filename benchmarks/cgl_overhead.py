@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cgl_train.config import TrainConfig  # noqa: E402
-from cgl_train.engine import Trainer, build_trainer, resolve_device, train_step  # noqa: E402
+from cgl_train.engine import Trainer, build_trainer, train_step  # noqa: E402
+from dissect.devices import resolve_device  # noqa: E402
 from cgl_train.groups import GroupActivations  # noqa: E402
 from cgl_train.models import DEFAULT_INPUT_SIZE  # noqa: E402
 

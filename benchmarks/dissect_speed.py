@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     from broden.dataset import BrodenDataset
     from dissect.config import DissectConfig
     from dissect.models import model_from_module
-    from dissect.pipeline import resolve_device, run_dissection
-    from dissect.progress import set_quiet
+    from dissect.devices import resolve_device
+    from dissect.pipeline import run_dissection
+    from broden._progress import set_quiet
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -34,8 +34,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dissect.experiment import RUNS, RUN_TITLES, load_config
-from dissect.fsutil import write_json_atomic, write_text_atomic
+from cgl_train.experiment import RUNS, RUN_TITLES, load_config
+from broden._fileio import write_json_atomic, write_text_atomic
 
 GRID = {
     "weight_decay": {"lr": [0.03, 0.1]},

@@ -20,8 +20,8 @@ _EXPORTS = {
     "source_fingerprint": "cache", "default_cache_dir": "cache", "build_cache": "cache",
     "open_cache": "cache", "open_decoded": "cache",
 }
-# modules written elsewhere in the project whose __all__ is re-exported when present
-_OPTIONAL_MODULES = ("download", "synthetic")
+# submodules whose whole __all__ is re-exported (imported only when one of their names is asked for)
+_WHOLE_MODULES = ("download", "synthetic")
 
 __all__ = sorted(_EXPORTS)
 
@@ -31,14 +31,9 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is not None:
         return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    for optional in _OPTIONAL_MODULES:
-        try:
-            mod = importlib.import_module(f"{__name__}.{optional}")
-        except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.{optional}":
-                continue
-            raise
-        if name in getattr(mod, "__all__", ()):
+    for submodule in _WHOLE_MODULES:
+        mod = importlib.import_module(f"{__name__}.{submodule}")
+        if name in mod.__all__:
             return getattr(mod, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -367,7 +367,7 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
     First removes leftover temporary builds of the same target that are stale
     (see the module docstring; `stale_after` seconds without change).
     """
-    from dissect.progress import progress as progress_bar  # the toolkit's one tqdm helper
+    from broden._progress import progress as progress_bar  # the toolkit's one tqdm helper
 
     root = Path(root)
     meta = meta if meta is not None else load_meta(root)

@@ -31,8 +31,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Sequence
 
 from broden.errors import InputError
-from dissect.fsutil import write_json_atomic
-from dissect.progress import progress as _progress
+from broden._fileio import write_json_atomic
+from broden._progress import progress as _progress
 
 __all__ = ["REFERENCE_BASE_URL", "MIRRORS_ENV", "MANIFEST_NAME", "DatasetSpec", "DATASETS",
            "DownloadError", "ArchiveError", "get_spec", "candidate_urls", "download_dataset",

@@ -42,7 +42,7 @@ import numpy as np
 
 from broden.errors import InputError
 from broden.writer import BrodenWriter
-from dissect.progress import progress as _progress
+from broden._progress import progress as _progress
 
 __all__ = ["GENERATOR_VERSION", "CATEGORIES", "COLORS", "SHAPES", "COLOR_RGB", "LABELS", "MARGIN",
            "CLASS_PAIRS", "CLASS_NAMES", "CLASSES_COLUMNS", "default_shape_size", "shape_masks",

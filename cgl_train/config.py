@@ -9,22 +9,23 @@ choice is documented beside the field.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 from broden.errors import InputError
+from dissect.options import Options, option
 
-__all__ = ["TrainConfig", "LR_SCHEDULES", "LABELINGS", "GROUP_FORMS", "SPATIAL_COORDS",
-           "RESUME_MAY_DIFFER", "EPOCH_DEPENDENT_SCHEDULES", "resume_conflicts", "check_resumable",
-           "parse_layer_ints"]
+__all__ = ["TrainConfig", "CGLOptions", "LR_SCHEDULES", "LABELINGS", "GROUP_FORMS", "SPATIAL_COORDS",
+           "BLOCK_NORM_MODES", "RESUME_MAY_DIFFER", "EPOCH_DEPENDENT_SCHEDULES", "FLAG_GROUPS",
+           "resume_conflicts", "check_resumable", "parse_layer_ints"]
 
 LR_SCHEDULES = ("cosine", "step", "constant")
 LABELINGS = ("binary", "classes45")
 GROUP_FORMS = ("paper", "per_image")
 SPATIAL_COORDS = ("pixel", "normalized")
+BLOCK_NORM_MODES = ("penalty", "proximal")
 # Fields that may change when a run is resumed without changing what the run computes.
 # `epochs` extends the run, allowed only when the LR schedule does not depend on it (see
 # check_resumable); `workers` is safe because every sample's augmentation is seeded by
@@ -35,66 +36,182 @@ RESUME_MAY_DIFFER = ("epochs", "resume", "workers", "quiet", "device", "out",
 # Schedules whose learning rate at an epoch depends on the total `epochs` (cosine anneals to 0
 # at `epochs`): changing `epochs` on resume would not reproduce a run trained that long.
 EPOCH_DEPENDENT_SCHEDULES = ("cosine",)
+# argparse group titles of `cgl-train --help`, in order
+FLAG_GROUPS = {"data": "data and model", "optim": "optimisation", "groups": "concept groups", "run": "run"}
+
+
+def parse_layer_ints(text: str, option: str) -> tuple[int | None, dict[str, int]]:
+    """Parse '5', 'conv1=5,conv2=8' or '5,conv2=8' into (default, {layer: value})."""
+    default: int | None = None
+    per_layer: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.rpartition("=")
+        try:
+            number = int(value)
+        except ValueError:
+            raise InputError(f"option {option}: {part!r} is not an integer or LAYER=INTEGER "
+                             f"(e.g. '5' or 'conv1=5,conv2=8')") from None
+        if sep:
+            per_layer[name.strip()] = number
+        else:
+            default = number
+    return default, per_layer
+
+
+def _layer_ints_flag(field: str, table: str, flag: str) -> Callable[[str], dict[str, Any]]:
+    """Opt.parse of --groups / --free: a default for every layer and per-layer values."""
+    def parse(text: str) -> dict[str, Any]:
+        default, per_layer = parse_layer_ints(text, flag)
+        values: dict[str, Any] = {table: per_layer}
+        if default is not None:
+            values[field] = default
+        return values
+    return parse
 
 
 @dataclass
-class TrainConfig:
-    """Options of one training run."""
+class CGLOptions(Options):
+    """Every CGL setting that changes a result; defaults are the paper's (design/cgl.md).
 
-    data: str = "synthetic"              # 'synthetic' (the paper's shapes) or an ImageFolder root with train/ and val/
-    arch: str = "tiny_cnn"               # a name in cgl_train.models.MODELS
-    out: str = "runs/cgl"                # output dir: log.jsonl, config.json, latest.pth, best.pth
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor args (e.g. tiny_cnn width1/width2)
-    labeling: str = "binary"             # synthetic labeling: 'binary' (a square is present, the paper's Table 1) or 'classes45'
-    synthetic_dir: str | None = None     # where the synthetic set is generated/reused (None: $DISSECT_CACHE_DIR/synthetic/<parameters>)
-    synthetic_per_class: int = 640       # images per class of the 45 pairs (authors: 640, 28,800 images)
-    synthetic_size: int = 64             # synthetic image size in pixels (paper: 64)
-    synthetic_seed: int = 0              # seed of the synthetic generator (independent of the training seed)
-    synthetic_val_fraction: float = 0.2  # synthetic val share (paper: 80/20)
-    input_size: int | None = None        # model input size; None: synthetic size, or 224 for ImageFolder
-    epochs: int = 30                     # passes over the training set (paper silent; our choice)
-    batch_size: int = 64                 # GLOBAL minibatch, split across DDP ranks (paper silent; our choice)
-    lr: float = 0.01                     # SGD learning rate (authors: 0.01)
-    momentum: float = 0.9                # SGD momentum (authors: 0.9)
-    weight_decay: float = 1e-4           # L2 on every parameter R_bn does not cover (authors' baselines: 1e-4)
-    lr_schedule: str = "cosine"          # per-epoch schedule: 'cosine' (to 0 at `epochs`), 'step', 'constant'
-    lr_step: int = 30                    # 'step' schedule: multiply lr by lr_gamma every lr_step epochs
-    lr_gamma: float = 0.1                # 'step' schedule factor
-    groups: int = 5                      # G groups in every grouped layer (authors: 5)
-    group_overrides: dict[str, int] = field(default_factory=dict)   # per-layer G, e.g. {"conv1": 5, "conv2": 8}
-    free: int | None = None              # free filters per grouped layer (None: the remainder channels % G)
-    free_overrides: dict[str, int] = field(default_factory=dict)    # per-layer free filter counts
-    layers: list[str] | None = None      # grouped conv layers (None: every conv of the arch)
-    lambda_bn: float = 0.0               # weight of the block norm R_bn (authors: 1e-3, 5e-3, 1e-2)
-    lambda_g: float = 0.0                # weight of the group activation loss L_g (authors: 1e-3 on the toy set)
-    lambda_s: float = 0.0                # weight of the spatial loss L_s (authors: 1e-2)
-    pairs_per_filter: int = 3            # r = pairs_per_filter * f random pairs per group and step (paper: 3)
-    group_form: str = "paper"            # L_g norms: 'paper' (over minibatch and space) or 'per_image' (authors' code)
-    spatial_coords: str = "pixel"        # L_s coordinates: 'pixel' (authors' code) or 'normalized'
-    spatial_layers: str = "grouped"      # layers L_s applies to: 'grouped' (all, as the authors), 'last', or 'conv1,conv2'
-    learn_p: bool = False                # learn the shared P1, P2 of psi (default fixed at 1 and 0, as the authors)
-    prox: bool = False                   # apply R_bn as a proximal group soft-threshold after each step instead of its gradient
-    monitor: bool = True                 # also compute terms whose lambda is 0 (no gradient, own pair generator) for the log
-    amp: bool = False                    # mixed precision (autocast + GradScaler); used on CUDA only
-    seed: int = 0                        # seeds init, data order, augmentation, dropout and pair sampling
-    workers: int = 2                     # DataLoader worker processes (no effect on results: per-sample seeded augmentation)
-    device: str = "auto"                 # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
-    val_every: int = 1                   # validate every N epochs (and always after the last)
-    max_train_batches: int | None = None  # stop each epoch after N batches (tests, smoke runs)
-    max_val_batches: int | None = None   # validate on the first N batches only (tests, smoke runs)
-    resume: bool = False                 # continue the run in `out` from latest.pth
-    quiet: bool = False                  # no progress bars
+    Declared once here: TrainConfig inherits these fields (so they are cgl-train flags and
+    recorded options), and the losses (cgl_train.losses.CGLObjective) take this object.
+    """
+
+    lambda_bn: float = option(0.0, "weight of the block norm R_bn (authors: 1e-3, 5e-3, 1e-2)", low=0.0,
+                              results=True, group="groups")
+    lambda_g: float = option(0.0, "weight of the group activation loss L_g (authors: 1e-3 on the toy set)",
+                             low=0.0, results=True, group="groups")
+    lambda_s: float = option(0.0, "weight of the spatial loss L_s (authors: 1e-2)", low=0.0, results=True,
+                             group="groups")
+    pairs_per_filter: int = option(3, "r = this * f random pairs per group and step (paper: 3)", low=1,
+                                   results=True, group="groups")
+    group_form: str = option("paper", "L_g norms over batch+space ('paper') or per image (authors' code)",
+                             choices=GROUP_FORMS, results=True, group="groups")
+    spatial_coords: str = option("pixel", "L_s coordinates: 'pixel' (authors' code) or 'normalized' (divided "
+                                 "by max(H, W))", choices=SPATIAL_COORDS, results=True, group="groups")
+    learn_p: bool = option(False, "learn the shared P1, P2 of psi (default fixed at 1 and 0, as the authors)",
+                           results=True, group="groups")
+    spatial_layers: str = option(
+        "grouped", "layers L_s applies to: 'grouped' (all, as the authors), 'last', or conv names 'conv1,conv2'",
+        expected="'grouped', 'last' or comma-separated conv layer names", results=True, group="groups")
+    psi_eps: float = option(1e-5, "epsilon added to S (std variant of psi) and minimum |gamma| (BN variant)",
+                            low=0.0, results=True, group="groups")
+    block_norm_mode: str = option(
+        "penalty", "apply R_bn as a proximal group soft-threshold (lr * lambda_bn) after each step instead of "
+        "its gradient", flag="--prox", const="proximal", choices=BLOCK_NORM_MODES, results=True, group="groups")
+
+    def __post_init__(self) -> None:
+        # the losses take a CGLOptions as given, so it is checked when made; a TrainConfig is
+        # checked by validate(), once flags and config files are merged
+        if type(self) is CGLOptions:
+            self.validate()
+
+    def _check(self, source: str | None) -> None:
+        if not self.spatial_layers.strip():
+            raise self.bad(source, "spatial_layers", "'grouped', 'last' or comma-separated conv layer names")
+
+    def spatial_layer_names(self, layer_groups: Sequence[Any]) -> list[str]:
+        """The conv names L_s applies to, resolved against the grouped layers."""
+        grouped = [lg.name for lg in layer_groups]
+        if self.spatial_layers == "grouped":
+            return grouped
+        if self.spatial_layers == "last":
+            return grouped[-1:]
+        names = [n.strip() for n in self.spatial_layers.split(",") if n.strip()]
+        missing = [n for n in names if n not in grouped]
+        if missing:
+            raise InputError(f"CGL option 'spatial_layers': {missing} are not grouped layers; "
+                             f"grouped layers: {grouped}")
+        return names
+
+    def cgl_options(self) -> "CGLOptions":
+        """The CGL options alone (a TrainConfig's loss settings, for the losses and the logs)."""
+        return CGLOptions(**{name: getattr(self, name) for name in CGLOptions.option_names()})
+
+
+@dataclass
+class TrainConfig(CGLOptions):
+    """Options of one training run: the CGL options (CGLOptions) and everything else about the run."""
+
+    data: str = option("synthetic", "'synthetic' (the paper's shapes, generated once) or an ImageFolder root "
+                       "with train/ and val/ class folders", results=True, group="data")
+    arch: str = option("tiny_cnn", "tiny_cnn, alexnet, alexnet_b or vgg16", results=True, group="data")
+    out: str = option("runs/cgl", "output directory: log.jsonl, config.json, latest.pth, best.pth", group="data")
+    arch_kwargs: dict[str, Any] = option(
+        {}, "extra constructor arguments as JSON, e.g. '{\"width1\": 32, \"width2\": 64}' for tiny_cnn",
+        example='{"width1": 64}', metavar="JSON", results=True, group="data")
+    labeling: str = option("binary", "synthetic labels: 'binary' (a square is present, the paper's Table 1) "
+                           "or 'classes45'", choices=LABELINGS, results=True, group="data")
+    synthetic_dir: str | None = option(
+        None, "where the synthetic set is generated or reused (default: $DISSECT_CACHE_DIR, else "
+        "~/.cache/concept-dissect, then synthetic/<parameters>)", group="data")
+    synthetic_per_class: int = option(640, "synthetic images per class of the 45 pairs (authors: 640)", low=1,
+                                      results=True, group="data")
+    synthetic_size: int = option(64, "synthetic image size in pixels (paper: 64)", low=1, results=True,
+                                 group="data")
+    synthetic_seed: int = option(0, "seed of the synthetic generator (independent of the training seed)",
+                                 results=True, group="data")
+    synthetic_val_fraction: float = option(0.2, "synthetic validation share (paper: 80/20)", low=0.0, high=1.0,
+                                           open_bounds=True, expected="a number strictly between 0 and 1",
+                                           results=True, group="data")
+    input_size: int | None = option(None, "model input size (default: synthetic size, 224 for ImageFolder)",
+                                    low=1, expected="a positive integer or null", results=True, group="data")
+    epochs: int = option(30, "passes over the training set (paper silent; our choice)", low=1, results=True,
+                         group="optim")
+    batch_size: int = option(64, "GLOBAL minibatch, split across DDP ranks (paper silent; our choice)", low=1,
+                             results=True, group="optim")
+    lr: float = option(0.01, "SGD learning rate (authors: 0.01)", low=0.0, results=True, group="optim")
+    momentum: float = option(0.9, "SGD momentum (authors: 0.9)", low=0.0, results=True, group="optim")
+    weight_decay: float = option(1e-4, "L2 on every parameter R_bn does not cover (see above; authors' "
+                                 "baselines: 1e-4)", low=0.0, results=True, group="optim")
+    lr_schedule: str = option("cosine", "per-epoch schedule: 'cosine' (to 0 at --epochs), 'step', 'constant'",
+                              choices=LR_SCHEDULES, results=True, group="optim")
+    lr_step: int = option(30, "'step' schedule: multiply lr by --lr-gamma every this many epochs", low=1,
+                          results=True, group="optim")
+    lr_gamma: float = option(0.1, "'step' schedule factor", low=0.0, results=True, group="optim")
+    amp: bool = option(False, "mixed precision (autocast + GradScaler) on CUDA (ignored on CPU)", results=True,
+                       group="optim")
+    groups: int = option(5, "G per grouped layer: '5', 'conv1=5,conv2=8' or '5,conv2=8' (authors: 5)", low=1,
+                         parse=_layer_ints_flag("groups", "group_overrides", "--groups"), results=True,
+                         group="groups")
+    group_overrides: dict[str, int] = option({}, "per-layer G, e.g. {\"conv1\": 5, \"conv2\": 8} (set with "
+                                             "--groups)", flag=None, results=True)
+    free: int | None = option(None, "free filters per layer, same syntax as --groups (default: the remainder "
+                              "channels % G)", low=0, expected="a non-negative integer or null",
+                              parse=_layer_ints_flag("free", "free_overrides", "--free"), results=True,
+                              group="groups")
+    free_overrides: dict[str, int] = option({}, "per-layer free filter counts (set with --free)", flag=None,
+                                            results=True)
+    layers: list[str] | None = option(None, "grouped conv layers, comma- or space-separated (default: every "
+                                      "conv of the arch)", results=True, group="groups")
+    monitor: bool = option(True, "also compute terms whose lambda is 0 (no gradient, own pair generator) for "
+                           "the log; --no-monitor skips them (faster)", group="groups")
+    seed: int = option(0, "seeds init, data order, augmentation, dropout and pair sampling", results=True,
+                       group="run")
+    workers: int = option(2, "DataLoader worker processes; no effect on results (augmentation is seeded per "
+                          "sample)", low=0, group="run")
+    device: str = option("auto", "'auto' (cuda when present), 'cpu', 'cuda', 'cuda:N'", group="run")
+    val_every: int = option(1, "validate every N epochs (and always after the last)", low=1, group="run")
+    max_train_batches: int | None = option(None, "stop each epoch after N batches (tests, smoke runs)", low=1,
+                                           expected="a positive integer or null", results=True, group="run")
+    max_val_batches: int | None = option(None, "validate on the first N batches only (tests, smoke runs)",
+                                         low=1, expected="a positive integer or null", group="run")
+    resume: bool = option(False, "continue the run in --out from latest.pth, exactly, with its recorded options "
+                          "(see below)", group="run")
+    quiet: bool = option(False, "no progress bars or info messages", group="run")
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
-        """Build from a dict; unknown keys raise InputError naming them and `source`."""
-        if not isinstance(values, dict):
-            raise InputError(f"{source}: expected a JSON object of options, got {type(values).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise InputError(f"{source}: unknown option(s) {unknown}; valid options: {', '.join(sorted(names))}")
-        return cls(**values).validate(source)
+    def from_dict(cls, values: Mapping[str, Any], source: str | None = "config") -> "TrainConfig":
+        """Build from a dict; unknown keys raise InputError naming them and `source`.
+
+        Run records written before block_norm_mode existed say `prox: true/false`; read them as such.
+        """
+        values = dict(values) if isinstance(values, Mapping) else values
+        if isinstance(values, dict) and "prox" in values and "block_norm_mode" not in values:
+            values["block_norm_mode"] = "proximal" if values.pop("prox") else "penalty"
+        return super().from_dict(values, source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
@@ -108,61 +225,24 @@ class TrainConfig:
             raise InputError(f"{path}: not valid JSON: {e}") from e
         return cls.from_dict(values, str(path))
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every field."""
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes).validate()
-
-    def validate(self, source: str = "config") -> "TrainConfig":
+    def validate(self, source: str | None = "config") -> "TrainConfig":
         """Raise InputError naming the first bad option; return self."""
-        from cgl_train.models import MODELS  # late: models imports torchvision
+        return super().validate(source)  # type: ignore[return-value]
 
-        def bad(name: str, expected: str) -> InputError:
-            return InputError(f"{source}: option {name!r} = {getattr(self, name)!r}; expected {expected}")
+    def _check(self, source: str | None) -> None:
+        from dissect.architectures import MODELS  # late: it imports torchvision
 
+        super()._check(source)
         if self.arch not in MODELS:
-            raise bad("arch", f"one of {', '.join(sorted(MODELS))}")
-        choices = {"labeling": LABELINGS, "lr_schedule": LR_SCHEDULES, "group_form": GROUP_FORMS,
-                   "spatial_coords": SPATIAL_COORDS}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise bad(name, f"one of {', '.join(valid)}")
-        positive = ("epochs", "batch_size", "groups", "pairs_per_filter", "val_every", "lr_step",
-                    "synthetic_per_class", "synthetic_size")
-        for name in positive:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise bad(name, "a positive integer")
-        for name in ("max_train_batches", "max_val_batches", "input_size"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise bad(name, "a positive integer or null")
-        if self.free is not None and (not isinstance(self.free, int) or self.free < 0):
-            raise bad("free", "a non-negative integer or null")
-        if not isinstance(self.workers, int) or self.workers < 0:
-            raise bad("workers", "a non-negative integer")
-        for name in ("lr", "lambda_bn", "lambda_g", "lambda_s", "weight_decay", "momentum", "lr_gamma"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise bad(name, "a non-negative number")
-        if not 0.0 < self.synthetic_val_fraction < 1.0:
-            raise bad("synthetic_val_fraction", "a number strictly between 0 and 1")
-        for name in ("group_overrides", "free_overrides", "arch_kwargs"):
-            if not isinstance(getattr(self, name), dict):
-                raise bad(name, "a JSON object")
+            raise self.bad(source, "arch", f"one of {', '.join(sorted(MODELS))}")
+        if self.layers is not None and not self.layers:
+            raise self.bad(source, "layers", "a non-empty list of conv layer names or null")
         for layer, v in {**self.group_overrides, **self.free_overrides}.items():
-            if not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise InputError(f"{source}: per-layer count for {layer!r} is {v!r}; expected a non-negative integer")
-        if not isinstance(self.spatial_layers, str) or not self.spatial_layers.strip():
-            raise bad("spatial_layers", "'grouped', 'last' or comma-separated conv layer names")
-        if self.layers is not None and (not isinstance(self.layers, list) or not self.layers):
-            raise bad("layers", "a non-empty list of conv layer names or null")
-        if self.prox and self.lambda_bn <= 0:
-            raise bad("prox", "false unless lambda_bn > 0 (the proximal step applies R_bn)")
-        return self
+        if self.block_norm_mode == "proximal" and self.lambda_bn <= 0:
+            raise self.bad(source, "block_norm_mode", "'penalty' unless lambda_bn > 0 (the proximal step applies "
+                           "R_bn)")
 
 
 def resume_conflicts(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -191,23 +271,3 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig, source: str) -> 
                          f"learning rates already used would differ from those of a {config.epochs}-epoch "
                          f"run. Resume with --epochs {old_epochs}, or start a new run (the 'step' and "
                          f"'constant' schedules can be extended)")
-
-
-def parse_layer_ints(text: str, option: str) -> tuple[int | None, dict[str, int]]:
-    """Parse '5', 'conv1=5,conv2=8' or '5,conv2=8' into (default, {layer: value})."""
-    default: int | None = None
-    per_layer: dict[str, int] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, value = part.rpartition("=")
-        try:
-            number = int(value)
-        except ValueError:
-            raise InputError(f"option {option}: {part!r} is not an integer or LAYER=INTEGER "
-                             f"(e.g. '5' or 'conv1=5,conv2=8')") from None
-        if sep:
-            per_layer[name.strip()] = number
-        else:
-            default = number
-    return default, per_layer

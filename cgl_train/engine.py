@@ -11,7 +11,7 @@ Choices (recorded in every checkpoint through the config):
   replaces it, eq. 6); their free filters, every bias, BN and the classifier get
   the usual coupled L2 decay. With lambda_bn = 0 every parameter decays (the
   baseline). P1, P2 (when learned) never decay.
-- `prox`: R_bn is applied by a group soft-threshold after each optimizer step
+- `block_norm_mode="proximal"` (`--prox`): R_bn is applied by a group soft-threshold after each optimizer step
   (threshold lr * lambda_bn) instead of through its gradient.
 - Data order is a pure function of (seed, epoch) (DistributedSampler's
   permutation, also with one process). Each training sample's random
@@ -49,21 +49,21 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from broden.errors import InputError
-from cgl_train.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from dissect.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cgl_train.config import TrainConfig, check_resumable
 from cgl_train.data import DataBundle, build_datasets
 from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, init_from_env,
                                    per_rank_batch, shard_indices, shutdown, wrap_ddp)
 from cgl_train.groups import GroupActivations, LayerGroups, layer_groups_config
-from cgl_train.losses import CGLObjective, CGLOptions
+from cgl_train.losses import CGLObjective
 from cgl_train.models import build_model, default_group_layers
-from dissect.devices import parse_device
-from dissect.fsutil import write_json_atomic, write_text_atomic
-from dissect.progress import progress
+from dissect.devices import parse_device, resolve_device
+from broden._fileio import write_json_atomic, write_text_atomic
+from broden._progress import progress
 from dissect.provenance import software_versions
 
 __all__ = ["TrainResult", "Trainer", "Loaders", "SeededSamples", "sample_seed", "seed_worker",
-           "resolve_device", "lr_at", "cgl_options", "build_trainer", "build_loaders", "train_step",
+           "lr_at", "build_trainer", "build_loaders", "train_step",
            "train_one_epoch", "evaluate", "train", "read_log", "log_header", "TERM_NAMES"]
 
 log = logging.getLogger(__name__)
@@ -101,16 +101,6 @@ class Trainer:
     arch_kwargs: dict[str, Any]
 
 
-def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
-    """'auto' -> cuda when present, else cpu; under DDP on CUDA without an index, this rank's GPU."""
-    device = parse_device(name)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", dist.local_rank if dist and dist.enabled else 0)
-        torch.cuda.set_device(device)
-    return device
-
-
 def lr_at(config: TrainConfig, epoch: int) -> float:
     """Learning rate of 0-based `epoch` under the configured schedule."""
     if config.lr_schedule == "cosine":
@@ -118,15 +108,6 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
     if config.lr_schedule == "step":
         return config.lr * config.lr_gamma ** (epoch // config.lr_step)
     return config.lr
-
-
-def cgl_options(config: TrainConfig) -> CGLOptions:
-    """The losses module's options from a TrainConfig."""
-    return CGLOptions(lambda_bn=config.lambda_bn, lambda_g=config.lambda_g, lambda_s=config.lambda_s,
-                      pairs_per_filter=config.pairs_per_filter, group_form=config.group_form,
-                      spatial_coords=config.spatial_coords, learn_p=config.learn_p,
-                      spatial_layers=config.spatial_layers,
-                      block_norm_mode="proximal" if config.prox else "penalty")
 
 
 def _param_groups(config: TrainConfig, net: nn.Module, layer_groups: list[LayerGroups],
@@ -161,7 +142,7 @@ def build_trainer(config: TrainConfig, num_classes: int, input_size: int, device
     layer_groups = default_group_layers(config.arch, net, groups=config.groups, layers=config.layers,
                                         group_overrides=config.group_overrides, free=config.free,
                                         free_overrides=config.free_overrides)
-    objective = CGLObjective(net, layer_groups, cgl_options(config), seed=config.seed,
+    objective = CGLObjective(net, layer_groups, config.cgl_options(), seed=config.seed,
                              monitor=config.monitor).to(device)
     groups, free_decay = _param_groups(config, net, layer_groups, objective)
     optimizer = torch.optim.SGD(groups, lr=lr_at(config, 0), momentum=config.momentum)
@@ -477,7 +458,7 @@ def train(config: TrainConfig) -> TrainResult:
         raise InputError(f"--resume: no checkpoint to resume at {latest}")
     dist = init_from_env(parse_device(config.device))
     try:
-        device = resolve_device(config.device, dist)
+        device = resolve_device(config.device, dist.local_rank if dist.enabled else 0)
         return _train(config, out, latest, best_path, device, dist)
     finally:
         shutdown(dist)

@@ -7,97 +7,19 @@ in no group loss and no block norm (design/cgl.md, "Groups").
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from broden.errors import InputError
+from dissect.groups import GroupSpec, conv_module, find_following_bn
 
 __all__ = ["GroupSpec", "LayerGroups", "Captured", "GroupActivations", "find_following_bn",
-           "conv_names", "build_layer_groups", "layer_groups_config"]
+           "build_layer_groups", "layer_groups_config"]
 
 log = logging.getLogger(__name__)
-
-
-def _where(layer: str | None) -> str:
-    return f"layer {layer!r}" if layer else "group config"
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """G groups of f = (channels - free) // G contiguous filters, then `free` free filters.
-
-    `free=None` makes the free filters the remainder of channels // groups; it is
-    resolved at construction, so `.free` is always an int. `layer` only names the
-    layer in error messages.
-    """
-
-    channels: int
-    groups: int
-    free: int | None = None
-    layer: str | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        where = _where(self.layer)
-        for key in ("channels", "groups"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{where}: '{key}' must be a positive integer, got {value!r}")
-        if self.free is None:
-            free = self.channels % self.groups
-        else:
-            free = self.free
-            if isinstance(free, bool) or not isinstance(free, int) or free < 0:
-                raise InputError(f"{where}: 'free' must be a non-negative integer, got {free!r}")
-            if (self.channels - free) % self.groups != 0:
-                raise InputError(
-                    f"{where}: channels - free = {self.channels} - {free} = {self.channels - free} "
-                    f"is not divisible by groups = {self.groups}; choose 'free' so that it is")
-        if self.channels - free < self.groups:
-            raise InputError(
-                f"{where}: {self.groups} groups need at least one filter each, but only "
-                f"{self.channels - free} of {self.channels} channels are grouped (free = {free})")
-        object.__setattr__(self, "free", free)
-
-    @property
-    def size(self) -> int:
-        """f: filters per group."""
-        return (self.channels - self.free) // self.groups
-
-    @property
-    def grouped(self) -> int:
-        """G * f: the number of grouped channels (channels 0 .. G*f - 1)."""
-        return self.groups * self.size
-
-    def group_slices(self) -> list[slice]:
-        """The channel slice of each group, in order."""
-        f = self.size
-        return [slice(g * f, (g + 1) * f) for g in range(self.groups)]
-
-    def index(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """LongTensor (G, f): the channel indices of each group."""
-        return torch.arange(self.grouped, dtype=torch.int64, device=device).view(self.groups, self.size)
-
-    def to_dict(self) -> dict[str, int]:
-        """The checkpoint's `groups` entry: {"groups", "free", "channels"}."""
-        return {"groups": self.groups, "free": int(self.free), "channels": self.channels}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], layer: str | None = None) -> "GroupSpec":
-        """Inverse of `to_dict`; `free` may be missing or None (the remainder)."""
-        if not isinstance(data, Mapping):
-            raise InputError(f"{_where(layer)}: expected a dict with 'groups' and 'channels', got {data!r}")
-        for key in ("groups", "channels"):
-            if key not in data:
-                raise InputError(f"{_where(layer)}: missing field {key!r} (expected 'groups', 'channels', "
-                                 f"optional 'free')")
-        unknown = set(data) - {"groups", "free", "channels"}
-        if unknown:
-            raise InputError(f"{_where(layer)}: unknown field(s) {sorted(unknown)} (expected 'groups', "
-                             f"'channels', optional 'free')")
-        return cls(channels=data["channels"], groups=data["groups"], free=data.get("free"), layer=layer)
 
 
 @dataclass
@@ -117,49 +39,14 @@ class Captured:
     gamma: torch.Tensor | None  # (C,): that BN's weight (ones if not affine); None without BN
 
 
-def conv_names(model: nn.Module) -> list[str]:
-    """Dotted names of every Conv2d in `model`."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-
-
-def _bn_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-
-
-def _get_conv(model: nn.Module, name: str) -> nn.Conv2d:
-    modules = dict(model.named_modules())
-    module = modules.get(name)
-    if not isinstance(module, nn.Conv2d):
-        what = "no module" if module is None else f"a {type(module).__name__}, not a Conv2d"
-        raise InputError(f"grouped layer {name!r}: {what} of that name in {type(model).__name__}; "
-                         f"valid conv layers: {', '.join(conv_names(model)) or '(none)'}")
-    return module
-
-
 def _get_bn(model: nn.Module, name: str, conv_name: str) -> nn.BatchNorm2d:
     module = dict(model.named_modules()).get(name)
     if not isinstance(module, nn.BatchNorm2d):
+        bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
         what = "no module" if module is None else f"a {type(module).__name__}, not a BatchNorm2d"
         raise InputError(f"batch-norm {name!r} of grouped layer {conv_name!r}: {what} of that name; "
-                         f"valid BatchNorm2d layers: {', '.join(_bn_names(model)) or '(none)'}")
+                         f"valid BatchNorm2d layers: {', '.join(bns) or '(none)'}")
     return module
-
-
-def find_following_bn(model: nn.Module, conv_name: str) -> str | None:
-    """The BatchNorm2d directly after conv `conv_name` in its parent Sequential, else None."""
-    conv = _get_conv(model, conv_name)
-    parent_name, _, child = conv_name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not isinstance(parent, nn.Sequential):
-        return None
-    keys = list(parent._modules.keys())
-    position = keys.index(child)
-    if position + 1 >= len(keys):
-        return None
-    following = parent._modules[keys[position + 1]]
-    if isinstance(following, nn.BatchNorm2d) and following.num_features == conv.out_channels:
-        return f"{parent_name}.{keys[position + 1]}" if parent_name else keys[position + 1]
-    return None
 
 
 def build_layer_groups(model: nn.Module, config: Mapping[str, Mapping[str, Any]],
@@ -171,7 +58,7 @@ def build_layer_groups(model: nn.Module, config: Mapping[str, Mapping[str, Any]]
     """
     result = []
     for name, entry in config.items():
-        conv = _get_conv(model, name)
+        conv = conv_module(model, name)
         entry = dict(entry)
         entry.setdefault("channels", conv.out_channels)
         spec = GroupSpec.from_dict(entry, layer=name)
@@ -210,7 +97,7 @@ class GroupActivations:
         # validate every name up front, so nothing is half attached on error
         self._targets: list[tuple[str, nn.Module, nn.BatchNorm2d | None]] = []
         for lg in self.layers:
-            conv = _get_conv(model, lg.name)
+            conv = conv_module(model, lg.name)
             if lg.spec.channels != conv.out_channels:
                 raise InputError(f"layer {lg.name!r}: group config says {lg.spec.channels} channels, "
                                  f"the conv has {conv.out_channels}")

@@ -7,25 +7,21 @@ do not overflow.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from broden.errors import InputError
+from cgl_train.config import BLOCK_NORM_MODES, GROUP_FORMS, SPATIAL_COORDS, CGLOptions
 from cgl_train.groups import Captured, GroupSpec, LayerGroups
+from dissect.groups import group_norms, group_norms_bn
 
 __all__ = ["soft_receptive_field", "soft_receptive_field_bn", "ReceptiveFieldScale",
            "soft_iou_distance", "sample_pairs", "group_activation_loss", "spatial_loss",
-           "block_norm", "group_relevance", "layer_relevance", "group_relevance_bn",
-           "proximal_group_step", "CGLOptions", "cgl_terms", "CGLObjective",
+           "block_norm", "proximal_group_step", "CGLOptions", "cgl_terms", "CGLObjective",
            "GROUP_FORMS", "SPATIAL_COORDS", "BLOCK_NORM_MODES", "TERMS"]
 
-GROUP_FORMS = ("paper", "per_image")
-SPATIAL_COORDS = ("pixel", "normalized")
-BLOCK_NORM_MODES = ("penalty", "proximal")
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -322,44 +318,9 @@ def spatial_loss(psi: torch.Tensor, coords: str = "pixel") -> torch.Tensor:
 
 # ---------------------------------------------------------------- block norm and relevance
 
-def _group_weights(weight: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
-    if weight.shape[0] != spec.channels:
-        raise InputError(f"{'layer ' + repr(spec.layer) if spec.layer else 'weight'}: {weight.shape[0]} "
-                         f"output channels, group config says {spec.channels}")
-    return weight[: spec.grouped].reshape(spec.groups, -1)  # (G, f * Cin * kh * kw)
-
-
-def group_relevance(weight: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
-    """beta_gl = |w_gl|_F per group (eq. 7): Tensor (G,); free filters excluded."""
-    w = _upcast(_group_weights(weight, spec))
-    return _safe_sqrt((w * w).sum(dim=1))
-
-
 def block_norm(weight: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
-    """R_bn of one layer: sum over groups of |w_g|_F (eq. 6); free filters excluded."""
-    return group_relevance(weight, spec).sum()
-
-
-def layer_relevance(weight: torch.Tensor, spec: GroupSpec) -> torch.Tensor:
-    """beta_l = sum over groups of beta_gl (eq. 7): a scalar."""
-    return group_relevance(weight, spec).sum()
-
-
-def group_relevance_bn(weight: torch.Tensor, spec: GroupSpec, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """Gamma-aware relevance (G,): |w_i * |gamma_i| / sqrt(running_var_i + bn.eps)|_F over each group.
-
-    A conv followed by BN is scale-invariant in its weights; w_i * gamma_i /
-    sqrt(var_i + eps) is the effective filter of the conv+BN pair at inference.
-    gamma = 1 without affine; running_var = 1 without running statistics.
-    """
-    c = weight.shape[0]
-    if bn.num_features != c:
-        raise InputError(f"group_relevance_bn: batch-norm has {bn.num_features} features, weight has {c} filters")
-    gamma = bn.weight if bn.weight is not None else torch.ones(c, device=weight.device)
-    var = bn.running_var if bn.running_var is not None else torch.ones(c, device=weight.device)
-    factor = gamma.abs() / torch.sqrt(var + bn.eps)  # (C,)
-    scaled = _upcast(weight) * factor.view(-1, *([1] * (weight.dim() - 1)))
-    return group_relevance(scaled, spec)
+    """R_bn of one layer: sum over groups of |w_g|_F (eq. 6; beta_l of eq. 7); free filters excluded."""
+    return group_norms(weight, spec).sum()
 
 
 @torch.no_grad()
@@ -371,7 +332,7 @@ def proximal_group_step(weight: torch.Tensor, spec: GroupSpec, threshold: float)
     """
     if threshold < 0:
         raise InputError(f"proximal threshold must be >= 0, got {threshold}")
-    norms = group_relevance(weight, spec)  # (G,)
+    norms = group_norms(weight, spec)  # (G,)
     factor = torch.clamp(1 - _safe_div(torch.full_like(norms, float(threshold)), norms), min=0.0)
     factor = torch.where(norms > 0, factor, torch.zeros_like(factor))
     per_channel = factor.to(weight.dtype).repeat_interleave(spec.size)  # (G*f,)
@@ -379,65 +340,6 @@ def proximal_group_step(weight: torch.Tensor, spec: GroupSpec, threshold: float)
 
 
 # ---------------------------------------------------------------- the combined objective
-
-@dataclass
-class CGLOptions:
-    """Every CGL setting that changes a result; defaults are the paper's (design/cgl.md)."""
-
-    lambda_bn: float = 0.0  # weight of the block norm R_bn (authors: 1e-3, 5e-3, 1e-2)
-    lambda_g: float = 0.0  # weight of the group activation loss L_g (authors: 1e-3, toy)
-    lambda_s: float = 0.0  # weight of the spatial loss L_s (authors: 1e-2)
-    pairs_per_filter: int = 3  # r = pairs_per_filter * f random pairs per group, fresh each step
-    group_form: str = "paper"  # "paper": one D per pair over batch+space; "per_image": authors' code
-    spatial_coords: str = "pixel"  # "pixel" (authors) or "normalized" (divided by max(H, W))
-    learn_p: bool = False  # learn P1, P2 (paper) instead of fixing them at 1, 0 (authors' code)
-    spatial_layers: str = "grouped"  # L_s on: "grouped" (all grouped layers), "last", or "a,b" conv names
-    psi_eps: float = 1e-5  # epsilon added to S (std variant) and minimum |gamma| (BN variant)
-    block_norm_mode: str = "penalty"  # "penalty": add lambda_bn*R_bn to the loss; "proximal": soft-threshold
-
-    def __post_init__(self) -> None:
-        for key in ("lambda_bn", "lambda_g", "lambda_s", "psi_eps"):
-            value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-                raise InputError(f"CGL option {key!r} must be a number >= 0, got {value!r}")
-        if isinstance(self.pairs_per_filter, bool) or not isinstance(self.pairs_per_filter, int) \
-                or self.pairs_per_filter < 1:
-            raise InputError(f"CGL option 'pairs_per_filter' must be an integer >= 1, got {self.pairs_per_filter!r}")
-        for key, valid in (("group_form", GROUP_FORMS), ("spatial_coords", SPATIAL_COORDS),
-                           ("block_norm_mode", BLOCK_NORM_MODES)):
-            if getattr(self, key) not in valid:
-                raise InputError(f"CGL option {key!r} must be one of {valid}, got {getattr(self, key)!r}")
-        if not isinstance(self.spatial_layers, str) or not self.spatial_layers.strip():
-            raise InputError(f"CGL option 'spatial_layers' must be 'grouped', 'last' or comma-separated "
-                             f"conv names, got {self.spatial_layers!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict, for checkpoints and logs."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CGLOptions":
-        """Inverse of `to_dict`; unknown keys are an InputError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise InputError(f"unknown CGL option(s) {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**dict(data))
-
-    def spatial_layer_names(self, layer_groups: Sequence[LayerGroups]) -> list[str]:
-        """The conv names L_s applies to, resolved against the grouped layers."""
-        grouped = [lg.name for lg in layer_groups]
-        if self.spatial_layers == "grouped":
-            return grouped
-        if self.spatial_layers == "last":
-            return grouped[-1:]
-        names = [n.strip() for n in self.spatial_layers.split(",") if n.strip()]
-        missing = [n for n in names if n not in grouped]
-        if missing:
-            raise InputError(f"CGL option 'spatial_layers': {missing} are not grouped layers; "
-                             f"grouped layers: {grouped}")
-        return names
-
 
 TERMS = ("r_bn", "l_g", "l_s")
 
@@ -563,10 +465,10 @@ class CGLObjective(nn.Module):
         result = {}
         for lg in self.layer_groups:
             weight = modules[lg.name].weight
-            beta = group_relevance(weight, lg.spec)
+            beta = group_norms(weight, lg.spec)
             entry: dict[str, Any] = {"beta": beta.tolist(), "beta_l": float(beta.sum()), "beta_bn": None}
             if lg.bn is not None:
-                entry["beta_bn"] = group_relevance_bn(weight, lg.spec, modules[lg.bn]).tolist()
+                entry["beta_bn"] = group_norms_bn(weight, lg.spec, modules[lg.bn]).tolist()
             result[lg.name] = entry
         return result
 

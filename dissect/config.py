@@ -6,114 +6,96 @@ scientific result is a field here, so outputs say how they were made.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from broden.errors import InputError
+from dissect.options import Options, option
 
 __all__ = ["DissectConfig", "RESULT_FIELDS", "OPTION_FLAGS", "INTERPOLATIONS", "UNIONS", "DETECTOR_RULES",
-           "KEEP_ACTIVATIONS", "passes_rule"]
+           "KEEP_ACTIVATIONS", "NORMALIZE_NAMES", "FLAG_GROUPS", "ARCH_HELP", "DECODED_CACHE", "LoadOptions",
+           "RunSettings", "passes_rule"]
 
 # numpy.quantile(method=...) names we reproduce; hazen is Hyndman-Fan type 5, the reference's.
 INTERPOLATIONS = ("hazen", "linear", "lower", "higher", "nearest")
 UNIONS = ("lite", "original")
 DETECTOR_RULES = (">=", ">")
 KEEP_ACTIVATIONS = ("auto", "yes", "no")
-
-# Field -> the `dissect run` flag that sets it, so errors name what the user typed.
-OPTION_FLAGS = {
-    "top_fraction": "--quantile", "interpolation": "--interpolation", "union": "--union",
-    "iou_threshold": "--iou-threshold", "detector_rule": "--detector-rule", "unique_rule": "--unique-rule",
-    "categories": "--categories", "split": "--split", "limit": "--limit", "top_k": "--top-k",
-    "batch_size": "--batch-size", "seed": "--seed", "device": "--device",
-    "keep_activations": "--keep-activations", "activation_budget_mb": "--activation-budget-mb",
-    "normalize": "--normalize", "input_size": "--input-size", "layers": "--layers", "groups": "--groups",
-    "group_alpha": "--group-alpha", "group_threshold": "--group-threshold", "save_every": "--save-every",
-    "save_interval_s": "--save-interval",
-}
+NORMALIZE_NAMES = ("imagenet", "lite", "none")  # dissect.models.NORMALIZATIONS
+# argparse group titles of `dissect run --help`, in order
+FLAG_GROUPS = {"model": "model", "method": "method (defaults: NetDissect-Lite)", "groups": "concept groups",
+               "execution": "execution (no effect on results)", "data": "data"}
 
 
 @dataclass
-class DissectConfig:
+class DissectConfig(Options):
     """Options of one dissection run (defaults reproduce NetDissect-Lite)."""
 
-    top_fraction: float = 0.005          # threshold T_k = quantile at level 1 - top_fraction of all N*h*w values
-    interpolation: str = "hazen"         # quantile interpolation (hazen = type 5, the reference's; numpy names)
-    union: str = "lite"                  # 'lite': category present under the mask; 'original': anywhere in the image
-    iou_threshold: float = 0.04          # a unit is a detector when its top label's IoU passes this
-    detector_rule: str = ">="            # '>=' (Lite's report) or '>' (the paper's plotting scripts)
-    unique_rule: str = ">"               # rule of the 'paper' unique-detector count (its scripts use '>')
-    categories: list[str] | None = None  # categories to label with (None: every category of the dataset)
-    split: str | None = None             # 'train'/'val' subset of index.csv (None: all images, as the reference)
-    limit: int | None = None             # first N images only (quick looks; None: all)
-    top_k: int = 10                      # images kept per unit for reports (highest spatial-max activation)
-    batch_size: int = 64                 # images per forward pass (does not change results)
-    seed: int = 0                        # seeds torch/numpy; the engine itself is deterministic
-    device: str = "auto"                 # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
-    keep_activations: str = "auto"       # reuse stage-1 activations in stage 2: 'auto' (under budget), 'yes', 'no'
-    activation_budget_mb: int = 2048     # memory allowed for kept activations when keep_activations='auto'
-    normalize: str | None = None         # 'imagenet'|'lite'|'none'; None: the checkpoint's, else imagenet
-    input_size: int | None = None        # resize images to this square size (bilinear, antialias); None: as stored
-    layers: list[str] | None = None      # dotted module names; None: the checkpoint's grouped layers, else every Conv2d
-    groups: int | None = None            # G equal contiguous groups per layer (None: the checkpoint's groups, if any)
-    group_alpha: float = 0.5             # aligned concept score = alpha*detector fraction + (1-alpha)*mean IoU
-    group_threshold: float = 0.3         # a group is aligned to its best concept when the score reaches this
-    save_every: int = 50                 # batches between saved run states (resume granularity; no effect on results)
-    save_interval_s: float = 60.0        # ... and at least this many seconds since the last save (0: every time)
-
-    def validate(self) -> "DissectConfig":
-        """Raise InputError naming the first option with a bad value; return self."""
-        def bad(name: str, expected: str) -> InputError:
-            # the flag for CLI users, the field for Python API users
-            return InputError(f"{OPTION_FLAGS.get(name, name)} {getattr(self, name)!r} (option {name}): "
-                              f"expected {expected}")
-
-        if not 0.0 < self.top_fraction < 1.0:
-            raise bad("top_fraction", "a fraction in (0, 1), e.g. 0.005")
-        for name, allowed in (("interpolation", INTERPOLATIONS), ("union", UNIONS),
-                              ("detector_rule", DETECTOR_RULES), ("unique_rule", DETECTOR_RULES),
-                              ("keep_activations", KEEP_ACTIVATIONS)):
-            if getattr(self, name) not in allowed:
-                raise bad(name, "one of " + ", ".join(allowed))
-        if not 0.0 <= self.iou_threshold <= 1.0:
-            raise bad("iou_threshold", "a number in [0, 1]")
-        for name in ("top_k", "batch_size", "save_every"):
-            if int(getattr(self, name)) < 1:
-                raise bad(name, "a positive integer")
-        if self.limit is not None and self.limit < 1:
-            raise bad("limit", "a positive integer or None")
-        if self.input_size is not None and self.input_size < 1:
-            raise bad("input_size", "a positive integer or None")
-        if self.groups is not None and self.groups < 1:
-            raise bad("groups", "a positive integer or None")
-        if not 0.0 <= self.group_alpha <= 1.0:
-            raise bad("group_alpha", "a number in [0, 1]")
-        # the aligned-concept score is a convex mix of a fraction and a mean IoU, so it lies in [0, 1]
-        if not 0.0 <= self.group_threshold <= 1.0:
-            raise bad("group_threshold", "a number in [0, 1] (the score mixes a detector fraction and a mean IoU)")
-        if self.split not in (None, "train", "val"):
-            raise bad("split", "'train', 'val' or None")
-        if self.save_interval_s < 0:
-            raise bad("save_interval_s", "a non-negative number of seconds")
-        if self.activation_budget_mb < 0:
-            raise bad("activation_budget_mb", "a non-negative number of MiB")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of every option."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DissectConfig":
-        """Build from a dict (e.g. summary.json 'options'); unknown keys are an InputError."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InputError(f"unknown dissection options {unknown}; valid: {sorted(names)}")
-        return cls(**d).validate()
+    top_fraction: float = option(
+        0.005, "top fraction of activations above the threshold: T_k = quantile at level 1 - this of all "
+        "N*h*w values", flag="--quantile", aliases=("--top-fraction",), low=0.0, high=1.0, open_bounds=True,
+        expected="a fraction in (0, 1), e.g. 0.005", results=True, group="method")
+    interpolation: str = option(
+        "hazen", "quantile interpolation (numpy names; hazen = type 5, the reference's)",
+        choices=INTERPOLATIONS, results=True, group="method")
+    union: str = option(
+        "lite", "IoU union: lite (category counted where its labels lie under the mask) or original "
+        "(anywhere in the image)", choices=UNIONS, results=True, group="method")
+    iou_threshold: float = option(
+        0.04, "detector IoU threshold: a unit is a detector when its top label's IoU passes it",
+        low=0.0, high=1.0, results=True, group="method")
+    detector_rule: str = option(
+        ">=", "'>=' as Lite's report or '>' as the paper's scripts", choices=DETECTOR_RULES, results=True,
+        group="method")
+    unique_rule: str = option(
+        ">", "rule of the 'paper' unique-detector count (its scripts use '>')", choices=DETECTOR_RULES,
+        results=True, group="method")
+    categories: list[str] | None = option(
+        None, "categories to label with, space- or comma-separated (default: every category of the dataset)",
+        metavar="CAT", results=True, group="method")
+    split: str | None = option(
+        None, "only this split of index.csv (default: all images, as the reference)",
+        choices=(None, "train", "val"), expected="'train', 'val' or None", results=True, group="method")
+    limit: int | None = option(
+        None, "only the first N images (quick looks)", metavar="N", low=1,
+        expected="a positive integer or None", results=True, group="method")
+    top_k: int = option(10, "top images kept per unit for reports (highest spatial-max activation)",
+                        low=1, results=True, group="method")
+    batch_size: int = option(64, "images per forward pass", low=1, group="execution")
+    seed: int = option(0, "random seed (torch/numpy; the engine itself is deterministic)", results=True,
+                       group="method")
+    device: str = option("auto", "auto (cuda when present), cpu, cuda, cuda:N", group="execution")
+    keep_activations: str = option(
+        "auto", "keep stage-1 activations for stage 2 (auto: when under --activation-budget-mb)",
+        choices=KEEP_ACTIVATIONS, group="execution")
+    activation_budget_mb: int = option(2048, "memory for kept activations, MiB", low=0, group="execution")
+    normalize: str | None = option(
+        None, "input normalisation (default: the checkpoint's, else imagenet); given explicitly it wins over "
+        "the checkpoint's (with a warning) and summary.json records what was used", choices=(None, *NORMALIZE_NAMES),
+        results=True, group="model")
+    input_size: int | None = option(
+        None, "resize images to N x N before the model (bilinear, antialiased), e.g. 32 for CIFAR nets; "
+        "default: as stored", metavar="N", low=1, expected="a positive integer or None", results=True,
+        group="model")
+    layers: list[str] | None = option(
+        None, "dotted module names, space- or comma-separated (default: the checkpoint's grouped layers, else "
+        "every Conv2d); `dissect layers MODEL` lists them", metavar="NAME", results=True, group="model")
+    groups: int | None = option(
+        None, "G equal contiguous groups per layer (default: the checkpoint's groups, if any)", metavar="G",
+        low=1, expected="a positive integer or None", results=True, group="groups")
+    group_alpha: float = option(
+        0.5, "weight of the detector fraction in the aligned-concept score (alpha*detector fraction + "
+        "(1-alpha)*mean IoU)", low=0.0, high=1.0, results=True, group="groups")
+    group_threshold: float = option(
+        0.3, "score a group needs to be aligned to a concept", low=0.0, high=1.0,
+        expected="a number in [0, 1] (the score mixes a detector fraction and a mean IoU)", results=True,
+        group="groups")
+    save_every: int = option(50, "batches between saved states for resuming", low=1, group="execution")
+    save_interval_s: float = option(
+        60.0, "and at least this many seconds between saves (0: every time)", flag="--save-interval",
+        low=0.0, expected="a non-negative number of seconds", group="execution")
 
     def result_key(self) -> str:
         """Hash of the options that change results (device, batch size and bookkeeping excluded)."""
@@ -122,10 +104,51 @@ class DissectConfig:
 
 
 # Options whose value can change a number in the outputs: they key caches and resumed states.
-RESULT_FIELDS = frozenset({
-    "top_fraction", "interpolation", "union", "iou_threshold", "detector_rule", "unique_rule",
-    "categories", "split", "limit", "top_k", "normalize", "input_size", "layers", "groups",
-    "group_alpha", "group_threshold", "seed"})
+RESULT_FIELDS = DissectConfig.result_fields()
+# Field -> the `dissect run` flag that sets it, so errors name what the user typed.
+OPTION_FLAGS = DissectConfig.flags()
+
+
+ARCH_HELP = ("architecture of a state_dict or TorchScript archive: a torchvision classification model or a "
+             "cgl_train model. A bare name is looked up in torchvision first, then cgl_train; prefix it to "
+             "pick the registry: 'torchvision:alexnet' or 'cgl:alexnet'")
+DECODED_CACHE = ("auto", "build", "off")
+
+
+@dataclass
+class LoadOptions(Options):
+    """How to read a model file (`dissect run`, `dissect layers`); none changes a number once it loads."""
+
+    arch: str | None = option(None, ARCH_HELP, metavar="NAME", group="model")
+    num_classes: int | None = option(
+        None, "outputs of a state_dict's classifier (default: inferred from the weights)", metavar="N", low=1,
+        expected="a positive integer or None", group="model")
+    trust_pickle: bool = option(
+        False, "allow loading a whole pickled module (runs code from the file: only for files you trust)",
+        group="model")
+
+
+@dataclass
+class RunSettings(Options):
+    """Where data comes from and what to do with an earlier run: no effect on the numbers."""
+
+    cache_dir: str | None = option(
+        None, "where named datasets, synthetic sets and decoded caches live (default $DISSECT_CACHE_DIR or "
+        "~/.cache/concept-dissect)", metavar="DIR", group="data")
+    download: bool = option(False, "fetch a named dataset when it is not in the cache dir", group="data")
+    mirrors: list[str] = option([], "extra base URL for --download (repeatable)", flag="--mirror",
+                                metavar="URL", append=True, group="data")
+    decoded_cache: str = option("auto", "decoded image cache: auto (use one if present), build (make it "
+                                "first), off", choices=DECODED_CACHE, group="data")
+    synthetic_per_class: int | None = option(
+        None, "--dataset synthetic: images per class (default: the checkpoint's training set when it was "
+        "trained on synthetic data, else the paper's 640)", metavar="N", low=1,
+        expected="a positive integer or None", group="data")
+    synthetic_size: int | None = option(
+        None, "--dataset synthetic: image size (default: the checkpoint's training set, else 64)",
+        metavar="PX", low=1, expected="a positive integer or None", group="data")
+    force: bool = option(False, "recompute even if DIR holds a finished identical run", group="execution")
+    quiet: bool = option(False, "no progress bars", group="execution")
 
 
 def passes_rule(value: Any, threshold: float, rule: str) -> Any:

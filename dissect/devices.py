@@ -1,9 +1,13 @@
 """Choose the torch device once, at the edge (`--device auto|cpu|cuda|cuda:N`)."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from broden.errors import InputError
+
+__all__ = ["parse_device", "resolve_device"]
 
 
 def parse_device(name: str) -> torch.device:
@@ -16,4 +20,16 @@ def parse_device(name: str) -> torch.device:
         raise InputError(f"--device {name!r}: not a device name (expected auto, cpu, cuda, cuda:N)") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device this process computes on: parse_device, and a CUDA device without an index is
+    this process's GPU (`local_rank`, else LOCAL_RANK under torchrun, else 0), made current."""
+    device = parse_device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
+            device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
     return device

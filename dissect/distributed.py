@@ -8,26 +8,19 @@ Only rank 0 writes outputs.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from dissect.stats import StreamingStat
+
 __all__ = ["DistContext", "env_world_size", "init_from_env", "shutdown", "shard_range", "merge_stats", "barrier"]
 
 log = logging.getLogger(__name__)
-
-
-class Mergeable(Protocol):
-    """What the streaming statistics provide (dissect.stats)."""
-
-    def merge(self, other: Any) -> Any: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, d: dict) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -113,21 +106,18 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def merge_stats(stats: dict[str, Mergeable], ctx: DistContext) -> dict[str, Mergeable]:
+def merge_stats(stats: dict[str, StreamingStat], ctx: DistContext) -> dict[str, StreamingStat]:
     """Merge each named statistic over all ranks (in rank order); every rank gets the same result."""
     if not ctx.active:
         return stats
     local = {name: _to_cpu(s.state_dict()) for name, s in stats.items()}
     gathered: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(gathered, local)
-    merged: dict[str, Mergeable] = {}
+    merged: dict[str, StreamingStat] = {}
     for name, stat in stats.items():
-        base = copy.deepcopy(stat)
-        base.load_state_dict(gathered[0][name])
-        for r in range(1, ctx.world_size):
-            other = copy.deepcopy(stat)
-            other.load_state_dict(gathered[r][name])
-            base.merge(other)
+        base = stat.empty_like()
+        for r in range(ctx.world_size):
+            base.merge_state(gathered[r][name])
         merged[name] = base
     return merged
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from broden.download import sha256_file
 from broden.errors import InputError
-from cgl_train.checkpoint import CheckpointError, is_checkpoint, validate_checkpoint
+from dissect.checkpoint import CheckpointError, is_checkpoint, validate_checkpoint
 
 __all__ = ["NORMALIZATIONS", "DEFAULT_NORMALIZATION", "LoadedModel", "load_model", "model_from_module",
            "conv_layer_names", "default_layers", "module_type_name", "known_arches",
@@ -99,14 +99,9 @@ def _check_input_size(input_size: int | None, what: str = "--input-size") -> int
 # ---------------------------------------------------------------- architectures
 
 def _cgl_models() -> dict[str, Any]:
-    """cgl_train.models.MODELS, or {} while that module does not exist."""
-    try:
-        from cgl_train import models as cgl_models  # lazy: dissect must not need training code
-    except ModuleNotFoundError as e:
-        if e.name in ("cgl_train.models", "cgl_train"):
-            return {}
-        raise
-    return dict(cgl_models.MODELS)
+    """The checkpoint architectures (dissect.architectures.MODELS; imported late: it loads torchvision)."""
+    from dissect.architectures import MODELS
+    return dict(MODELS)
 
 
 def _torchvision_classifiers() -> list[str]:
@@ -120,7 +115,7 @@ def known_arches() -> dict[str, list[str]]:
 
 
 def _build_cgl(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    from cgl_train.models import build_model
+    from dissect.architectures import build_model
     return build_model(arch, **kwargs)
 
 
@@ -145,7 +140,7 @@ def parse_arch(arch: str) -> tuple[str, str | None]:
 
 def _build_arch(arch: str, kwargs: Mapping[str, Any], source: str,
                 prefer: str = "cgl_train") -> nn.Module:
-    """Build `arch` (weights=None: no downloads) from cgl_train.models or torchvision, `prefer` first.
+    """Build `arch` (weights=None: no downloads) from dissect.architectures or torchvision, `prefer` first.
 
     Checkpoints prefer cgl_train (they name its registry); bare state_dicts prefer torchvision,
     whose names users pass with --arch (cgl_train's 'alexnet' differs only in out-of-place ReLUs).

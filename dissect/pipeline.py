@@ -10,7 +10,6 @@ this rank's shard and merge exactly (dissect.distributed).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,28 +17,26 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 
 from broden.errors import InputError
 from dissect.config import DissectConfig
-from dissect.devices import parse_device
+from dissect.devices import resolve_device
 from dissect.distributed import DistContext, barrier, merge_stats, shard_range
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
                             layout_from_spec)
+from dissect.hooks import resolve_layers
 from dissect.hooks import LayerRecorder, layer_shapes
 from dissect.labels import label_units, layer_label_summary
 from dissect.preprocess import preprocess
 from dissect.provenance import software_versions
-from dissect.progress import progress
-from dissect.results import (DatasetInfo, DissectionResult, LayerResult, iou_from_counts, layer_dirname,
-                             read_summary, write_results)
+from broden._progress import progress
+from dissect.results import DatasetInfo, DissectionResult, LayerResult, layer_dirname, write_results
 from dissect.state import RunState, run_key
-from dissect.stats import IoUTally, TopImages, TopQuantile
+from dissect.stats import IoUTally, TopImages, TopQuantile, iou_from_counts
 
-__all__ = ["dissect_model", "run_dissection", "plan_key", "effective_config", "load_results", "resolve_device",
-           "dataset_info", "software_versions"]
+__all__ = ["run_dissection", "plan_key", "effective_config", "layers_to_dissect", "dataset_info"]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +49,7 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
     np.random.seed(config.seed)
     device = resolve_device(config.device)
     model = loaded.module.to(device).eval()
-    layers = resolve_layers(loaded, config)
+    layers = layers_to_dissect(loaded, config)
     info = dataset_info(dataset)
     key = run_key(loaded.fingerprint, layers, info.fingerprint, config.result_key())
     state = RunState(out, key, ctx.rank, ctx.world_size, config.batch_size)
@@ -87,7 +84,7 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
 def plan_key(loaded: Any, dataset: Any, config: DissectConfig) -> str:
     """The run key (model + layers + dataset + result options) that names this dissection."""
     config = effective_config(loaded, dataset, config)
-    return run_key(loaded.fingerprint, resolve_layers(loaded, config), dataset_info(dataset).fingerprint,
+    return run_key(loaded.fingerprint, layers_to_dissect(loaded, config), dataset_info(dataset).fingerprint,
                    config.result_key())
 
 
@@ -112,7 +109,7 @@ def effective_config(loaded: Any, dataset: Any, config: DissectConfig) -> Dissec
                          f"{loaded.normalization}; leave normalize None or load the model with it")
     _apply_selection(config, dataset)
     if config.layers:
-        config.layers = resolve_layers(loaded, config)
+        config.layers = layers_to_dissect(loaded, config)
     return config
 
 
@@ -137,43 +134,15 @@ def _apply_selection(config: DissectConfig, dataset: Any) -> None:
     config.categories, config.split, config.limit = used["categories"], used["split"], used["limit"]
 
 
-def dissect_model(model: nn.Module | Any, dataset: Any, layers: list[str] | None = None,
-                  config: DissectConfig | None = None, out: str | Path | None = None) -> DissectionResult:
-    """Python API: dissect an in-memory model (nn.Module or dissect.models.LoadedModel).
-
-    `dataset` is a broden.dataset.BrodenDataset or a Broden directory path; `layers` overrides
-    config.layers. With `out`, results are written there and progress can resume after a kill.
-    """
-    from broden.dataset import BrodenDataset
-    from dissect.models import LoadedModel, model_from_module
-
-    config = DissectConfig(**config.to_dict()) if config is not None else DissectConfig()
-    if layers is not None:
-        config.layers = list(layers)
-    if isinstance(model, LoadedModel):
-        loaded = model
-    else:
-        loaded = model_from_module(model, normalization=config.normalize, input_size=config.input_size)
-    if not isinstance(dataset, BrodenDataset):
-        dataset = BrodenDataset(dataset, categories=config.categories, split=config.split, limit=config.limit)
-    return run_dissection(loaded, dataset, config, out)
-
-
 # ---------------------------------------------------------------- setup
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is parsed by torch."""
-    return parse_device(name)
-
-
-def resolve_layers(loaded: Any, config: DissectConfig) -> list[str]:
+def layers_to_dissect(loaded: Any, config: DissectConfig) -> list[str]:
     """config.layers (in network order, repeats dropped), else the model's default layers
     (checkpoint groups, else every Conv2d)."""
-    from dissect.hooks import resolve_layers as find_layers
     from dissect.models import default_layers
 
     if config.layers:
-        layers = list(find_layers(loaded.module, config.layers))  # unknown names fail here, with hints
+        layers = list(resolve_layers(loaded.module, config.layers))  # unknown names fail here, with hints
     else:
         layers = default_layers(loaded)
     # network order, whatever the --layers order: "the last two layers" must mean the deepest two
@@ -252,8 +221,6 @@ class _Engine:
             if len(s) != 3:
                 raise InputError(f"layer {name!r} outputs shape {s}; dissection needs (C, h, w) feature maps")
         self.shapes = {k: tuple(int(x) for x in v) for k, v in shapes.items()}
-        rec = self.dataset.record(0)
-        self.label_size = (int(rec.sh), int(rec.sw))
 
     def _bar_args(self) -> dict[str, Any]:
         return {} if self.ctx.is_main else {"disable": True}  # one bar per job, not per rank
@@ -392,33 +359,3 @@ def _label_layer(name: str, shape: tuple[int, int, int], thresholds: torch.Tenso
                        intersection=tally["intersection"], activation=tally["activation"], truth=tally["truth"],
                        iou=iou, top_indices=top["indices"], top_scores=top["scores"], top_maps=top["maps"],
                        labels=labels, counts=counts, groups=groups, unit_group=unit_group)
-
-
-# ---------------------------------------------------------------- reading results back
-
-def load_results(out: str | Path) -> dict[str, pd.DataFrame]:
-    """Read a results directory: {'summary': one row per layer, 'units': one row per unit of every layer}."""
-    out = Path(out)
-    summary = read_summary(out)
-    rows = []
-    for entry in summary["layers"]:
-        row = {"layer": entry["name"], "num_units": entry["num_units"], "detectors": entry["detectors"],
-               "unique_paper": entry["unique_detectors"]["paper"]["total"],
-               "unique_top_label": entry["unique_detectors"]["top_label"]["total"],
-               "rud_paper": entry["rud"]["paper"], "rud_top_label": entry["rud"]["top_label"]}
-        row.update({f"detectors_{c}": v for c, v in entry["detectors_per_category"].items()})
-        rows.append(row)
-    units = []
-    for entry in summary["layers"]:
-        path = out / entry["dir"] / "units.json"
-        if not path.is_file():
-            raise InputError(f"{path}: missing (summary.json lists layer {entry['name']!r})")
-        data = json.loads(path.read_text())
-        for u in data["units"]:
-            r = {"layer": entry["name"], "unit": u["unit"], "label": u["label"], "label_id": u["label_id"],
-                 "category": u["category"], "iou": u["iou"], "threshold": u["threshold"], "group": u["group"]}
-            for c, pc in u["per_category"].items():
-                r[f"{c}-label"] = pc["label"]
-                r[f"{c}-iou"] = pc["iou"]
-            units.append(r)
-    return {"summary": pd.DataFrame(rows), "units": pd.DataFrame(units)}

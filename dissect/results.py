@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from broden.errors import InputError
-from dissect.fsutil import atomic_path, read_json, write_json_atomic, write_text_atomic
+from broden._fileio import atomic_path, read_json, write_json_atomic, write_text_atomic
 from dissect.labels import LayerLabels
 
-__all__ = ["FORMAT", "VERSION", "LayerResult", "DatasetInfo", "DissectionResult", "iou_from_counts",
+__all__ = ["FORMAT", "VERSION", "LayerResult", "DatasetInfo", "DissectionResult",
            "tally_csv_text", "units_json", "summary_json", "write_results", "layer_dirname",
-           "remove_stale_outputs", "REPORT_DIRNAME"]
+           "remove_stale_outputs", "REPORT_DIRNAME", "read_summary", "load_results"]
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,6 @@ VERSION = 1
 REPORT_DIRNAME = "report"
 # A folder holding any of these is a layer folder written by write_results (user files are left alone).
 LAYER_MARKERS = ("units.json", "tally.csv", "thresholds.npy")
-
-
-def iou_from_counts(intersection: np.ndarray, activation: np.ndarray, truth: np.ndarray,
-                    label_category: np.ndarray) -> np.ndarray:
-    """IoU[u, l] = I / (A[u, cat(l)] + G[l] - I + 1e-10) in float64, as the reference.
-
-    `activation` (U, C) by category index; `label_category` (L,) index into its columns (-1: none,
-    IoU 0).
-    """
-    I = np.asarray(intersection, dtype=np.float64)  # (U, L)
-    cat = np.asarray(label_category, dtype=np.int64)
-    A = np.asarray(activation, dtype=np.float64)[:, np.clip(cat, 0, None)]  # (U, L)
-    A = np.where(cat[None, :] >= 0, A, 0.0)
-    iou = I / (A + np.asarray(truth, dtype=np.float64)[None, :] - I + 1e-10)
-    return np.where(cat[None, :] >= 0, iou, 0.0)
 
 
 @dataclass
@@ -112,10 +97,6 @@ class DissectionResult:
             if lr.name == name:
                 return lr
         raise KeyError(f"no layer {name!r}; dissected: {[lr.name for lr in self.layers]}")
-
-    def save(self, out: str | Path) -> Path:
-        """Write the results directory (see write_results)."""
-        return write_results(self, out)
 
 
 def layer_dirname(name: str) -> str:
@@ -287,3 +268,33 @@ def read_summary(out: str | Path) -> dict[str, Any]:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{path}: field 'format' is {got!r}, expected {FORMAT!r}")
     return data
+
+
+def load_results(out: str | Path) -> dict[str, Any]:
+    """Read a results directory: {'summary': one row per layer, 'units': one row per unit of every layer}."""
+    import pandas as pd  # late: writing results does not need it
+
+    out = Path(out)
+    summary = read_summary(out)
+    rows = []
+    for entry in summary["layers"]:
+        row = {"layer": entry["name"], "num_units": entry["num_units"], "detectors": entry["detectors"],
+               "unique_paper": entry["unique_detectors"]["paper"]["total"],
+               "unique_top_label": entry["unique_detectors"]["top_label"]["total"],
+               "rud_paper": entry["rud"]["paper"], "rud_top_label": entry["rud"]["top_label"]}
+        row.update({f"detectors_{c}": v for c, v in entry["detectors_per_category"].items()})
+        rows.append(row)
+    units = []
+    for entry in summary["layers"]:
+        path = out / entry["dir"] / "units.json"
+        if not path.is_file():
+            raise InputError(f"{path}: missing (summary.json lists layer {entry['name']!r})")
+        data = read_json(path)
+        for u in data["units"]:
+            r = {"layer": entry["name"], "unit": u["unit"], "label": u["label"], "label_id": u["label_id"],
+                 "category": u["category"], "iou": u["iou"], "threshold": u["threshold"], "group": u["group"]}
+            for c, pc in u["per_category"].items():
+                r[f"{c}-label"] = pc["label"]
+                r[f"{c}-iou"] = pc["iou"]
+            units.append(r)
+    return {"summary": pd.DataFrame(rows), "units": pd.DataFrame(units)}

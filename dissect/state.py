@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dissect.fsutil import atomic_path
+from broden._fileio import atomic_path
 
 __all__ = ["STATE_DIRNAME", "run_key", "RunState"]
 

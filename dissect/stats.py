@@ -13,6 +13,7 @@ Tensors stay on the device the object lives on; counts are int64.
 """
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from typing import Any
@@ -23,7 +24,8 @@ from broden.errors import InputError
 from dissect.config import INTERPOLATIONS, UNIONS  # defined once, beside the options that take them
 from dissect.upsample import mask_pixels
 
-__all__ = ["TopQuantile", "IoUTally", "LabelBatch", "TopImages", "INTERPOLATIONS", "UNIONS"]
+__all__ = ["StreamingStat", "TopQuantile", "IoUTally", "LabelBatch", "TopImages", "iou_from_counts",
+           "INTERPOLATIONS", "UNIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +37,50 @@ def _device(device: Any) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
+class StreamingStat(abc.ABC):
+    """What the three statistics share: a state format, the options that must agree, and merging a state.
+
+    Subclasses set FORMAT and CONFIG (attribute names that must be equal to merge or load a
+    state) and implement add/merge/result/state_dict/load_state_dict/to and `empty_like`.
+    """
+
+    FORMAT = ""
+    CONFIG: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def empty_like(self) -> "StreamingStat":
+        """A fresh statistic with this one's configuration and device, holding nothing yet."""
+
+    def _header(self) -> dict[str, Any]:
+        """The format and configuration part of state_dict()."""
+        return {"format": self.FORMAT, **{k: getattr(self, k) for k in self.CONFIG}}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Refuse a state of another format or configuration (names the field)."""
+        if state.get("format") != self.FORMAT:
+            raise InputError(f"state_dict has format {state.get('format')!r}, expected {self.FORMAT!r}")
+        owner = type(self).__name__
+        for attr in self.CONFIG:
+            if _require(state, attr, owner) != getattr(self, attr):
+                raise InputError(f"{owner} state has {attr}={state[attr]!r}, this object has {getattr(self, attr)!r}")
+
+    def _check_mergeable(self, other: "StreamingStat") -> None:
+        for attr in self.CONFIG:
+            if getattr(self, attr) != getattr(other, attr):
+                raise InputError(f"cannot merge {type(self).__name__} with different {attr}: "
+                                 f"{getattr(self, attr)!r} vs {getattr(other, attr)!r}")
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        """Merge a state written by another shard's `state_dict` (rank merging, resuming shards)."""
+        other = self.empty_like()
+        other.load_state_dict(state)
+        self.merge(other)
+
+
 def _require(state: dict, key: str, owner: str) -> Any:
     if key not in state:
         raise InputError(f"{owner} state_dict is missing the field {key!r}")
     return state[key]
-
-
-def _check_format(state: dict, fmt: str) -> None:
-    got = state.get("format")
-    if got != fmt:
-        raise InputError(f"state_dict has format {got!r}, expected {fmt!r}")
 
 
 def _quantile_plan(n: int, q: float, method: str) -> tuple[int, int, float]:
@@ -77,7 +113,23 @@ def _quantile_plan(n: int, q: float, method: str) -> tuple[int, int, float]:
     return lo, lo + 1, v - lo
 
 
-class TopQuantile:
+def iou_from_counts(intersection: Any, activation: Any, truth: Any, label_category: Any) -> Any:
+    """IoU[u, l] = I / (A[u, cat(l)] + G[l] - I + 1e-10) in float64, as the reference (0 where cat(l) = -1).
+
+    intersection (U, L), activation (U, C) by category index, truth (L,), label_category (L,)
+    index into activation's columns. Tensors in, a tensor out (on their device); numpy in, numpy out.
+    """
+    as_numpy = not isinstance(intersection, torch.Tensor)
+    inter = torch.as_tensor(intersection).double()  # (U, L)
+    cat = torch.as_tensor(label_category, device=inter.device).long()
+    has_cat = cat >= 0
+    act = torch.as_tensor(activation, device=inter.device)[:, cat.clamp(min=0)].double() * has_cat  # (U, L)
+    iou = inter / (act + torch.as_tensor(truth, device=inter.device).double()[None, :] - inter + 1e-10)
+    iou = torch.where(has_cat[None, :], iou, torch.zeros_like(iou))
+    return iou.numpy() if as_numpy else iou
+
+
+class TopQuantile(StreamingStat):
     """Exact per-unit quantile at level 1 - top_fraction of all values added, streamed.
 
     Only order statistics from index `lo` (0-based, ascending; see
@@ -119,6 +171,14 @@ class TopQuantile:
         self.device = _device(device)
         self.count = 0  # values added per unit
         self._reset_buffers()
+
+    FORMAT = "dissect.stats.TopQuantile"
+    CONFIG = ("num_units", "total_per_unit", "top_fraction", "interpolation")
+
+    def empty_like(self) -> "TopQuantile":
+        """A fresh TopQuantile with this one's configuration and device."""
+        return TopQuantile(self.num_units, self.total_per_unit, self.top_fraction, self.interpolation,
+                           device=self.device)
 
     def _reset_buffers(self) -> None:
         u, dev = self.num_units, self.device
@@ -203,10 +263,7 @@ class TopQuantile:
 
     def merge(self, other: "TopQuantile") -> None:
         """Fold in another shard's state (same configuration), exactly."""
-        for attr in ("num_units", "total_per_unit", "top_fraction", "interpolation"):
-            if getattr(self, attr) != getattr(other, attr):
-                raise InputError(f"cannot merge TopQuantile with different {attr}: "
-                                 f"{getattr(self, attr)!r} vs {getattr(other, attr)!r}")
+        self._check_mergeable(other)
         if self.count + other.count > self.total_per_unit:
             raise InputError(f"merged TopQuantile would hold {self.count + other.count} values per "
                              f"unit, more than total_per_unit={self.total_per_unit}")
@@ -243,19 +300,13 @@ class TopQuantile:
     def state_dict(self) -> dict[str, Any]:
         """Compact state: the k largest values per unit and the counters."""
         top = self._buf.topk(self.k, dim=1, sorted=True).values
-        return {"format": "dissect.stats.TopQuantile", "num_units": self.num_units,
-                "total_per_unit": self.total_per_unit, "top_fraction": self.top_fraction,
-                "interpolation": self.interpolation, "count": self.count,
+        return {**self._header(), "count": self.count,
                 "values": top.clone(),
                 "fill": self._fill.clamp(max=self.k).clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state written by `state_dict` (configuration must match)."""
-        _check_format(state, "dissect.stats.TopQuantile")
-        for attr in ("num_units", "total_per_unit", "top_fraction", "interpolation"):
-            if _require(state, attr, "TopQuantile") != getattr(self, attr):
-                raise InputError(f"TopQuantile state has {attr}={state[attr]!r}, "
-                                 f"this object has {getattr(self, attr)!r}")
+        self._check_state(state)
         values = _require(state, "values", "TopQuantile")
         if tuple(values.shape) != (self.num_units, self.k):
             raise InputError(f"TopQuantile state 'values' has shape {tuple(values.shape)}, "
@@ -427,7 +478,7 @@ class _Batch:
         t.images += b
 
 
-class IoUTally:
+class IoUTally(StreamingStat):
     """Exact int64 tallies of unit masks against Broden labels, and the IoU.
 
     Over all images: `truth[l]` = pixels labelled l (every label layer counts;
@@ -480,6 +531,14 @@ class IoUTally:
         self.truth = torch.zeros(l, dtype=torch.int64, device=self.device)
         self.intersection = torch.zeros(u, l, dtype=torch.int64, device=self.device)
         self.activation = torch.zeros(u, c, dtype=torch.int64, device=self.device)
+
+    FORMAT = "dissect.stats.IoUTally"
+    CONFIG = ("num_units", "num_categories", "union")
+
+    def empty_like(self) -> "IoUTally":
+        """A fresh IoUTally with this one's units, labels, categories, union and device."""
+        return IoUTally(self.num_units, self.label_category, self.num_categories, self.union,
+                        device=self.device, chunk_elements=self.chunk_elements)
 
     def to(self, device: Any) -> "IoUTally":
         """Move the state to `device` (in place); returns self."""
@@ -560,10 +619,7 @@ class IoUTally:
 
     def merge(self, other: "IoUTally") -> None:
         """Add another shard's tallies (same units, labels, categories and union)."""
-        if (self.num_units, self.num_labels, self.num_categories, self.union) != \
-                (other.num_units, other.num_labels, other.num_categories, other.union):
-            raise InputError("cannot merge IoUTally objects with different units, labels, "
-                             "categories or union mode")
+        self._check_mergeable(other)
         if not torch.equal(self.label_category, other.label_category.to(self.device)):
             raise InputError("cannot merge IoUTally objects with different label_category")
         self.truth += other.truth.to(self.device)
@@ -573,30 +629,19 @@ class IoUTally:
 
     def result(self) -> dict[str, torch.Tensor]:
         """dict(intersection (U, L), activation (U, C), truth (L,), iou (U, L) float32)."""
-        cat = self.label_category
-        has_cat = cat >= 0
-        act = self.activation[:, cat.clamp(min=0)].double() * has_cat  # (U, L) A[u, cat(l)]
-        inter = self.intersection.double()
-        iou = inter / (act + self.truth.double()[None, :] - inter + 1e-10)
-        iou = torch.where(has_cat[None, :], iou, torch.zeros_like(iou))
+        iou = iou_from_counts(self.intersection, self.activation, self.truth, self.label_category)
         return {"intersection": self.intersection.clone(), "activation": self.activation.clone(),
                 "truth": self.truth.clone(), "iou": iou.float()}
 
     def state_dict(self) -> dict[str, Any]:
         """Tallies and configuration, as tensors, ints and strings."""
-        return {"format": "dissect.stats.IoUTally", "num_units": self.num_units,
-                "num_categories": self.num_categories, "union": self.union,
-                "images": self.images, "label_category": self.label_category.clone(),
+        return {**self._header(), "images": self.images, "label_category": self.label_category.clone(),
                 "truth": self.truth.clone(), "intersection": self.intersection.clone(),
                 "activation": self.activation.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state written by `state_dict` (configuration must match)."""
-        _check_format(state, "dissect.stats.IoUTally")
-        for attr in ("num_units", "num_categories", "union"):
-            if _require(state, attr, "IoUTally") != getattr(self, attr):
-                raise InputError(f"IoUTally state has {attr}={state[attr]!r}, "
-                                 f"this object has {getattr(self, attr)!r}")
+        self._check_state(state)
         cat = _require(state, "label_category", "IoUTally").to(self.device, torch.int64)
         if not torch.equal(cat, self.label_category):
             raise InputError("IoUTally state has a different label_category")
@@ -613,7 +658,7 @@ class IoUTally:
 _NO_IMAGE = torch.iinfo(torch.int64).max  # index of an empty slot: sorts after every real image
 
 
-class TopImages:
+class TopImages(StreamingStat):
     """Per unit, the k images with the largest spatial-max activation, and their raw maps.
 
     Order: score descending, ties to the smaller image index, so any sharding
@@ -630,6 +675,13 @@ class TopImages:
         self.indices = torch.full((self.num_units, self.k), _NO_IMAGE, dtype=torch.int64,
                                   device=self.device)
         self.maps: torch.Tensor | None = None  # (U, k, h, w) float32, shaped on the first add
+
+    FORMAT = "dissect.stats.TopImages"
+    CONFIG = ("num_units", "k")
+
+    def empty_like(self) -> "TopImages":
+        """A fresh TopImages with this one's units, k and device."""
+        return TopImages(self.num_units, self.k, device=self.device)
 
     def to(self, device: Any) -> "TopImages":
         """Move the state to `device` (in place); returns self."""
@@ -691,8 +743,7 @@ class TopImages:
 
     def merge(self, other: "TopImages") -> None:
         """Fold in another shard's top images (same units and k)."""
-        if (self.num_units, self.k) != (other.num_units, other.k):
-            raise InputError("cannot merge TopImages with different num_units or k")
+        self._check_mergeable(other)
         if other.maps is None:
             return
         if self.maps is None:
@@ -716,16 +767,11 @@ class TopImages:
     def state_dict(self) -> dict[str, Any]:
         """Scores, indices and maps (empty (U, k, 0, 0) before the first add)."""
         maps = self.maps if self.maps is not None else self._empty_maps(0, 0)
-        return {"format": "dissect.stats.TopImages", "num_units": self.num_units, "k": self.k,
-                "scores": self.scores.clone(), "indices": self.indices.clone(), "maps": maps.clone()}
+        return {**self._header(), "scores": self.scores.clone(), "indices": self.indices.clone(), "maps": maps.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state written by `state_dict` (num_units and k must match)."""
-        _check_format(state, "dissect.stats.TopImages")
-        for attr in ("num_units", "k"):
-            if _require(state, attr, "TopImages") != getattr(self, attr):
-                raise InputError(f"TopImages state has {attr}={state[attr]!r}, "
-                                 f"this object has {getattr(self, attr)!r}")
+        self._check_state(state)
         self.scores = _require(state, "scores", "TopImages").to(self.device, torch.float32).clone()
         self.indices = _require(state, "indices", "TopImages").to(self.device, torch.int64).clone()
         maps = _require(state, "maps", "TopImages").to(self.device, torch.float32)

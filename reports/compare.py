@@ -24,8 +24,9 @@ from typing import Any, Mapping, Sequence
 
 from broden.errors import InputError
 from dissect.config import RESULT_FIELDS
-from dissect.fsutil import write_text_atomic
-from reports.render import UNIQUE_DEFINITIONS, RunResults, read_run, template_env
+from broden._fileio import write_text_atomic
+from reports.render import template_env
+from reports.results import UNIQUE_DEFINITIONS, RunResults, read_run
 
 __all__ = ["Comparison", "Comparability", "compare_runs", "comparability", "comparability_rows",
            "comparison_rows", "format_markdown", "format_csv",

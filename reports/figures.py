@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 
 from matplotlib.figure import Figure
 
-from dissect.fsutil import atomic_path
+from broden._fileio import atomic_path
+from reports.results import is_detector
 
 __all__ = ["save_figure", "detector_counts", "detectors_bar_chart", "group_bubble_plot",
            "compare_bar_chart", "CATEGORY_COLORS"]
@@ -36,8 +37,6 @@ def detector_counts(units: Sequence[Mapping[str, Any]], categories: Sequence[str
                     rule: tuple[float, str]) -> list[tuple[str, str, int]]:
     """(category, label, number of detector units) by top label, grouped by category in
     `categories` order, labels by count descending then name (the reference bar chart's order)."""
-    from reports.render import is_detector
-
     counts = Counter((u.get("category") or "", u.get("label") or "") for u in units
                      if u.get("iou") is not None and is_detector(float(u["iou"]), rule))
     rank = {c: i for i, c in enumerate(list(categories) + sorted({c for c, _ in counts} - set(categories)))}

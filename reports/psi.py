@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,10 +32,11 @@ from PIL import Image
 from broden.errors import InputError
 from cgl_train.losses import soft_receptive_field, soft_receptive_field_bn
 from dissect.preprocess import preprocess  # the dissection's own transform, so psi sees what it saw
+from dissect.groups import find_following_bn
+from dissect.hooks import LayerRecorder
 from reports.figures import save_figure
+from reports.results import RunResults, safe_name
 
-if TYPE_CHECKING:
-    from reports.render import RunResults
 
 __all__ = ["parse_psi_units", "preprocess", "unit_psi", "psi_source", "layer_psi", "render_psi_figures"]
 
@@ -81,9 +82,8 @@ def _load_images(paths: Sequence[str], images_dir: Path) -> dict[str, np.ndarray
 
 
 def psi_source(module: torch.nn.Module, layer: str) -> tuple[str, str | None]:
-    """("bn", BN module name) when `layer` is a Conv2d followed directly by a BatchNorm2d, else ("std", None)."""
-    from cgl_train.groups import find_following_bn
-
+    """("bn", BN module name) when a BatchNorm2d follows conv `layer` (dissect.groups.find_following_bn's
+    rule, the one the dissection's BN-aware relevance uses), else ("std", None)."""
     target = dict(module.named_modules()).get(layer)
     if isinstance(target, torch.nn.Conv2d):
         bn = find_following_bn(module, layer)
@@ -96,7 +96,6 @@ def _layer_outputs(module: torch.nn.Module, layer: str, images: Mapping[str, np.
                    normalization: Mapping[str, Sequence[float]], input_size: int | None,
                    device: torch.device) -> dict[str, torch.Tensor]:
     """Layer output (C, h, w) per image, one forward pass per image size."""
-    from dissect.hooks import LayerRecorder
 
     by_size: dict[tuple[int, ...], list[str]] = defaultdict(list)
     for p, arr in images.items():
@@ -169,7 +168,6 @@ def render_psi_figures(run: "RunResults", psi_units: Mapping[str, Sequence[int]]
                        trust_pickle: bool = False, eps: float = 1e-5) -> dict[str, list[dict[str, Any]]]:
     """Draw psi heat maps over each chosen unit's top images; returns layer -> [{unit, path, caption}]."""
     from dissect.models import load_model
-    from reports.render import safe_name
 
     summary = run.summary
     model_info = summary["model"]

@@ -19,7 +19,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from broden.errors import InputError
-from dissect.fsutil import atomic_path
+from broden._fileio import atomic_path
+from reports.results import LayerResults, safe_name
 
-if TYPE_CHECKING:
-    from reports.render import LayerResults
 
 __all__ = ["activation_masks", "scale_masks", "compose_tiles", "label_sizes", "unit_strips", "OUTLINE_COLOR"]
 
@@ -129,8 +128,6 @@ def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | 
     Returns unit -> strip path relative to out_dir (None for a unit with no top images).
     A missing image, or one the dataset's index no longer lists, becomes a grey tile and is logged.
     """
-    from reports.render import safe_name
-
     units: list[dict[str, Any]] = layer.units["units"]
     U = len(units)
     acts = layer.array("top_activations.npy", (U,))  # (U, k, h, w)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from cgl_train.checkpoint import make_checkpoint, save_checkpoint
+from dissect.checkpoint import make_checkpoint, save_checkpoint
 from dissect.cli import main
 from dissect.distributed import shard_range
 from test_pipeline import make_concept_broden

@@ -8,7 +8,7 @@ import pytest
 
 from broden.errors import InputError
 from dissect.cli import main
-from dissect.experiment import (CATEGORIES, LAYERS, PAPER_TABLE1, RUNS, ExperimentOptions, load_config,
+from cgl_train.experiment import (CATEGORIES, LAYERS, PAPER_TABLE1, RUNS, ExperimentOptions, load_config,
                                 run_experiment)
 
 
@@ -60,10 +60,13 @@ def test_markdown_table_shows_ours_beside_the_paper(experiment) -> None:
 
 
 def test_reports_and_comparison_page_exist(experiment) -> None:
-    assert set(experiment.reports) == set(RUNS)
-    for path in experiment.reports.values():
+    from reports.experiment import render_experiment
+
+    views = render_experiment(experiment)
+    assert set(views.reports) == set(RUNS)
+    for path in views.reports.values():
         assert path.name == "index.html" and path.is_file()
-    html = experiment.compare_html.read_text()
+    html = views.compare_html.read_text()
     assert "R_bn + L_g + L_s" in html and "http://" not in html and "https://" not in html
 
 

@@ -57,6 +57,33 @@ def test_following_bn():
     assert following_bn(nested, "0.0") is nested[0][1]
 
 
+class _Block(nn.Module):
+    """A non-Sequential block whose children list a BN after the conv that its forward never applies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.bn(x.repeat(1, 2, 1, 1)[:, :4])
+
+
+def test_following_bn_needs_a_sequential_parent_and_matching_channels():
+    from reports.psi import psi_source
+
+    block = nn.Sequential(_Block())
+    # declaration order is not data flow: only a Sequential says the BN runs on the conv's output
+    assert following_bn(block, "0.conv") is None
+    assert psi_source(block, "0.conv") == ("std", None)  # the psi report applies the same rule
+    wrong = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(5))
+    assert following_bn(wrong, "0") is None  # a BN of another width cannot be this conv's
+    seq = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    assert psi_source(seq, "0") == ("bn", "1") and following_bn(seq, "0") is seq[1]
+    with pytest.raises(InputError, match="not a Conv2d"):
+        following_bn(seq, "1")
+
+
 def test_aligned_concept_by_hand():
     iou = np.array([
         [0, 0.30, 0.00, 0.00],   # group 0: two red detectors

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from broden.errors import InputError
+from dissect.models import conv_layer_names
 from cgl_train.groups import (GroupActivations, GroupSpec, LayerGroups, build_layer_groups,
-                              conv_names, find_following_bn, layer_groups_config)
+                              find_following_bn, layer_groups_config)
 
 
 class TinyNet(nn.Module):
@@ -166,7 +167,7 @@ def test_unknown_names_list_valid_ones():
     with pytest.raises(InputError, match="5 channels.*6"):
         GroupActivations(model, [LayerGroups("features.0", GroupSpec(5, 1))])
     assert _hook_count(model) == 0
-    assert conv_names(model) == ["features.0", "features.3"]
+    assert conv_layer_names(model) == ["features.0", "features.3"]
 
 
 def test_no_copy_detects_inplace_overwrite():

@@ -11,9 +11,9 @@ from torch import nn
 from broden.errors import InputError
 from cgl_train.config import TrainConfig
 from cgl_train.groups import Captured, GroupActivations, GroupSpec, LayerGroups
+from dissect.groups import group_norms, group_norms_bn
 from cgl_train.losses import (CGLObjective, CGLOptions, ReceptiveFieldScale, block_norm, cgl_terms,
-                              group_activation_loss, group_relevance, group_relevance_bn, layer_relevance,
-                              proximal_group_step, sample_pairs, soft_iou_distance, soft_receptive_field,
+                              group_activation_loss, proximal_group_step, sample_pairs, soft_iou_distance, soft_receptive_field,
                               soft_receptive_field_bn, spatial_loss)
 
 D64 = torch.float64
@@ -239,15 +239,15 @@ def test_block_norm_of_ones():
     weight = torch.ones(7, 4, 3, 3)
     weight[6] = 100.0  # the free filter is excluded
     per_group = math.sqrt(2 * 4 * 3 * 3)
-    torch.testing.assert_close(group_relevance(weight, spec), torch.full((3,), per_group))
+    torch.testing.assert_close(group_norms(weight, spec), torch.full((3,), per_group))
     assert block_norm(weight, spec).item() == pytest.approx(3 * per_group)
-    assert layer_relevance(weight, spec).item() == pytest.approx(3 * per_group)
+    assert group_norms(weight, spec).sum().item() == pytest.approx(3 * per_group)  # beta_l = R_bn
 
 
 def test_relevance_matches_naive():
     spec = GroupSpec(channels=8, groups=3, free=2)
     weight = _randn(8, 2, 3, 3, seed=14)
-    assert group_relevance(weight, spec).tolist() == pytest.approx(naive_group_norms(weight, spec), rel=1e-12)
+    assert group_norms(weight, spec).tolist() == pytest.approx(naive_group_norms(weight, spec), rel=1e-12)
 
 
 def test_relevance_bn():
@@ -258,10 +258,10 @@ def test_relevance_bn():
         bn.weight.copy_(torch.tensor([1.0, -2.0, 0.0, 3.0]))
         bn.running_var.copy_(torch.tensor([4.0, 1.0, 1.0, 9.0]))
     # effective filters: 1/2, 2, 0, 1 -> group norms sqrt(1/4 + 4), sqrt(0 + 1)
-    got = group_relevance_bn(weight, spec, bn)
+    got = group_norms_bn(weight, spec, bn)
     assert got.tolist() == pytest.approx([math.sqrt(4.25), 1.0])
     # the plain relevance ignores the BN
-    assert group_relevance(weight, spec).tolist() == pytest.approx([math.sqrt(2), math.sqrt(2)])
+    assert group_norms(weight, spec).tolist() == pytest.approx([math.sqrt(2), math.sqrt(2)])
 
 
 def test_proximal_step_zeroes_weak_groups_and_shrinks_others():

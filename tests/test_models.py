@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from broden.errors import InputError
-from cgl_train.checkpoint import make_checkpoint, save_checkpoint
+from dissect.checkpoint import make_checkpoint, save_checkpoint
 from dissect.cli import main
 from dissect.models import (NORMALIZATIONS, conv_layer_names, default_layers, load_model,
                             model_from_module)

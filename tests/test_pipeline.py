@@ -18,7 +18,8 @@ from torch import nn
 
 from broden.writer import BrodenWriter
 from dissect.config import DissectConfig
-from dissect.pipeline import dissect_model, load_results
+from dissect.results import load_results
+from dissect.runner import dissect_model
 
 CATS = ["color", "object", "part", "scene"]
 LABELS = {1: ("red", "color"), 2: ("green", "color"), 300: ("car", "object"), 310: ("tree", "object"),

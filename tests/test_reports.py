@@ -15,7 +15,8 @@ from PIL import Image
 from broden.errors import InputError
 from dissect.cli import main
 from reports.psi import parse_psi_units, unit_psi
-from reports.render import read_run, render_report
+from reports.render import render_report
+from reports.results import read_run
 from reports.thumbnails import OUTLINE_COLOR, activation_masks, compose_tiles, scale_masks
 from results_fixture import make_dataset, make_results_dir
 
@@ -66,7 +67,7 @@ def cells(path: Path) -> dict[tuple[str, str, str], str]:
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`dissect run` on a 4+6-unit tiny_cnn checkpoint over 6 images, then `dissect report`."""
-    from cgl_train.checkpoint import make_checkpoint, save_checkpoint
+    from dissect.checkpoint import make_checkpoint, save_checkpoint
     from cgl_train.models import build_model
 
     root = tmp_path_factory.mktemp("real")
@@ -321,7 +322,7 @@ def test_report_renders_without_the_dataset(tmp_path: Path) -> None:
 
 def test_bar_chart_counts_and_bubble_plot(tmp_path: Path) -> None:
     from reports.figures import detector_counts
-    from reports.render import detector_rule
+    from reports.results import detector_rule
 
     results = make_results_dir(tmp_path, seed=4)
     run = read_run(results)
@@ -412,7 +413,7 @@ def _layer_psi(results: Path, layer: str, unit: int, p1: float, p2: float) -> tu
 
 def test_psi_without_batch_norm_matches_a_hand_computation(tmp_path: Path) -> None:
     """tiny_cnn checkpoint whose conv1 only has centre taps: a = w . x + b per pixel, S = std over the images."""
-    from cgl_train.checkpoint import make_checkpoint, save_checkpoint
+    from dissect.checkpoint import make_checkpoint, save_checkpoint
     from cgl_train.models import build_model
 
     kwargs = {"num_classes": 2, "input_size": 32, "width1": 6, "width2": 8}

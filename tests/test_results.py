@@ -8,7 +8,8 @@ import pytest
 
 from dissect import results as results_mod
 from dissect.labels import label_units, layer_label_summary
-from dissect.results import DatasetInfo, DissectionResult, LayerResult, iou_from_counts, write_results
+from dissect.results import DatasetInfo, DissectionResult, LayerResult, write_results
+from dissect.stats import iou_from_counts
 
 ALL_CATS = ["color", "object", "scene"]
 # ids: 1 red, 2 green (color); 300 car (object); 301 unused; 302 kitchen (scene)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from dissect.pipeline import dissect_model
+from dissect.runner import dissect_model
 from dissect.state import STATE_DIRNAME
 from test_pipeline import LAYERS, ConceptNet, config, make_concept_broden
 

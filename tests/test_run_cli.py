@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgl_train.checkpoint import make_checkpoint, save_checkpoint
+from dissect.checkpoint import make_checkpoint, save_checkpoint
 from dissect.cli import main
 
 
@@ -230,7 +230,7 @@ def test_checkpoint_trained_on_synthetic_uses_its_set(setup, tmp_path):
 def test_synthetic_source_precedence():
     from types import SimpleNamespace
 
-    from dissect.commands.run import synthetic_source
+    from dissect.datasets import synthetic_source
 
     assert synthetic_source(SimpleNamespace(checkpoint=None)) == (
         {"per_class": 640, "size": 64, "seed": 0, "val_fraction": 0.2}, None)

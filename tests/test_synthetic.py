@@ -256,7 +256,7 @@ def test_one_synthetic_dir_for_both_clis(tmp_path, monkeypatch):
     from broden.synthetic import DEFAULT_PER_CLASS, synthetic_dir
     from cgl_train.config import TrainConfig
     from cgl_train.data import synthetic_cache_dir
-    from dissect.commands.run import SYNTHETIC_DEFAULTS
+    from dissect.datasets import SYNTHETIC_DEFAULTS
     from dissect.commands.synth import DEFAULT_PER_CLASS as SYNTH_PER_CLASS
 
     monkeypatch.setenv("DISSECT_CACHE_DIR", str(tmp_path / "cache"))

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from broden.errors import InputError
 from broden.synthetic import generate_shapes_dataset, load_classes
-from cgl_train.checkpoint import load_checkpoint
+from dissect.checkpoint import load_checkpoint
 from cgl_train.cli import main
 from cgl_train.config import TrainConfig, parse_layer_ints
 from cgl_train.data import IMAGENET_NORMALIZATION, SyntheticShapes, build_datasets
@@ -124,7 +124,7 @@ def test_weight_decay_skips_exactly_what_r_bn_covers(shapes, tmp_path):
 
 def test_proximal_mode_zeroes_groups_below_the_threshold_and_spares_free_filters(shapes, tmp_path):
     # threshold lr * lambda_bn = 0.1 * 100 exceeds every group norm of the fresh init
-    cfg = config(shapes, tmp_path, groups=3, lambda_bn=100.0, prox=True, lr=0.1, monitor=False)
+    cfg = config(shapes, tmp_path, groups=3, lambda_bn=100.0, block_norm_mode="proximal", lr=0.1, monitor=False)
     trainer = build_trainer(cfg, num_classes=2, input_size=32, device=CPU)
     x, y = batch(shapes, 4)
     train_step(trainer, x, y, None)
@@ -134,7 +134,7 @@ def test_proximal_mode_zeroes_groups_below_the_threshold_and_spares_free_filters
 
 
 def test_proximal_step_is_skipped_with_a_step_the_grad_scaler_skips(shapes, tmp_path):
-    cfg = config(shapes, tmp_path, groups=3, lambda_bn=100.0, prox=True, lr=0.1, monitor=False)
+    cfg = config(shapes, tmp_path, groups=3, lambda_bn=100.0, block_norm_mode="proximal", lr=0.1, monitor=False)
     x, y = batch(shapes, 4)
     results = {}
     for poison in (False, True):

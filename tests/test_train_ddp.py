@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from broden.synthetic import generate_shapes_dataset
-from cgl_train.checkpoint import load_checkpoint
+from dissect.checkpoint import load_checkpoint
 from cgl_train.config import TrainConfig
 from cgl_train.engine import read_log, train
 

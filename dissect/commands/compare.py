@@ -8,7 +8,7 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `compare` subcommand."""
     from reports.compare import FORMATS
-    from reports.render import UNIQUE_DEFINITIONS
+    from reports.results import UNIQUE_DEFINITIONS
 
     p = subparsers.add_parser(
         "compare", help="compare dissection runs (CGL Tables 1-3) with differences to the first",

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from broden.download import DATASETS, MIRRORS_ENV, download_dataset, get_spec
-from dissect.progress import set_quiet
+from broden._progress import set_quiet
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from dissect.config import LoadOptions
+from dissect.options import add_flags
+
 # torch and the model code load in run(), so `dissect --help` stays fast.
 DEFAULT_INPUT_SIZE = 224
-ARCH_HELP = ("architecture of a state_dict or TorchScript archive: a torchvision classification model or a "
-             "cgl_train model. A bare name is looked up in torchvision first, then cgl_train; prefix it to "
-             "pick the registry: 'torchvision:alexnet' or 'cgl:alexnet'")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,11 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "as `dissect run` needs).")
     p.add_argument("model", metavar="MODEL",
                    help="checkpoint, state_dict (with --arch), TorchScript archive or pickled module")
-    p.add_argument("--arch", metavar="NAME", default=None, help=ARCH_HELP)
-    p.add_argument("--num-classes", type=int, metavar="N",
-                   help="outputs of a state_dict's classifier (default: inferred from the weights)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="load a whole pickled module; this runs code from the file, so only for files you trust")
+    add_flags(p, LoadOptions)
     p.add_argument("--input-size", type=int, metavar="N", default=None,
                    help=f"input image side in pixels (default: the checkpoint's, else {DEFAULT_INPUT_SIZE})")
     p.add_argument("--all", action="store_true", help="list every module, not only Conv2d layers")
@@ -45,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from dissect.hooks import layer_shapes
     from dissect.models import conv_layer_names, load_model, module_type_name
 
-    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle, input_size=args.input_size,
-                        num_classes=args.num_classes, allow_script=True)
+    loading = LoadOptions.from_args(args)
+    loaded = load_model(args.model, arch=loading.arch, trust_pickle=loading.trust_pickle,
+                        input_size=args.input_size, num_classes=loading.num_classes, allow_script=True)
     size = loaded.input_size or DEFAULT_INPUT_SIZE
     module = loaded.module
     modules = dict(module.named_modules())

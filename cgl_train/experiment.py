@@ -1,9 +1,10 @@
 """The paper's synthetic experiment end to end (CGL paper, section 4.1, Table 1).
 
 generate shapes -> train the tiny CNN three ways -> dissect conv1 and conv2 of
-each -> table of unique detectors beside the paper's -> reports + comparison.
-Every step reuses finished work in the output directory, so an interrupted
-demo continues where it stopped.
+each (the dissection library, dissect.runner) -> table of unique detectors
+beside the paper's. Every step reuses finished work in the output directory,
+so an interrupted demo continues where it stopped. The HTML reports and the
+comparison page are a layer above (reports); `dissect demo` renders them.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from broden.errors import InputError
-from dissect.fsutil import write_json_atomic, write_text_atomic
+from broden._fileio import write_json_atomic, write_text_atomic
+from dissect.options import Options, option
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +37,22 @@ PAPER_TABLE1 = {
 
 
 @dataclass
-class ExperimentOptions:
+class ExperimentOptions(Options):
     """Options of `dissect demo`."""
 
-    out: Path = Path("demo-out")          # everything goes here (data, runs, dissections, reports, table)
-    full: bool = False                    # the paper's sizes (28,800 images, 30 epochs) instead of the quick preset
-    seeds: int = 1                        # training seeds; full mode uses at least 3 (single runs are noisy)
-    labeling: str = "binary"              # 'binary' (the paper's Table 1) or 'classes45'
-    config: Path | None = None            # experiment config JSON (default: the checked-in cgl_train/configs/table1.json)
-    device: str = "auto"                  # training and dissection device
-    quiet: bool = False                   # no progress bars
-    epochs: int | None = None             # override the preset's epochs (smoke tests)
-    per_class: int | None = None          # override the preset's images per class (smoke tests)
-    max_train_batches: int | None = None  # cap batches per epoch (smoke tests)
-    report: bool = True                   # render the HTML reports and the comparison page
+    out: str = option("demo-out", "output directory: data, runs, dissections, reports, table")
+    full: bool = option(False, "the paper's sizes: 640 images per class, 30 epochs, >= 3 seeds")
+    seeds: int = option(1, "training seeds; mean and spread are reported", low=1)
+    labeling: str = option("binary", "binary 'a square is present' (the paper's Table 1) or the 45-class setting",
+                           choices=("binary", "classes45"))
+    config: str | None = option(None, "experiment config JSON (default: cgl_train/configs/table1.json)",
+                                metavar="JSON")
+    device: str = option("auto", "training and dissection device: auto, cpu, cuda, cuda:N")
+    epochs: int | None = option(None, "override the preset's epochs (smoke runs)", low=1)
+    per_class: int | None = option(None, "override the preset's images per class (smoke runs)", low=1)
+    max_train_batches: int | None = option(None, "cap batches per epoch (smoke tests)", flag=None, low=1)
+    report: bool = option(True, "render the HTML reports and the comparison page; --no-report skips them")
+    quiet: bool = option(False, "no progress bars")
 
 
 @dataclass
@@ -59,12 +63,11 @@ class ExperimentResult:
     table_md: Path
     table_json: Path
     rows: list[dict[str, Any]]
-    reports: dict[str, Path] = field(default_factory=dict)
-    compare_html: Path | None = None
+    dissections: dict[tuple[str, int], Path] = field(default_factory=dict)  # (run, seed) -> results dir
     seconds: float = 0.0
 
 
-def load_config(path: Path | None = None) -> dict[str, Any]:
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
     """Read the experiment config (the checked-in one by default)."""
     if path is None:
         text = resources.files("cgl_train").joinpath("configs/table1.json").read_text()
@@ -91,8 +94,6 @@ def load_config(path: Path | None = None) -> dict[str, Any]:
 
 def _seeds(opts: ExperimentOptions) -> list[int]:
     n = max(opts.seeds, 3) if opts.full else opts.seeds
-    if n < 1:
-        raise InputError(f"--seeds {opts.seeds}: expected a positive number")
     return list(range(n))
 
 
@@ -102,7 +103,7 @@ def _dataset(cfg: dict[str, Any], opts: ExperimentOptions, mode: str) -> tuple[P
     data = dict(cfg["data"][mode])
     if opts.per_class is not None:
         data["per_class"] = opts.per_class
-    root = opts.out / "data" / f"shapes-{data['size']}px-{data['per_class']}pc-seed{data['seed']}"
+    root = Path(opts.out) / "data" / f"shapes-{data['size']}px-{data['per_class']}pc-seed{data['seed']}"
     generate_shapes_dataset(root, per_class=data["per_class"], size=data["size"], seed=data["seed"],
                             val_fraction=data["val_fraction"], progress=not opts.quiet)
     return root, data
@@ -111,14 +112,14 @@ def _dataset(cfg: dict[str, Any], opts: ExperimentOptions, mode: str) -> tuple[P
 def _train(cfg: dict[str, Any], opts: ExperimentOptions, mode: str, run: str, seed: int,
            data_root: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Train one configuration (or reuse/resume it); returns the checkpoint and its metrics."""
-    from cgl_train.checkpoint import load_checkpoint
+    from dissect.checkpoint import load_checkpoint
     from cgl_train.config import TrainConfig
     from cgl_train.engine import train
 
     values = {**cfg["train"]["common"], **cfg["train"][mode], **cfg["runs"][run]}
     if opts.epochs is not None:
         values["epochs"] = opts.epochs
-    out = opts.out / "runs" / f"{run}-seed{seed}"
+    out = Path(opts.out) / "runs" / f"{run}-seed{seed}"
     values.update(data="synthetic", synthetic_dir=str(data_root), synthetic_per_class=data["per_class"],
                   synthetic_size=data["size"], synthetic_seed=data["seed"],
                   synthetic_val_fraction=data["val_fraction"], labeling=opts.labeling, seed=seed,
@@ -138,17 +139,12 @@ def _train(cfg: dict[str, Any], opts: ExperimentOptions, mode: str, run: str, se
 
 def _dissect(cfg: dict[str, Any], opts: ExperimentOptions, checkpoint: Path, data_root: Path,
              out: Path, seed: int) -> dict[str, Any]:
-    from dissect.cli import main as dissect_main
+    from dissect.runner import run as dissect_run
 
-    argv = ["run", str(checkpoint), "--dataset", str(data_root), "--out", str(out),
-            "--layers", *cfg["dissect"]["layers"], "--seed", str(seed), "--device", opts.device,
-            "--batch-size", str(cfg["dissect"].get("batch_size", 64)), "--no-report"]
-    if opts.quiet:
-        argv.append("--quiet")
-    code = dissect_main(argv)
-    if code != 0:
-        raise RuntimeError(f"dissect run failed with exit code {code} for {checkpoint}")
-    return json.loads((out / "summary.json").read_text())
+    outcome = dissect_run(checkpoint, data_root, out, layers=list(cfg["dissect"]["layers"]), seed=seed,
+                          device=opts.device, batch_size=int(cfg["dissect"].get("batch_size", 64)),
+                          quiet=opts.quiet)
+    return outcome.summary
 
 
 def _val_accuracy(metrics: dict[str, Any]) -> float | None:
@@ -229,12 +225,12 @@ def format_table(rows: list[dict[str, Any]], labeling: str) -> str:
 
 def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
     """Run the whole experiment; see the module docstring."""
-    if opts.labeling not in ("binary", "classes45"):
-        raise InputError(f"--labeling {opts.labeling!r}: expected binary or classes45")
+    opts.validate()
     start = time.time()
     cfg = load_config(opts.config)
     mode = "full" if opts.full else "quick"
-    opts.out.mkdir(parents=True, exist_ok=True)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
     seeds = _seeds(opts)
     data_root, data = _dataset(cfg, opts, mode)
 
@@ -245,24 +241,15 @@ def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
         for run in RUNS:
             log.info("training %s (seed %d)", RUN_TITLES[run], seed)
             ckpt, metrics[(run, seed)] = _train(cfg, opts, mode, run, seed, data_root, data)
-            dissect_dirs[(run, seed)] = opts.out / "dissect" / f"{run}-seed{seed}"
+            dissect_dirs[(run, seed)] = out / "dissect" / f"{run}-seed{seed}"
             log.info("dissecting %s (seed %d)", RUN_TITLES[run], seed)
             summaries[(run, seed)] = _dissect(cfg, opts, ckpt, data_root, dissect_dirs[(run, seed)], seed)
 
     tables = {d: table_rows(summaries, metrics, seeds, d) for d in DEFINITIONS}
     rows = tables["paper"]
     table = "\n".join(format_table(tables[d], opts.labeling) for d in DEFINITIONS)
-    result = ExperimentResult(out=opts.out, table_md=opts.out / "table1.md",
-                              table_json=opts.out / "table1.json", rows=rows)
-    if opts.report:
-        from reports.compare import compare_runs, write_comparison
-        from reports.render import render_report
-
-        for run in RUNS:
-            result.reports[run] = render_report(dissect_dirs[(run, seeds[0])])
-        cmp = compare_runs([dissect_dirs[(r, seeds[0])] for r in RUNS], names=[RUN_TITLES[r] for r in RUNS])
-        result.compare_html = opts.out / "compare.html"
-        write_comparison(cmp, "html", result.compare_html)
+    result = ExperimentResult(out=out, table_md=out / "table1.md", table_json=out / "table1.json", rows=rows,
+                              dissections=dissect_dirs)
     result.seconds = time.time() - start
     write_text_atomic(result.table_md, table)
     write_json_atomic(result.table_json, {

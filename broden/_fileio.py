@@ -1,4 +1,4 @@
-"""Atomic file writes: nothing ever looks complete before it is."""
+"""File helpers for every package: atomic writes (nothing ever looks complete before it is) and JSON reading."""
 from __future__ import annotations
 
 import json

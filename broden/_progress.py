@@ -1,4 +1,4 @@
-"""One progress-bar helper for the whole toolkit, with a global quiet switch."""
+"""One progress-bar helper for the whole toolkit (every package), with a global quiet switch."""
 from __future__ import annotations
 
 from typing import Any, Iterable

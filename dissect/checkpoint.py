@@ -1,4 +1,4 @@
-"""The checkpoint format shared by `cgl-train` (writer) and `dissect run` (reader).
+"""The checkpoint format that `cgl-train` writes and `dissect run` reads (defined here, in the reader's package).
 
 A checkpoint is one dict of plain Python values and tensors, so it loads with
 `torch.load(..., weights_only=True)`: no pickled classes, no code runs on load.
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from broden.errors import InputError
-from dissect.fsutil import atomic_path
+from broden._fileio import atomic_path
 
 __all__ = ["FORMAT", "VERSION", "REQUIRED_FIELDS", "CheckpointError", "make_checkpoint",
            "save_checkpoint", "load_checkpoint", "is_checkpoint"]

@@ -1,0 +1,149 @@
+"""The library entry point: `dissect.run(model, dataset, out, **options)` does all that `dissect run` does
+but the HTML report (a layer above: reports.render), and `dissect.load(out)` reads the results back.
+
+run: options -> device and process group -> model (a file, a module, or a LoadedModel) ->
+dataset (a directory, a known name, 'synthetic', or a BrodenDataset) -> reuse a finished
+identical run in `out` (unless force) -> remove an earlier run's stale outputs ->
+pipeline.run_dissection (thresholds, tallies, labels, groups, files).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broden.errors import InputError
+from dissect.config import DissectConfig, LoadOptions, RunSettings
+
+__all__ = ["RunOutcome", "run", "load", "dissect_model", "split_options"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutcome:
+    """What `run` did: the results directory, whether a finished run was reused, its summary."""
+
+    out: Path | None
+    reused: bool
+    summary: dict[str, Any]       # summary.json's content (also for out=None)
+    result: Any = None            # the DissectionResult, when computed now (None when reused)
+    is_main: bool = True          # this process is rank 0 (the one that writes and reports)
+
+
+def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Keyword options by the dataclass that declares them: (DissectConfig, LoadOptions, RunSettings)."""
+    parts: tuple[dict[str, Any], ...] = ({}, {}, {})
+    classes = (DissectConfig, LoadOptions, RunSettings)
+    for key, value in options.items():
+        for part, cls in zip(parts, classes):
+            if key in cls.option_names():
+                part[key] = value
+                break
+        else:
+            valid = sorted(n for cls in classes for n in cls.option_names())
+            raise InputError(f"unknown option {key!r}; valid options: {', '.join(valid)}")
+    return parts  # type: ignore[return-value]
+
+
+def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: DissectConfig | None = None,
+        **options: Any) -> RunOutcome:
+    """Dissect `model` on `dataset`; write results to `out` (resumable; a finished identical run is reused).
+
+    `model`: a model file (cgl checkpoint, state_dict + arch, TorchScript + arch, trusted pickle),
+    an nn.Module or a dissect.models.LoadedModel. `dataset`: a Broden directory, a known name
+    (broden1_224, ...), 'synthetic', or a broden.dataset.BrodenDataset. `options`: any
+    DissectConfig, LoadOptions or RunSettings field (e.g. layers=["conv2"], arch="resnet18",
+    force=True), over `config`. Under torchrun, images are sharded and rank 0 writes.
+    """
+    from dissect import distributed
+    from dissect.devices import resolve_device
+    from dissect.pipeline import plan_key, run_dissection
+    from dissect.results import read_summary, remove_stale_outputs, summary_json
+
+    conf_values, load_values, run_values = split_options(options)
+    base = config.to_dict() if config is not None else {}
+    config = DissectConfig.from_dict({**base, **conf_values})
+    loading = LoadOptions.from_dict(load_values)
+    settings = RunSettings.from_dict(run_values)
+
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        config = dataclasses.replace(config, device=str(device))
+    ctx = distributed.init_from_env(device)
+    loaded = _as_loaded(model, loading, config)
+    ds = _as_dataset(dataset, loaded, config, settings, ctx)
+
+    out_path = Path(out) if out is not None else None
+    key = plan_key(loaded, ds, config)
+    if out_path is not None and not settings.force and (out_path / "summary.json").is_file():
+        try:
+            previous = read_summary(out_path)
+        except InputError:
+            previous = None
+        if previous is not None and previous.get("run_key") == key:
+            log.info("%s already holds this dissection (same model, layers, dataset and options); reusing it",
+                     out_path)
+            return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
+    if out_path is not None and ctx.is_main:
+        from dissect.pipeline import layers_to_dissect
+
+        # before any work: a report or layer folder of an earlier run must not pass for this one's
+        remove_stale_outputs(out_path, layers_to_dissect(loaded, config))
+    distributed.barrier(ctx)
+    res = run_dissection(loaded, ds, config, out_path, ctx)
+    return RunOutcome(out_path, False, summary_json(res), res, is_main=ctx.is_main)
+
+
+def load(out: str | Path) -> dict[str, Any]:
+    """Read a results directory as pandas DataFrames: {'summary': per layer, 'units': per unit}."""
+    from dissect.results import load_results
+
+    return load_results(out)
+
+
+def _as_loaded(model: Any, loading: LoadOptions, config: DissectConfig) -> Any:
+    from torch import nn
+
+    from dissect.hooks import resolve_layers
+    from dissect.models import LoadedModel, load_model, model_from_module
+
+    if isinstance(model, LoadedModel):
+        loaded = model
+    elif isinstance(model, nn.Module):
+        loaded = model_from_module(model, normalization=config.normalize, input_size=config.input_size)
+    else:
+        loaded = load_model(model, arch=loading.arch, trust_pickle=loading.trust_pickle,
+                            normalize=config.normalize, input_size=config.input_size,
+                            num_classes=loading.num_classes)
+    if config.layers:
+        resolve_layers(loaded.module, config.layers)  # unknown names fail before any work
+    return loaded
+
+
+def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunSettings, ctx: Any) -> Any:
+    from broden.dataset import BrodenDataset
+    from dissect import distributed
+    from dissect.datasets import resolve_dataset, synthetic_source
+
+    if isinstance(dataset, BrodenDataset):
+        return dataset
+    synthetic, reuse = synthetic_source(loaded, settings.synthetic_per_class, settings.synthetic_size)
+    root = resolve_dataset(dataset, settings.cache_dir, settings.download, settings.mirrors, synthetic,
+                           settings.quiet, synthetic_reuse=reuse)
+    if settings.decoded_cache == "build" and ctx.is_main:
+        from broden.cache import build_cache
+
+        build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet)
+    distributed.barrier(ctx)
+    cache: Any = "off" if settings.decoded_cache == "off" else (settings.cache_dir or "auto")
+    return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache)
+
+
+def dissect_model(model: Any, dataset: Any, layers: list[str] | None = None,
+                  config: DissectConfig | None = None, out: str | Path | None = None) -> Any:
+    """`run` that always computes and returns the in-memory DissectionResult (`out`: written, resumable)."""
+    extra = {} if layers is None else {"layers": list(layers)}
+    return run(model, dataset, out, config=config, force=True, **extra).result
