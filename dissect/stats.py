@@ -22,7 +22,7 @@ import torch
 
 from broden.errors import InputError
 from dissect.config import INTERPOLATIONS, UNIONS  # defined once, beside the options that take them
-from dissect.upsample import mask_pixels
+from dissect.upsample import check_upsample_mode, mask_pixels
 
 __all__ = ["StreamingStat", "TopQuantile", "IoUTally", "LabelBatch", "TopImages", "iou_from_counts",
            "INTERPOLATIONS", "UNIONS"]
@@ -591,7 +591,7 @@ class IoUTally(StreamingStat):
         return LabelBatch(self, labels, image_labels)
 
     def add_activations(self, acts: torch.Tensor, thresholds: torch.Tensor, labels: torch.Tensor | LabelBatch,
-                        image_labels: torch.Tensor | None = None) -> None:
+                        image_labels: torch.Tensor | None = None, upsample: str = "torch") -> None:
         """Tally a batch from raw maps: the same as `add(upsample(acts, size) > thresholds[u], ...)`.
 
         acts (B, U, h, w), thresholds (U,); `labels` is the (B, K, sh, sw)
@@ -600,7 +600,11 @@ class IoUTally(StreamingStat):
         comes from the labels. Only output windows near source values that
         reach the threshold are computed (`upsample.mask_pixels`) and no
         dense (B, U, sh, sw) mask or upsampled map is ever built.
+        upsample="pil" uses Pillow's bilinear arithmetic bit for bit and
+        compares in float64 (float64 thresholds are kept as they are), as
+        NetDissect-Lite did; see `upsample.mask_pixels`.
         """
+        check_upsample_mode(upsample, "upsample")
         if acts.dim() != 4 or acts.shape[1] != self.num_units:
             raise InputError(f"acts must be (B, {self.num_units}, h, w), got {tuple(acts.shape)}")
         if isinstance(labels, LabelBatch):
@@ -613,7 +617,7 @@ class IoUTally(StreamingStat):
             raise InputError(f"labels are for {lb.b} images, acts for {acts.shape[0]}")
         batch = _Batch(self, lb)
         for rows, pix in mask_pixels(acts.to(self.device), thresholds.to(self.device), lb.size,
-                                     self.chunk_elements):
+                                     self.chunk_elements, mode=upsample):
             batch.on_pixels(rows, pix)
         batch.finish()
 

@@ -160,3 +160,46 @@ def test_mask_pixels_rejects_bad_input():
         list(mask_pixels(torch.zeros(1, 3, 4, 4), torch.zeros(2), (8, 8)))
     with pytest.raises(InputError, match="size"):
         list(mask_pixels(torch.zeros(1, 3, 4, 4), torch.zeros(3), (8, 0)))
+
+
+# ---------------------------------------------------------------- mode="pil"
+
+def _pil_dense_keys(acts, thresholds, size):
+    from dissect.pil_resample import pil_bilinear
+    u = acts.shape[1]
+    on = pil_bilinear(acts, size).double() > thresholds.double().view(1, u, 1, 1)
+    return torch.nonzero(on.reshape(-1)).squeeze(1)
+
+
+def _keys(acts, thresholds, size, **kw):
+    keys = [rows * (size[0] * size[1]) + pix for rows, pix in mask_pixels(acts, thresholds, size, **kw)]
+    keys = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64)
+    assert keys.unique().numel() == keys.numel()
+    return keys.sort().values
+
+
+@pytest.mark.parametrize("src,dst", [((13, 13), (112, 112)), ((5, 9), (23, 40)), ((7, 7), (7, 7)),
+                                     ((20, 20), (10, 13))])
+def test_mask_pixels_pil_mode_equals_dense_pil_expression(src, dst):
+    acts, thresholds = _adversarial_maps(src, 3)
+    thr64 = thresholds.double()
+    # unit 4: a float64 threshold between two float32 values
+    thr64[4] = (thresholds[4].double() + torch.nextafter(thresholds[4], torch.tensor(np.inf)).double()) / 2
+    want = _pil_dense_keys(acts, thr64, dst)
+    assert want.numel() > 0
+    assert torch.equal(_keys(acts, thr64, dst, mode="pil"), want)
+    assert torch.equal(_keys(acts, thr64, dst, max_elements=3000, mode="pil"), want)
+
+
+def test_mask_pixels_torch_mode_still_compares_in_float32():
+    acts, thresholds = _adversarial_maps((13, 13), 4)
+    below = torch.nextafter(thresholds, torch.tensor(-np.inf))
+    thr64 = thresholds.double() - (thresholds.double() - below.double()) / 4  # rounds back to thresholds
+    assert torch.equal(thr64.float(), thresholds) and not torch.equal(thr64, thresholds.double())
+    assert torch.equal(_keys(acts, thr64, (112, 112)), _dense_keys(acts, thresholds, (112, 112)))
+    assert not torch.equal(_pil_dense_keys(acts, thr64, (112, 112)), _pil_dense_keys(acts, thresholds, (112, 112)))
+
+
+def test_mask_pixels_rejects_unknown_mode():
+    with pytest.raises(InputError, match="mode must be one of torch, pil, got 'PIL'"):
+        list(mask_pixels(torch.zeros(1, 3, 4, 4), torch.zeros(3), (8, 8), mode="PIL"))
