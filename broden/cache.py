@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from broden.errors import BrodenFormatError, InputError
-from broden.format import BrodenMeta, ImageRecord, check_label_plane, decode_label_png, known_id_table, load_meta
+from broden.format import (BrodenMeta, ImageRecord, check_label_plane, decode_label_png, decode_record_image,
+                           known_id_table, load_meta)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -233,19 +233,9 @@ def _uniform_label_shape(meta: BrodenMeta) -> tuple[int, int]:
     return first.sh, first.sw
 
 
-def _read_image(meta: BrodenMeta, record: ImageRecord) -> np.ndarray:
-    """Decode one image file to (H, W, 3) uint8, naming the file and row on failure."""
-    try:
-        with Image.open(meta.image_path(record)) as img:
-            return np.asarray(img.convert("RGB"))
-    except OSError as e:
-        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
-                                f"cannot be read ({e})") from None
-
-
 def _decode_record(meta: BrodenMeta, record: ImageRecord, known: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Decode one row: (H, W, 3) uint8 image and its label planes in category then cell order."""
-    image = _read_image(meta, record)
+    image = decode_record_image(meta, record)
     planes = []
     for c in meta.categories:
         for rel in record.layers.get(c, []):
@@ -405,7 +395,7 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
     lock_fd = None
     try:
         lock_fd = _claim(tmp)
-        h, w = _read_image(meta, meta.records[0]).shape[:2]
+        h, w = decode_record_image(meta, meta.records[0]).shape[:2]
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, h, w))
         planes = np.lib.format.open_memmap(tmp / "planes.npy", mode="w+", dtype=plane_dtype, shape=(p, sh, sw))
         quiet = {} if progress else {"disable": True}  # else the toolkit's quiet switch decides

@@ -12,11 +12,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from broden import cache as cache_mod
 from broden.errors import BrodenFormatError, InputError
-from broden.format import BrodenMeta, ImageRecord, check_label_plane, decode_label_png, known_id_table, load_meta
+from broden.format import (BrodenMeta, ImageRecord, check_label_plane, decode_label_png, decode_record_image,
+                           known_id_table, load_meta)
 
 __all__ = ["BrodenDataset", "collate", "SPLITS"]
 
@@ -26,17 +26,8 @@ SPLITS = ("train", "val")
 
 
 def _decode_image(meta: BrodenMeta, record: ImageRecord) -> torch.Tensor:
-    """Decode one image file to a uint8 (3, H, W) tensor, naming the file and row on failure."""
-    path = meta.image_path(record)
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))  # (H, W, 3)
-    except FileNotFoundError:
-        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
-                                f"not found ({path})") from None
-    except OSError as e:
-        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
-                                f"cannot be decoded ({e})") from None
+    """Decode one row's image to a uint8 (3, H, W) tensor, naming the file and row on failure."""
+    arr = decode_record_image(meta, record)  # (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 

@@ -23,6 +23,8 @@ __all__ = [
     "ImageRecord",
     "BrodenMeta",
     "decode_label_png",
+    "decode_image",
+    "decode_record_image",
     "load_meta",
     "validate",
     "check_label_plane",
@@ -103,11 +105,38 @@ class BrodenMeta:
         return self.root / "images" / relpath
 
 
+# Readers that give mode 'I' only for samples on a 16-bit scale: PNG (16-bit gray, Pillow < 10) and
+# PPM/PGM (maxval > 255, which Pillow rescales to 0..65535). Elsewhere 'I' is 32-bit of unknown range.
+_SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
+# The raw modes of 8-bit label PNGs: id = R + 256*G needs full 8-bit channels, nothing rescaled
+_LABEL_PNG_RAWMODES = ("RGB", "RGBA", "L")
+
+
+def _rawmode(img: Image.Image) -> str | None:
+    """The decoder's raw mode of an opened image, read before load() (which drops the tile)."""
+    tile = getattr(img, "tile", None)
+    if not tile:
+        return None
+    args = tile[0][3]  # (codec, extents, offset, args); args is the raw mode or starts with it
+    if isinstance(args, tuple):
+        args = args[0] if args else None
+    return args if isinstance(args, str) else None
+
+
 def decode_label_png(path: str | Path) -> np.ndarray:
-    """Decode a Broden label PNG into an int32 (h, w) array of global ids (R + 256*G)."""
+    """Decode a Broden label PNG into an int32 (h, w) array of global ids (R + 256*G).
+
+    The PNG must hold 8-bit samples (RGB, RGBA, or L read as the id itself): a
+    16-bit or low-bit-depth PNG would be rescaled by Pillow into wrong ids, so it is refused.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
+            rawmode = _rawmode(img) if img.format == "PNG" else None
+            if rawmode is not None and rawmode not in _LABEL_PNG_RAWMODES:
+                raise BrodenFormatError(
+                    f"{path}: label PNG stores {rawmode!r} samples ({_depth_words(rawmode)}); expected an "
+                    f"8-bit RGB(A) PNG (id = R + 256*G)")
             img.load()
             mode = img.mode
             arr = np.asarray(img)
@@ -120,7 +149,63 @@ def decode_label_png(path: str | Path) -> np.ndarray:
         return arr[..., 0].astype(np.int32) + 256 * arr[..., 1].astype(np.int32)
     if mode == "L":
         return arr.astype(np.int32)
-    raise BrodenFormatError(f"{path}: label PNG has mode {mode!r}; expected RGB (id = R + 256*G)")
+    raise BrodenFormatError(f"{path}: label PNG has mode {mode!r}; expected 8-bit RGB (id = R + 256*G)")
+
+
+def _depth_words(rawmode: str) -> str:
+    if ";16" in rawmode:
+        return "16 bits per sample"
+    if rawmode.startswith(("LA", "PA")):
+        return "gray or palette with alpha"
+    if rawmode.startswith("P"):
+        return "palette indices"
+    return "fewer than 8 bits per sample"
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB, the one image decoder of the package.
+
+    8-bit images convert as Pillow converts them. 16-bit samples become 8 bits
+    by keeping the high byte (value >> 8): modes I;16*, mode 'I' from the PNG
+    and PPM readers (16-bit scale), and 16-bit RGB(A) PNGs (Pillow already keeps
+    their high byte). Float ('F') and other 32-bit ('I') images have no known
+    range and are refused. Errors raise BrodenFormatError naming the file.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb8(img, path)
+    except BrodenFormatError:
+        raise
+    except FileNotFoundError:
+        raise BrodenFormatError(f"{path}: image not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BrodenFormatError(f"{path}: cannot decode image ({e})") from None
+
+
+def _to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
+    mode = img.mode
+    if mode.startswith("I;16") or (mode == "I" and img.format in _SIXTEEN_BIT_I_FORMATS):
+        arr = np.asarray(img)
+        if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise BrodenFormatError(f"{path}: image mode 'I' holds values {arr.min()}..{arr.max()}, "
+                                    f"outside the 16-bit range 0..65535")
+        gray = (arr.astype(np.uint32) >> 8).astype(np.uint8)  # (H, W); any byte order
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise BrodenFormatError(f"{path}: image mode {mode!r} ({kind} samples of unknown range) cannot be "
+                                f"mapped to 8 bits; expected 8- or 16-bit samples")
+    return np.asarray(img.convert("RGB"))
+
+
+def decode_record_image(meta: BrodenMeta, record: ImageRecord) -> np.ndarray:
+    """Decode the image of an index.csv row to (H, W, 3) uint8; errors name index.csv and the row."""
+    try:
+        return decode_image(meta.image_path(record))
+    except BrodenFormatError as e:
+        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r}: {e}") from None
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -365,17 +450,14 @@ def validate(root: str | Path, check_files: bool = True, decode: bool = False,
         known = known_id_table(meta)
         index = meta.root / "index.csv"
         for r in meta.records:
-            path = meta.image_path(r)
-            if path.is_file():
+            if meta.image_path(r).is_file():
                 try:
-                    with Image.open(path) as img:
-                        w, h = img.size
-                        img.load()
+                    h, w = decode_record_image(meta, r).shape[:2]
                     if (h, w) != (r.ih, r.iw):
                         problems.append(f"{index}, line {r.line}: image {r.image!r} is {h}x{w} (h x w), "
                                         f"expected ih x iw = {r.ih}x{r.iw}")
-                except OSError as e:
-                    problems.append(f"{index}, line {r.line}: image {r.image!r} cannot be decoded ({e})")
+                except BrodenFormatError as e:
+                    problems.append(str(e))
             for pngs in r.layers.values():
                 for p in pngs:
                     if not meta.png_path(p).is_file():
