@@ -105,12 +105,14 @@ class BrodenDataset(torch.utils.data.Dataset):
     cache: "auto" reads the decoded cache from the default cache dir when a
         fresh one exists, "off" always decodes, a path names a cache dir (or a
         decoded cache directly, as returned by broden.cache.build_cache).
+    allow_outside_links: follow symbolic links in images/ that resolve outside
+        it (default: refuse them, naming index.csv and the row; see load_meta).
     """
 
     def __init__(self, root: str | Path, categories: Sequence[str] | None = None, split: str | None = None,
-                 limit: int | None = None, cache: str | Path = "auto"):
+                 limit: int | None = None, cache: str | Path = "auto", allow_outside_links: bool = False):
         self.root = Path(root)
-        self.meta: BrodenMeta = load_meta(self.root)
+        self.meta: BrodenMeta = load_meta(self.root, allow_outside_links=allow_outside_links)
         if isinstance(categories, str):
             categories = [categories]
         if categories is None:

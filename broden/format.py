@@ -7,10 +7,12 @@ BrodenFormatError naming the file and, for CSV rows, the 1-based line number.
 from __future__ import annotations
 
 import csv
+import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import numpy as np
 from PIL import Image
@@ -321,6 +323,8 @@ def _parse_index(root: Path, categories: list[str], known: dict[int, str]) -> li
         split = row[1].strip()
         if not image:
             raise BrodenFormatError(f"{path}, line {line}: empty 'image' cell")
+        if _suspect(image):
+            _check_relpath(path, line, "image", image)
         if not split:
             raise BrodenFormatError(f"{path}, line {line}: empty 'split' cell")
         ih, iw, sh, sw = (_int_cell(path, line, c, row[2 + i], minimum=1)
@@ -347,17 +351,102 @@ def _parse_index(root: Path, categories: list[str], known: dict[int, str]) -> li
                             f"{path}, line {line}: column {c!r}: label id {number} is not in label.csv")
                     image_labels.setdefault(c, []).append(number)
                 else:
+                    if _suspect(entry):
+                        _check_relpath(path, line, f"column {c!r}: PNG", entry)
                     layers.setdefault(c, []).append(entry)
         records.append(ImageRecord(len(records), line, image, split, ih, iw, sh, sw, layers, image_labels))
     return records
 
 
-def load_meta(root: str | Path, check_files: bool = False) -> BrodenMeta:
+def _suspect(rel: str) -> bool:
+    """Cheap test run on every path: only these need _check_relpath's full look."""
+    return rel[0] in "/\\" or ".." in rel or ":" in rel or "\0" in rel
+
+
+def _check_relpath(index: Path, line: int, what: str, rel: str) -> None:
+    """Refuse, from the text alone, a path that cannot name a file inside images/."""
+    if "\0" in rel:
+        problem = "contains a NUL byte"
+    elif rel.startswith("/") or os.path.isabs(rel):
+        problem = "is absolute; expected a path relative to images/"
+    elif ".." in rel and (posixpath.normpath(rel) + "/").startswith("../"):
+        problem = f"leads out of {index.parent / 'images'} through '..'; paths must stay inside images/"
+    else:
+        return
+    raise BrodenFormatError(f"{index}, line {line}: {what} {rel!r} {problem}")
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _symlink_names(directory: str) -> set[str]:
+    """Names of the symbolic links in `directory` (one scandir, no stat per file); empty if unreadable."""
+    try:
+        with os.scandir(directory) as entries:
+            return {e.name for e in entries if e.is_symlink()}
+    except OSError:  # missing or unreadable: reported when its files are read
+        return set()
+
+
+def _record_paths(record: ImageRecord) -> Iterator[tuple[str, str]]:
+    """(what, path) of a record's image and every PNG, for messages."""
+    yield "image", record.image
+    for c, pngs in record.layers.items():
+        for p in pngs:
+            yield f"column {c!r}: PNG", p
+
+
+def _check_links(root: Path, records: list[ImageRecord]) -> None:
+    """Refuse entries that a symbolic link takes outside images/.
+
+    Costs one realpath and one scandir per directory named in index.csv, plus one
+    realpath per entry that is itself a link: done once here, never per item read.
+    """
+    images = root / "images"
+    base = os.path.realpath(images)  # images/ itself may be a link: the dataset's own image store
+    directories: set[str] = set()
+    for r in records:
+        directories.add(r.image.rpartition("/")[0])
+        for pngs in r.layers.values():
+            directories.update(p.rpartition("/")[0] for p in pngs)
+    escaping: dict[str, str] = {}  # directory -> where it resolves, outside images/
+    links: dict[str, set[str]] = {}  # directory -> names of its symbolic links
+    for d in directories:
+        real = os.path.realpath(images / d) if d else base
+        if not _inside(real, base):
+            escaping[d] = real
+        elif names := _symlink_names(os.path.join(images, d)):
+            links[d] = names
+    if not escaping and not links:
+        return
+    for r in records:  # in file order, so the first offending row is named
+        for what, rel in _record_paths(r):
+            d, _, name = rel.rpartition("/")
+            if d in escaping:
+                _raise_link_error(root, r, what, rel, escaping[d])
+            if name in links.get(d, ()):
+                real = os.path.realpath(images / rel)
+                if not _inside(real, base):
+                    _raise_link_error(root, r, what, rel, real)
+
+
+def _raise_link_error(root: Path, record: ImageRecord, what: str, rel: str, real: str) -> NoReturn:
+    raise BrodenFormatError(
+        f"{root / 'index.csv'}, line {record.line}: {what} {rel!r} goes through a symbolic link and "
+        f"resolves to {real}, outside {root / 'images'}; pass allow_outside_links=True to follow "
+        f"links out of the dataset")
+
+
+def load_meta(root: str | Path, check_files: bool = False, allow_outside_links: bool = False) -> BrodenMeta:
     """Parse category.csv, label.csv, every c_<cat>.csv and index.csv of a Broden directory.
 
     A label's primary category is the one whose c_<cat>.csv gives it the largest
     coverage, ties going to the later category (reference rule). With
-    `check_files`, every referenced image and PNG must exist.
+    `check_files`, every referenced image and PNG must exist. Every image and
+    PNG path must stay inside `images/`: absolute paths and '..' escapes are
+    refused, and so are symbolic links resolving outside it unless
+    `allow_outside_links`.
     """
     root = Path(root)
     if not root.is_dir():
@@ -385,6 +474,8 @@ def load_meta(root: str | Path, check_files: bool = False) -> BrodenMeta:
 
     meta = BrodenMeta(root, categories, labels, label_names, label_category,
                       _parse_index(root, categories, names))
+    if not allow_outside_links:
+        _check_links(root, meta.records)
     if check_files:
         problems = _missing_files(meta)
         if problems:
@@ -434,15 +525,16 @@ def known_id_table(meta: BrodenMeta) -> np.ndarray:
 
 
 def validate(root: str | Path, check_files: bool = True, decode: bool = False,
-             strict: bool = False) -> list[str]:
+             strict: bool = False, allow_outside_links: bool = False) -> list[str]:
     """Check a Broden directory; return the list of problems found (empty: valid).
 
     Structural errors (missing tables, bad header, malformed cells, unknown
     image-level ids) raise BrodenFormatError from `load_meta`. `check_files`
     also reports missing images and PNGs; `decode` decodes every PNG and image
     and reports size mismatches and unknown ids. With `strict`, any problem raises.
+    `allow_outside_links` is load_meta's.
     """
-    meta = load_meta(root)
+    meta = load_meta(root, allow_outside_links=allow_outside_links)
     problems: list[str] = []
     if check_files or decode:
         problems.extend(_missing_files(meta))
