@@ -395,7 +395,7 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
     lock_fd = None
     try:
         lock_fd = _claim(tmp)
-        h, w = decode_record_image(meta, meta.records[0]).shape[:2]
+        h, w = meta.records[0].ih, meta.records[0].iw  # every decode checks its file against ih x iw
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, h, w))
         planes = np.lib.format.open_memmap(tmp / "planes.npy", mode="w+", dtype=plane_dtype, shape=(p, sh, sw))
         quiet = {} if progress else {"disable": True}  # else the toolkit's quiet switch decides

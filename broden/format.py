@@ -203,11 +203,19 @@ def _to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
 
 
 def decode_record_image(meta: BrodenMeta, record: ImageRecord) -> np.ndarray:
-    """Decode the image of an index.csv row to (H, W, 3) uint8; errors name index.csv and the row."""
+    """Decode the image of an index.csv row to (H, W, 3) uint8, checking it against the row's ih x iw.
+
+    Errors (undecodable file, size the index does not announce) name index.csv and the row.
+    """
+    where = f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r}"
     try:
-        return decode_image(meta.image_path(record))
+        image = decode_image(meta.image_path(record))
     except BrodenFormatError as e:
-        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r}: {e}") from None
+        raise BrodenFormatError(f"{where}: {e}") from None
+    if image.shape[:2] != (record.ih, record.iw):
+        raise BrodenFormatError(f"{where} is {image.shape[0]}x{image.shape[1]} (h x w), but the index says "
+                                f"ih x iw = {record.ih}x{record.iw}")
+    return image
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -540,14 +548,10 @@ def validate(root: str | Path, check_files: bool = True, decode: bool = False,
         problems.extend(_missing_files(meta))
     if decode:
         known = known_id_table(meta)
-        index = meta.root / "index.csv"
         for r in meta.records:
             if meta.image_path(r).is_file():
                 try:
-                    h, w = decode_record_image(meta, r).shape[:2]
-                    if (h, w) != (r.ih, r.iw):
-                        problems.append(f"{index}, line {r.line}: image {r.image!r} is {h}x{w} (h x w), "
-                                        f"expected ih x iw = {r.ih}x{r.iw}")
+                    decode_record_image(meta, r)
                 except BrodenFormatError as e:
                     problems.append(str(e))
             for pngs in r.layers.values():
