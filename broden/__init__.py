@@ -15,7 +15,7 @@ _EXPORTS = {
     "INDEX_FIXED_COLUMNS": "format", "LabelInfo": "format", "ImageRecord": "format", "BrodenMeta": "format",
     "decode_label_png": "format", "decode_image": "format", "decode_record_image": "format",
     "load_meta": "format", "validate": "format",
-    "check_label_plane": "format", "known_id_table": "format",
+    "check_label_plane": "format", "check_uniform_sizes": "format", "known_id_table": "format",
     "BrodenDataset": "dataset", "collate": "dataset", "SPLITS": "dataset",
     "CACHE_FORMAT": "cache", "CACHE_VERSION": "cache", "DecodedCache": "cache",
     "source_fingerprint": "cache", "default_cache_dir": "cache", "build_cache": "cache",

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from broden.errors import BrodenFormatError, InputError
-from broden.format import (BrodenMeta, ImageRecord, check_label_plane, decode_label_png, decode_record_image,
-                           known_id_table, load_meta)
+from broden.format import (BrodenMeta, ImageRecord, check_label_plane, check_uniform_sizes, decode_label_png,
+                           decode_record_image, known_id_table, load_meta)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -223,16 +223,6 @@ def open_cache(root: str | Path, cache_dir: str | Path | None = None,
     return open_decoded(base / "decoded" / fingerprint, root, meta, fingerprint)
 
 
-def _uniform_label_shape(meta: BrodenMeta) -> tuple[int, int]:
-    first = meta.records[0]
-    for r in meta.records:
-        if (r.sh, r.sw) != (first.sh, first.sw):
-            raise InputError(f"{meta.root / 'index.csv'}, line {r.line}: image {r.image!r} has label size "
-                             f"{r.sh}x{r.sw} but the first image has {first.sh}x{first.sw}; the decoded "
-                             f"cache needs one label size")
-    return first.sh, first.sw
-
-
 def _decode_record(meta: BrodenMeta, record: ImageRecord, known: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Decode one row: (H, W, 3) uint8 image and its label planes in category then cell order."""
     image = decode_record_image(meta, record)
@@ -372,7 +362,7 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
         log.info("decoded cache %s is up to date", target)
         return target
 
-    sh, sw = _uniform_label_shape(meta)
+    (h, w), (sh, sw) = check_uniform_sizes(meta, None, "the decoded cache")
     cat_index = {c: i for i, c in enumerate(meta.categories)}
     plane_counts = [sum(len(r.layers.get(c, [])) for c in meta.categories) for r in meta.records]
     label_lists = [[(cat_index[c], n) for c in meta.categories for n in r.image_labels.get(c, [])]
@@ -395,7 +385,6 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
     lock_fd = None
     try:
         lock_fd = _claim(tmp)
-        h, w = meta.records[0].ih, meta.records[0].iw  # every decode checks its file against ih x iw
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, h, w))
         planes = np.lib.format.open_memmap(tmp / "planes.npy", mode="w+", dtype=plane_dtype, shape=(p, sh, sw))
         quiet = {} if progress else {"disable": True}  # else the toolkit's quiet switch decides
@@ -405,11 +394,8 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
         try:
             for start in range(0, n, chunk):
                 rows = meta.records[start:start + chunk]
+                # every decode checks its file against the row's ih x iw, so all are h x w
                 for r, (image, row_planes) in zip(rows, pool.map(lambda rec: _decode_record(meta, rec, known), rows)):
-                    if image.shape[:2] != (h, w):
-                        raise InputError(
-                            f"{root / 'index.csv'}, line {r.line}: image {r.image!r} is {image.shape[0]}x"
-                            f"{image.shape[1]} but the first image is {h}x{w}; the decoded cache needs one image size")
                     images[r.index] = image.transpose(2, 0, 1)
                     if row_planes:
                         planes[plane_offsets[r.index]:plane_offsets[r.index + 1]] = np.stack(row_planes)

@@ -15,8 +15,8 @@ import torch
 
 from broden import cache as cache_mod
 from broden.errors import BrodenFormatError, InputError
-from broden.format import (BrodenMeta, ImageRecord, check_label_plane, decode_label_png, decode_record_image,
-                           known_id_table, load_meta)
+from broden.format import (BrodenMeta, ImageRecord, check_label_plane, check_uniform_sizes, decode_label_png,
+                           decode_record_image, known_id_table, load_meta)
 
 __all__ = ["BrodenDataset", "collate", "SPLITS"]
 
@@ -67,18 +67,24 @@ def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[rows])
 
 
+def _same_shape(items: Sequence[dict[str, Any]], shapes: list[tuple[int, ...]], what: str, needs: str) -> None:
+    """InputError naming the index.csv rows (items' `index`) of the first two shapes that differ."""
+    for it, shape in zip(items, shapes):
+        if shape != shapes[0]:
+            raise InputError(
+                f"collate: {what} differ in size: index.csv row {int(it['index'])} (0-based) has "
+                f"{'x'.join(map(str, shape))} but row {int(items[0]['index'])} has "
+                f"{'x'.join(map(str, shapes[0]))}; a batch needs one {needs}")
+
+
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack dataset items into a batch; `labels` and `image_labels` are zero-padded to the longest."""
     if not items:
         raise InputError("collate: no items to batch")
     images = [it["image"] for it in items]
-    if any(im.shape != images[0].shape for im in images):
-        raise InputError(f"collate: images differ in size ({sorted({tuple(im.shape) for im in images})}); "
-                         f"a batch needs one image size")
-    label_hw = {tuple(it["labels"].shape[1:]) for it in items}
-    if len(label_hw) > 1:
-        raise InputError(f"collate: label maps differ in size ({sorted(label_hw)}); a batch needs one sh x sw")
-    sh, sw = label_hw.pop()
+    _same_shape(items, [tuple(im.shape) for im in images], "images", "image size")
+    _same_shape(items, [tuple(it["labels"].shape[1:]) for it in items], "label maps", "sh x sw")
+    sh, sw = items[0]["labels"].shape[1:]
     b = len(items)
     kmax = max(it["labels"].shape[0] for it in items)
     mmax = max(it["image_labels"].shape[0] for it in items)
@@ -225,5 +231,7 @@ class BrodenDataset(torch.utils.data.Dataset):
         if idx.min() < -n or idx.max() >= n:
             raise IndexError(f"get_batch: indices out of range for {n} items")
         if self.cache is None:
+            # the index's sizes first: an error then names index.csv and the row, before any decoding
+            check_uniform_sizes(self.meta, self.rows[idx], "a batch")
             return collate([self[int(i)] for i in idx])
         return self._cached_batch(self.rows[idx])

@@ -7,12 +7,13 @@ BrodenFormatError naming the file and, for CSV rows, the 1-based line number.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Iterable, Iterator, NoReturn
 
 import numpy as np
 from PIL import Image
@@ -30,6 +31,7 @@ __all__ = [
     "load_meta",
     "validate",
     "check_label_plane",
+    "check_uniform_sizes",
     "known_id_table",
 ]
 
@@ -219,16 +221,26 @@ def decode_record_image(meta: BrodenMeta, record: ImageRecord) -> np.ndarray:
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """Yield (1-based line number, cells) for every non-blank row of a CSV file."""
+    """Yield (1-based line number, cells) for every non-blank row of a UTF-8 CSV file."""
     if not path.is_file():
         raise BrodenFormatError(f"{path}: missing (a Broden directory needs it)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        start = 1
-        for row in reader:
-            if any(cell.strip() for cell in row):
-                yield start, row
-            start = reader.line_num + 1
+    reader = csv.reader(io.StringIO(_utf8_text(path), newline=""))
+    start = 1
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            yield start, row
+        start = reader.line_num + 1
+
+
+def _utf8_text(path: Path) -> str:
+    """The file decoded as UTF-8, decoded whole so that a bad byte's line can be named."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise BrodenFormatError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                                f"{e.start}); Broden tables are UTF-8, re-save it as UTF-8") from None
 
 
 def _int_cell(path: Path, line: int, column: str, value: str, minimum: int = 0) -> int:
@@ -363,6 +375,8 @@ def _parse_index(root: Path, categories: list[str], known: dict[int, str]) -> li
                         _check_relpath(path, line, f"column {c!r}: PNG", entry)
                     layers.setdefault(c, []).append(entry)
         records.append(ImageRecord(len(records), line, image, split, ih, iw, sh, sw, layers, image_labels))
+    if not records:
+        raise BrodenFormatError(f"{path}: header only, no image rows; a Broden index lists at least one image")
     return records
 
 
@@ -521,6 +535,30 @@ def check_label_plane(meta: BrodenMeta, record: ImageRecord, relpath: str, plane
     if bad.any():
         ids = np.unique(plane[bad])
         raise BrodenFormatError(f"{where} holds label ids not in label.csv: {ids[:10].tolist()}")
+
+
+def check_uniform_sizes(meta: BrodenMeta, rows: Iterable[int] | None, purpose: str) -> tuple[
+        tuple[int, int], tuple[int, int]]:
+    """The one (ih, iw) and one (sh, sw) that index rows `rows` (default all) share; else BrodenFormatError.
+
+    The message names index.csv, the first row that differs and the row it differs
+    from; `purpose` says what needs one size ("a batch", "the decoded cache").
+    Decoding checks each file against its row, so equal rows mean equal tensors.
+    """
+    records = meta.records if rows is None else [meta.records[int(i)] for i in rows]
+    first = records[0]
+    where = meta.root / "index.csv"
+    for r in records:
+        if (r.ih, r.iw) != (first.ih, first.iw):
+            raise BrodenFormatError(
+                f"{where}, line {r.line}: image {r.image!r} is {r.ih}x{r.iw} (ih x iw) but line {first.line} "
+                f"(image {first.image!r}) is {first.ih}x{first.iw}; {purpose} needs one image size")
+    for r in records:
+        if (r.sh, r.sw) != (first.sh, first.sw):
+            raise BrodenFormatError(
+                f"{where}, line {r.line}: image {r.image!r} has label maps of {r.sh}x{r.sw} (sh x sw) but line "
+                f"{first.line} (image {first.image!r}) has {first.sh}x{first.sw}; {purpose} needs one label size")
+    return (first.ih, first.iw), (first.sh, first.sw)
 
 
 def known_id_table(meta: BrodenMeta) -> np.ndarray:

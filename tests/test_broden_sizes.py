@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from broden.cache import build_cache, open_cache
-from broden.dataset import BrodenDataset
-from broden.errors import BrodenFormatError
+from broden.dataset import BrodenDataset, collate
+from broden.errors import BrodenFormatError, InputError
+from broden.writer import BrodenWriter
 from broden_fixtures import make_tiny_broden
 
 
@@ -62,3 +64,57 @@ def test_label_size_disagreeing_with_sh_sw_in_both_paths(root):
         build_cache(root, progress=False, workers=1)
     _says(e, root, "line 2", "img0_color.png", "4x4", "sh x sw = 4x5")
     assert open_cache(root) is None
+
+
+# --- item 4: one size per batch, said the same way with and without the cache -----------------
+
+def _mixed(root: Path, image_sizes: list[int], label_sizes: list[int]) -> Path:
+    w = BrodenWriter(root, ["color", "object"])
+    w.add_label(1, "red")
+    rng = np.random.default_rng(7)
+    for k, (s, ls) in enumerate(zip(image_sizes, label_sizes)):
+        w.add_image(f"im{k}", rng.integers(0, 256, (s, s, 3), dtype=np.uint8),
+                    layers={"object": [np.ones((ls, ls), dtype=np.int32)]})
+    w.close()
+    return root
+
+
+def test_images_of_different_sizes_in_one_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISSECT_CACHE_DIR", str(tmp_path / "cache"))
+    root = _mixed(tmp_path / "b", [4, 4, 6, 4], [2, 2, 2, 2])
+    ds = BrodenDataset(root, cache="off")
+    assert ds.get_batch([0, 1, 3])["image"].shape == (3, 3, 4, 4)  # rows of one size batch fine
+    with pytest.raises(BrodenFormatError) as e:
+        ds.get_batch([0, 2])
+    same = "line 4: image 'synthetic/im2.png' is 6x6 (ih x iw) but line 2 (image 'synthetic/im0.png') is 4x4"
+    _says(e, root, same, "a batch needs one image size")
+    with pytest.raises(BrodenFormatError) as e:
+        build_cache(root, progress=False)
+    _says(e, root, same, "the decoded cache needs one image size")
+
+
+def test_label_maps_of_different_sizes_in_one_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISSECT_CACHE_DIR", str(tmp_path / "cache"))
+    root = _mixed(tmp_path / "b", [4, 4, 4], [2, 3, 2])
+    ds = BrodenDataset(root, cache="off")
+    with pytest.raises(BrodenFormatError) as e:
+        ds.get_batch([2, 1])
+    same = "line 3: image 'synthetic/im1.png' has label maps of 3x3 (sh x sw) but line 4 (image 'synthetic/im2.png') has 2x2"
+    _says(e, root, same, "a batch needs one label size")
+    with pytest.raises(BrodenFormatError) as e:
+        build_cache(root, progress=False)
+    _says(e, root, "line 3: image 'synthetic/im1.png' has label maps of 3x3 (sh x sw) but line 2",
+          "the decoded cache needs one label size")
+
+
+def test_collate_names_the_rows_that_differ(tmp_path):
+    root = _mixed(tmp_path / "b", [4, 6], [2, 3])
+    ds = BrodenDataset(root, cache="off")
+    with pytest.raises(InputError) as e:
+        collate([ds[0], ds[1]])
+    assert "images differ" in str(e.value) and "row 1" in str(e.value) and "row 0" in str(e.value)
+    b = dict(ds[1])
+    b["image"] = ds[0]["image"]
+    with pytest.raises(InputError) as e:
+        collate([ds[0], b])
+    assert "label maps differ" in str(e.value) and "row 1" in str(e.value)
