@@ -22,6 +22,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -36,7 +37,7 @@ from dissect.progress import progress as _progress
 
 __all__ = ["REFERENCE_BASE_URL", "MIRRORS_ENV", "MANIFEST_NAME", "DatasetSpec", "DATASETS",
            "DownloadError", "ArchiveError", "get_spec", "candidate_urls", "download_dataset",
-           "extract_archive", "sha256_file"]
+           "extract_archive", "sha256_file", "prepare_directory"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ REFERENCE_BASE_URL = "http://netdissect.csail.mit.edu/data/"
 MIRRORS_ENV = "DISSECT_BRODEN_MIRRORS"
 MANIFEST_NAME = "broden-manifest.json"
 _CHUNK = 1 << 16
+_RETRY_BACKOFF_S = 1.0  # wait before retry k (1-based) after an HTTP 5xx: k times this
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,11 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 class DownloadError(InputError):
-    """No URL delivered the archive; the message lists what was tried and how to use a local copy."""
+    """No URL delivered the archive; the message lists what was tried and how to use a local copy.
+
+    A network failure is not bad input: `dissect download` exits 1 on it. It stays an
+    InputError for library callers that already catch those.
+    """
 
 
 class ArchiveError(InputError):
@@ -318,7 +324,7 @@ def _fetch_once(url: str, part: Path, timeout: float, show_progress: bool) -> No
 
 
 def _fetch(url: str, part: Path, timeout: float, retries: int, show_progress: bool) -> None:
-    """Download `url` into `part`, resuming after interruptions up to `retries` times."""
+    """Download `url` into `part`, resuming after interruptions and retrying HTTP 5xx, up to `retries` times."""
     for attempt in range(retries + 1):
         try:
             _fetch_once(url, part, timeout, show_progress)
@@ -327,6 +333,24 @@ def _fetch(url: str, part: Path, timeout: float, retries: int, show_progress: bo
             if attempt == retries:
                 raise
             log.warning("%s: %s; resuming (retry %d of %d)", url, e, attempt + 1, retries)
+        except urllib.error.HTTPError as e:
+            if not 500 <= e.code < 600 or attempt == retries:
+                raise  # 4xx: the file is not there, asking again will not help
+            log.warning("%s: HTTP %d %s; retrying (retry %d of %d)", url, e.code, e.reason, attempt + 1, retries)
+            time.sleep(_RETRY_BACKOFF_S * (attempt + 1))
+
+
+def prepare_directory(to: Path, option: str = "") -> Path:
+    """Create `to` if needed; InputError naming `option` (or the path) when it is a file or cannot be made."""
+    name = f"{option} {to}" if option else str(to)
+    if to.exists() and not to.is_dir():
+        raise InputError(f"{name}: exists and is not a directory; expected a directory to receive the "
+                         "archive and the extracted dataset")
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{name}: cannot create the directory ({e.strerror or e})") from None
+    return to
 
 
 def _local_copy_hint(spec: DatasetSpec, to: Path) -> str:
@@ -348,8 +372,7 @@ def download_dataset(name: str, to: Path, mirrors: Iterable[str] = (), sha256: s
     """
     spec = get_spec(name)
     sha256 = _check_sha256_arg(sha256)
-    to = Path(to)
-    to.mkdir(parents=True, exist_ok=True)
+    to = prepare_directory(Path(to))
     final = to / spec.top_dir
     manifest_entry = _read_manifest(to)["files"].get(spec.file)
 

@@ -7,12 +7,14 @@ import io
 import json
 import socket
 import threading
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import broden.download as download_mod
 from broden.download import (MANIFEST_NAME, MIRRORS_ENV, ArchiveError, DownloadError,
                              candidate_urls, download_dataset, get_spec)
 from broden.errors import InputError
@@ -62,6 +64,11 @@ class _Server:
 
             def do_GET(self):
                 server.requests.append(dict(self.headers))
+                if server.mode.startswith("status"):  # e.g. "status503": that HTTP error, every time
+                    self.send_error(int(server.mode[len("status"):]))
+                    return
+                if server.mode == "hang":  # accept, then answer too late for the client's timeout
+                    time.sleep(2)
                 if self.path != f"/data/{NAME}.zip":
                     self.send_error(404)
                     return
@@ -314,3 +321,61 @@ def test_range_not_satisfiable_complete_or_stale(tmp_path, payload, serve, extra
     assert len(srv.requests) == (1 if extra == 0 else 2)
     assert "Range" not in srv.requests[-1] or extra == 0
     _assert_extracted(out, to, payload)
+
+
+# --- exit codes of `dissect download`: 2 for bad usage or input, 1 for a network failure ---------
+
+def _refused_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens: connection refused
+    return f"http://127.0.0.1:{port}/data/"
+
+
+def test_cli_to_an_existing_file_is_bad_usage(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("not a directory")
+    for to in (target, target / "sub"):
+        assert cli_main(["download", NAME, "--to", str(to), "--mirror", _refused_url(), "--mirrors-only",
+                         "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "--to" in err and str(to) in err and "directory" in err and "Traceback" not in err
+    assert target.read_text() == "not a directory"
+
+
+def test_cli_connection_refused_exits_1(tmp_path, capsys):
+    url = _refused_url()
+    rc = cli_main(["download", NAME, "--to", str(tmp_path / "dl"), "--mirror", url, "--mirrors-only",
+                   "--quiet", "--timeout", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "could not be reached" in err and url + f"{NAME}.zip" in err and "Traceback" not in err
+    assert not (tmp_path / "dl" / NAME).exists()
+
+
+def test_cli_timeout_exits_1(tmp_path, payload, serve, capsys):
+    srv = serve(payload, mode="hang")
+    rc = cli_main(["download", NAME, "--to", str(tmp_path / "dl"), "--mirror", srv.base, "--mirrors-only",
+                   "--quiet", "--timeout", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "timed out" in err and "Traceback" not in err
+
+
+def test_http_5xx_is_retried_then_exits_1(tmp_path, payload, serve, capsys, monkeypatch):
+    monkeypatch.setattr(download_mod, "_RETRY_BACKOFF_S", 0.0, raising=False)
+    srv = serve(payload, mode="status503")
+    with pytest.raises(DownloadError, match="HTTP 503"):
+        _get(srv, tmp_path / "a", retries=2)
+    assert len(srv.requests) == 3  # the first try and two retries
+    rc = cli_main(["download", NAME, "--to", str(tmp_path / "b"), "--mirror", srv.base, "--mirrors-only",
+                   "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "HTTP 503" in err and "Traceback" not in err
+    # a 404 is not retried: the file is not there
+    srv404 = serve(payload, mode="status404")
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        _get(srv404, tmp_path / "c", retries=2)
+    assert len(srv404.requests) == 1
