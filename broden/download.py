@@ -10,8 +10,10 @@ zip already at `to/<file>` (verified, never downloaded again); else download
 to `to/<file>.part`, resuming with HTTP Range, from the mirrors then the
 reference host. The complete archive is verified (expected size when known,
 SHA-256 against `--sha256` and against the manifest of an earlier good
-download), extracted into a temporary directory inside `to` with every member
-checked, and renamed into place. A rejected archive is renamed aside to
+download), extracted into a marked temporary directory inside `to`
+(`.<top_dir>.extract-*`, see broden.tmpdirs) with every member checked, and
+renamed into place. Each run first removes the stale temporary directories of
+killed extractions (marker required; a live one is never touched). A rejected archive is renamed aside to
 `<file>.rejected` (kept so the user can inspect it) and never extracted.
 """
 from __future__ import annotations
@@ -26,7 +28,6 @@ import re
 import shutil
 import socket
 import stat
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Sequence
 
+from broden import tmpdirs
 from broden.errors import InputError
 from dissect.fsutil import write_json_atomic
 from dissect.progress import progress as _progress
@@ -43,7 +45,8 @@ from dissect.progress import progress as _progress
 __all__ = ["REFERENCE_BASE_URL", "MIRRORS_ENV", "MANIFEST_NAME", "EXTRACTION_FORMAT", "extraction_manifest_path",
            "DatasetSpec", "DATASETS",
            "DownloadError", "ArchiveError", "get_spec", "candidate_urls", "download_dataset",
-           "extract_archive", "sha256_file", "prepare_directory"]
+           "extract_archive", "sha256_file", "prepare_directory", "remove_stale_extractions",
+           "EXTRACT_STALE_AFTER_S"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ MIRRORS_ENV = "DISSECT_BRODEN_MIRRORS"
 MANIFEST_NAME = "broden-manifest.json"
 EXTRACTION_FORMAT = "broden-extraction"
 EXTRACTION_VERSION = 1
+# a leftover extraction whose owner cannot be checked (another host) is removed after this long unchanged
+EXTRACT_STALE_AFTER_S = 24 * 3600.0
 _CHUNK = 1 << 16
 _RETRY_BACKOFF_S = 1.0  # wait before retry k (1-based) after an HTTP 5xx: k times this
 
@@ -203,6 +208,11 @@ def _verify(archive: Path, spec: DatasetSpec, sha256: str | None, manifest_entry
 
 # ---------------------------------------------------------------- extraction
 
+# extract_archive's temporary directories: mkdtemp(prefix=f".{top_dir}.extract-")
+_EXTRACT_NAME = re.compile(
+    r"^\.(?:" + "|".join(re.escape(s.top_dir) for s in DATASETS.values()) + r")\.extract-[A-Za-z0-9_]+$")
+
+
 def _is_symlink(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
@@ -274,8 +284,8 @@ def extract_archive(archive: Path, to: Path, top_dir: str, show_progress: bool =
         raise ArchiveError(f"{archive.name}: not a valid zip file ({e})") from None
     with zf:
         members = zf.infolist()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{top_dir}.extract-", dir=to))
-        content = tmp / "content"  # members go one level down: none can clobber the temp dir's own files
+        tmp, lock_fd = tmpdirs.make_marked_tempdir(to, f".{top_dir}.extract-", "extraction")
+        content = tmp / "content"  # members go one level down: none can clobber the marker or the lock
         try:
             for info in members:
                 _check_member(info, content, archive)
@@ -294,7 +304,15 @@ def extract_archive(archive: Path, to: Path, top_dir: str, show_progress: bool =
             raise ArchiveError(f"{archive.name}: extraction failed ({e}); nothing was extracted") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmpdirs.release(lock_fd)
     return final
+
+
+def remove_stale_extractions(to: Path, max_age: float = EXTRACT_STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary directories of killed extractions in `to` (broden.tmpdirs rules: name pattern
+    and marker required, a live one never touched); return the removed paths."""
+    candidates = [p for p in Path(to).glob(".*.extract-*") if _EXTRACT_NAME.match(p.name)]
+    return tmpdirs.remove_stale(candidates, max_age, what="temporary extraction")
 
 
 def _extraction_problem(to: Path, spec: DatasetSpec, expected: list[tuple[str | None, str]]) -> str | None:
@@ -490,6 +508,7 @@ def download_dataset(name: str, to: Path, mirrors: Iterable[str] = (), sha256: s
     spec = get_spec(name)
     sha256 = _check_sha256_arg(sha256)
     to = prepare_directory(Path(to))
+    remove_stale_extractions(to)
     final = to / spec.top_dir
     manifest_entry = _read_manifest(to)["files"].get(spec.file)
 
