@@ -99,7 +99,8 @@ def test_label_maps_of_different_sizes_in_one_batch(tmp_path, monkeypatch):
     ds = BrodenDataset(root, cache="off")
     with pytest.raises(BrodenFormatError) as e:
         ds.get_batch([2, 1])
-    same = "line 3: image 'synthetic/im1.png' has label maps of 3x3 (sh x sw) but line 4 (image 'synthetic/im2.png') has 2x2"
+    same = ("line 3: image 'synthetic/im1.png' has label maps of 3x3 (sh x sw) but line 4 "
+            "(image 'synthetic/im2.png') has 2x2")
     _says(e, root, same, "a batch needs one label size")
     with pytest.raises(BrodenFormatError) as e:
         build_cache(root, progress=False)
