@@ -8,13 +8,17 @@ image_label_category.npy (Q,) int16, and meta.json, written last.
 
 A build happens in a temporary directory beside the target and is renamed into
 place only when complete, so a directory without meta.json, or a leftover
-temporary one, is never read. The building process holds an exclusive flock on
-`<tmp>/.lock` and then records itself in `<tmp>/owner.json` (host, pid). A
-build killed hard (SIGKILL) leaves its temporary directory behind; the next
-build of the same target removes it when it is stale: its lock is free while
-its owner record exists (the kernel drops a dead process's locks), its owner
-is a dead process on this host, or nothing in it changed for `stale_after`
-seconds (an hour by default) and no live build holds its lock.
+temporary one, is never read. The temporary directory is a marked one
+(broden.tmpdirs): the building process holds an exclusive flock on `<tmp>/.lock`
+and records itself in `<tmp>/owner.json` (tool, purpose, host, pid). A build
+killed hard (SIGKILL) leaves its temporary directory behind; the next build
+removes it when it is stale: its lock is free while its owner record exists
+(the kernel drops a dead process's locks), its owner is a dead process on this
+host, or, its owner being elsewhere or unknown, nothing in it changed for
+`stale_after` seconds (an hour by default). A live build is never touched.
+Leftovers of other targets (a source that changed since) go by the same rules,
+but only with an owner record; a leftover of the same target without one
+(killed before writing it) goes after `stale_after` seconds without change.
 """
 from __future__ import annotations
 
@@ -23,18 +27,17 @@ import json
 import logging
 import os
 import shutil
-import socket
-import tempfile
-import time
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from broden import tmpdirs
 from broden.errors import BrodenFormatError, InputError
-from broden.format import BrodenMeta, ImageRecord, check_label_plane, decode_label_png, known_id_table, load_meta
+from broden.format import (BrodenMeta, ImageRecord, check_label_plane, check_uniform_sizes, decode_label_png,
+                           decode_record_image, known_id_table, load_meta)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -55,14 +58,8 @@ CACHE_FORMAT = "broden-decoded-cache"
 CACHE_VERSION = 1
 _SMALL = ("plane_offsets", "plane_category", "image_label_offsets", "image_label_category")
 _LARGE = ("images", "planes", "image_labels")
-_LOCK = ".lock"
-_OWNER = "owner.json"
 STALE_AFTER_S = 3600.0
-
-try:
-    import fcntl
-except ImportError:  # not on Windows: liveness then rests on the owner's pid and the age
-    fcntl = None  # type: ignore[assignment]
+_BUILD_NAME = re.compile(r"^\.tmp-[0-9a-f]{16}-\d+-")  # mkdtemp prefix of build_cache's temporary dirs
 
 
 class DecodedCache:
@@ -223,29 +220,9 @@ def open_cache(root: str | Path, cache_dir: str | Path | None = None,
     return open_decoded(base / "decoded" / fingerprint, root, meta, fingerprint)
 
 
-def _uniform_label_shape(meta: BrodenMeta) -> tuple[int, int]:
-    first = meta.records[0]
-    for r in meta.records:
-        if (r.sh, r.sw) != (first.sh, first.sw):
-            raise InputError(f"{meta.root / 'index.csv'}, line {r.line}: image {r.image!r} has label size "
-                             f"{r.sh}x{r.sw} but the first image has {first.sh}x{first.sw}; the decoded "
-                             f"cache needs one label size")
-    return first.sh, first.sw
-
-
-def _read_image(meta: BrodenMeta, record: ImageRecord) -> np.ndarray:
-    """Decode one image file to (H, W, 3) uint8, naming the file and row on failure."""
-    try:
-        with Image.open(meta.image_path(record)) as img:
-            return np.asarray(img.convert("RGB"))
-    except OSError as e:
-        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
-                                f"cannot be read ({e})") from None
-
-
 def _decode_record(meta: BrodenMeta, record: ImageRecord, known: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Decode one row: (H, W, 3) uint8 image and its label planes in category then cell order."""
-    image = _read_image(meta, record)
+    image = decode_record_image(meta, record)
     planes = []
     for c in meta.categories:
         for rel in record.layers.get(c, []):
@@ -264,97 +241,26 @@ def _offsets(counts: list[int]) -> np.ndarray:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return True  # cannot tell: treat as alive, never remove a build that may be running
-    return True
-
-
-def _lock_state(tmp: Path) -> bool | None:
-    """True when a live process holds `tmp/.lock`, False when it is free, None when unknown."""
-    if fcntl is None:
-        return None
-    try:
-        fd = os.open(tmp / _LOCK, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # e.g. a filesystem without locks
-        return None
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
-def _last_change(tmp: Path) -> float:
-    """Newest mtime of the directory and its entries (a running build keeps writing into it)."""
-    newest = tmp.stat().st_mtime
-    for entry in os.scandir(tmp):
-        try:
-            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
-        except OSError:
-            pass
-    return newest
-
-
-def _is_stale(tmp: Path, stale_after: float, now: float) -> bool:
-    held = _lock_state(tmp)
-    if held:
-        return False
-    try:
-        owner = json.loads((tmp / _OWNER).read_text())
-    except (OSError, ValueError):
-        owner = None
-    if isinstance(owner, dict):
-        if held is False:  # the owner locked before writing its record, and no longer holds the lock
-            return True
-        if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
-                and not _pid_alive(owner["pid"]):
-            return True
-    return now - _last_change(tmp) > stale_after
+def _other_targets(base: Path, fingerprint: str) -> list[Path]:
+    """Temporary builds under `base` of other targets, by this module's name pattern."""
+    own = f".tmp-{fingerprint[:16]}-"
+    return [p for p in base.glob(".tmp-*") if _BUILD_NAME.match(p.name) and not p.name.startswith(own)]
 
 
 def remove_stale_builds(base: str | Path, fingerprint: str, stale_after: float = STALE_AFTER_S) -> list[Path]:
-    """Remove the leftover temporary build directories of target `fingerprint` under `base` (the
-    `decoded` directory) that no live build uses; return the removed paths."""
+    """Remove the leftover temporary build directories under `base` (the `decoded` directory) that no
+    live build uses; return the removed paths.
+
+    Those of target `fingerprint` follow the module docstring's rules (one without
+    an owner record goes after `stale_after` seconds without change). Those of
+    other targets, left by builds of a source that has changed since, are removed
+    only when their owner record marks them as this module's (broden.tmpdirs).
+    """
     base = Path(base)
-    removed = []
-    now = time.time()
-    for tmp in sorted(base.glob(f".tmp-{fingerprint[:16]}-*")):
-        try:
-            if not tmp.is_dir() or not _is_stale(tmp, stale_after, now):
-                continue
-        except OSError:  # vanished meanwhile (its build finished or another cleaner got it)
-            continue
-        log.info("removing stale temporary cache build %s", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        removed.append(tmp)
-    return removed
-
-
-def _claim(tmp: Path) -> int | None:
-    """Lock `tmp/.lock` for this build, then record the owner; returns the lock's fd (None without fcntl)."""
-    fd = os.open(tmp / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    if fcntl is not None:
-        try:
-            # blocking: a cleaner probing this lock holds it for an instant only
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # no locks on this filesystem: the owner record and the age still protect it
-            pass
-    (tmp / _OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                          "started": time.time()}) + "\n")
-    return fd
+    same = base.glob(f".tmp-{fingerprint[:16]}-*")
+    removed = tmpdirs.remove_stale(same, stale_after, require_marker=False, what="temporary cache build")
+    return removed + tmpdirs.remove_stale(_other_targets(base, fingerprint), stale_after,
+                                          what="temporary cache build")
 
 
 def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress: bool = True,
@@ -382,7 +288,7 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
         log.info("decoded cache %s is up to date", target)
         return target
 
-    sh, sw = _uniform_label_shape(meta)
+    (h, w), (sh, sw) = check_uniform_sizes(meta, None, "the decoded cache")
     cat_index = {c: i for i, c in enumerate(meta.categories)}
     plane_counts = [sum(len(r.layers.get(c, [])) for c in meta.categories) for r in meta.records]
     label_lists = [[(cat_index[c], n) for c in meta.categories for n in r.image_labels.get(c, [])]
@@ -401,11 +307,8 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
 
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fingerprint[:16]}-{os.getpid()}-", dir=base))
-    lock_fd = None
+    tmp, lock_fd = tmpdirs.make_marked_tempdir(base, f".tmp-{fingerprint[:16]}-{os.getpid()}-", "cache-build")
     try:
-        lock_fd = _claim(tmp)
-        h, w = _read_image(meta, meta.records[0]).shape[:2]
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, h, w))
         planes = np.lib.format.open_memmap(tmp / "planes.npy", mode="w+", dtype=plane_dtype, shape=(p, sh, sw))
         quiet = {} if progress else {"disable": True}  # else the toolkit's quiet switch decides
@@ -415,11 +318,8 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
         try:
             for start in range(0, n, chunk):
                 rows = meta.records[start:start + chunk]
+                # every decode checks its file against the row's ih x iw, so all are h x w
                 for r, (image, row_planes) in zip(rows, pool.map(lambda rec: _decode_record(meta, rec, known), rows)):
-                    if image.shape[:2] != (h, w):
-                        raise InputError(
-                            f"{root / 'index.csv'}, line {r.line}: image {r.image!r} is {image.shape[0]}x"
-                            f"{image.shape[1]} but the first image is {h}x{w}; the decoded cache needs one image size")
                     images[r.index] = image.transpose(2, 0, 1)
                     if row_planes:
                         planes[plane_offsets[r.index]:plane_offsets[r.index + 1]] = np.stack(row_planes)
@@ -451,13 +351,12 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            for name in (_OWNER, _LOCK):  # bookkeeping of the build, not part of the cache
+            for name in (tmpdirs.MARKER, tmpdirs.LOCK):  # bookkeeping of the build, not part of the cache
                 (target / name).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
+        tmpdirs.release(lock_fd)
     log.info("built decoded cache %s (%d images, %d planes)", target, n, p)
     return target

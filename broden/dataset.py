@@ -12,11 +12,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from broden import cache as cache_mod
 from broden.errors import BrodenFormatError, InputError
-from broden.format import BrodenMeta, ImageRecord, check_label_plane, decode_label_png, known_id_table, load_meta
+from broden.format import (BrodenMeta, ImageRecord, check_label_plane, check_uniform_sizes, decode_label_png,
+                           decode_record_image, known_id_table, load_meta)
 
 __all__ = ["BrodenDataset", "collate", "SPLITS"]
 
@@ -26,17 +26,8 @@ SPLITS = ("train", "val")
 
 
 def _decode_image(meta: BrodenMeta, record: ImageRecord) -> torch.Tensor:
-    """Decode one image file to a uint8 (3, H, W) tensor, naming the file and row on failure."""
-    path = meta.image_path(record)
-    try:
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))  # (H, W, 3)
-    except FileNotFoundError:
-        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
-                                f"not found ({path})") from None
-    except OSError as e:
-        raise BrodenFormatError(f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r} "
-                                f"cannot be decoded ({e})") from None
+    """Decode one row's image to a uint8 (3, H, W) tensor, naming the file and row on failure."""
+    arr = decode_record_image(meta, record)  # (H, W, 3)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -76,18 +67,24 @@ def _take(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array[rows])
 
 
+def _same_shape(items: Sequence[dict[str, Any]], shapes: list[tuple[int, ...]], what: str, needs: str) -> None:
+    """InputError naming the index.csv rows (items' `index`) of the first two shapes that differ."""
+    for it, shape in zip(items, shapes):
+        if shape != shapes[0]:
+            raise InputError(
+                f"collate: {what} differ in size: index.csv row {int(it['index'])} (0-based) has "
+                f"{'x'.join(map(str, shape))} but row {int(items[0]['index'])} has "
+                f"{'x'.join(map(str, shapes[0]))}; a batch needs one {needs}")
+
+
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack dataset items into a batch; `labels` and `image_labels` are zero-padded to the longest."""
     if not items:
         raise InputError("collate: no items to batch")
     images = [it["image"] for it in items]
-    if any(im.shape != images[0].shape for im in images):
-        raise InputError(f"collate: images differ in size ({sorted({tuple(im.shape) for im in images})}); "
-                         f"a batch needs one image size")
-    label_hw = {tuple(it["labels"].shape[1:]) for it in items}
-    if len(label_hw) > 1:
-        raise InputError(f"collate: label maps differ in size ({sorted(label_hw)}); a batch needs one sh x sw")
-    sh, sw = label_hw.pop()
+    _same_shape(items, [tuple(im.shape) for im in images], "images", "image size")
+    _same_shape(items, [tuple(it["labels"].shape[1:]) for it in items], "label maps", "sh x sw")
+    sh, sw = items[0]["labels"].shape[1:]
     b = len(items)
     kmax = max(it["labels"].shape[0] for it in items)
     mmax = max(it["image_labels"].shape[0] for it in items)
@@ -114,12 +111,14 @@ class BrodenDataset(torch.utils.data.Dataset):
     cache: "auto" reads the decoded cache from the default cache dir when a
         fresh one exists, "off" always decodes, a path names a cache dir (or a
         decoded cache directly, as returned by broden.cache.build_cache).
+    allow_outside_links: follow symbolic links in images/ that resolve outside
+        it (default: refuse them, naming index.csv and the row; see load_meta).
     """
 
     def __init__(self, root: str | Path, categories: Sequence[str] | None = None, split: str | None = None,
-                 limit: int | None = None, cache: str | Path = "auto"):
+                 limit: int | None = None, cache: str | Path = "auto", allow_outside_links: bool = False):
         self.root = Path(root)
-        self.meta: BrodenMeta = load_meta(self.root)
+        self.meta: BrodenMeta = load_meta(self.root, allow_outside_links=allow_outside_links)
         if isinstance(categories, str):
             categories = [categories]
         if categories is None:
@@ -232,5 +231,7 @@ class BrodenDataset(torch.utils.data.Dataset):
         if idx.min() < -n or idx.max() >= n:
             raise IndexError(f"get_batch: indices out of range for {n} items")
         if self.cache is None:
+            # the index's sizes first: an error then names index.csv and the row, before any decoding
+            check_uniform_sizes(self.meta, self.rows[idx], "a batch")
             return collate([self[int(i)] for i in idx])
         return self._cached_batch(self.rows[idx])

@@ -1,12 +1,19 @@
 """Download, verify and safely extract the Broden archives.
 
-Flow of `download_dataset`: reuse an existing complete extraction; else use a
+Flow of `download_dataset`: reuse an existing extraction only when its
+extraction manifest (`to/<top_dir>.extraction.json`, written by
+`extract_archive`) vouches for it: the archive's sha256 matches every known
+expectation and every listed file exists with its listed size. An extraction
+it cannot vouch for is re-extracted from the zip in place after verifying it,
+or refused (InputError naming the directory) when no zip is there. Otherwise use a
 zip already at `to/<file>` (verified, never downloaded again); else download
 to `to/<file>.part`, resuming with HTTP Range, from the mirrors then the
 reference host. The complete archive is verified (expected size when known,
 SHA-256 against `--sha256` and against the manifest of an earlier good
-download), extracted into a temporary directory inside `to` with every member
-checked, and renamed into place. A rejected archive is renamed aside to
+download), extracted into a marked temporary directory inside `to`
+(`.<top_dir>.extract-*`, see broden.tmpdirs) with every member checked, and
+renamed into place. Each run first removes the stale temporary directories of
+killed extractions (marker required; a live one is never touched). A rejected archive is renamed aside to
 `<file>.rejected` (kept so the user can inspect it) and never extracted.
 """
 from __future__ import annotations
@@ -21,7 +28,7 @@ import re
 import shutil
 import socket
 import stat
-import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -30,20 +37,28 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Sequence
 
+from broden import tmpdirs
 from broden.errors import InputError
 from broden._fileio import write_json_atomic
 from broden._progress import progress as _progress
 
-__all__ = ["REFERENCE_BASE_URL", "MIRRORS_ENV", "MANIFEST_NAME", "DatasetSpec", "DATASETS",
+__all__ = ["REFERENCE_BASE_URL", "MIRRORS_ENV", "MANIFEST_NAME", "EXTRACTION_FORMAT", "extraction_manifest_path",
+           "DatasetSpec", "DATASETS",
            "DownloadError", "ArchiveError", "get_spec", "candidate_urls", "download_dataset",
-           "extract_archive", "sha256_file"]
+           "extract_archive", "sha256_file", "prepare_directory", "remove_stale_extractions",
+           "EXTRACT_STALE_AFTER_S"]
 
 log = logging.getLogger(__name__)
 
 REFERENCE_BASE_URL = "http://netdissect.csail.mit.edu/data/"
 MIRRORS_ENV = "DISSECT_BRODEN_MIRRORS"
 MANIFEST_NAME = "broden-manifest.json"
+EXTRACTION_FORMAT = "broden-extraction"
+EXTRACTION_VERSION = 1
+# a leftover extraction whose owner cannot be checked (another host) is removed after this long unchanged
+EXTRACT_STALE_AFTER_S = 24 * 3600.0
 _CHUNK = 1 << 16
+_RETRY_BACKOFF_S = 1.0  # wait before retry k (1-based) after an HTTP 5xx: k times this
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,11 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 class DownloadError(InputError):
-    """No URL delivered the archive; the message lists what was tried and how to use a local copy."""
+    """No URL delivered the archive; the message lists what was tried and how to use a local copy.
+
+    A network failure is not bad input: `dissect download` exits 1 on it. It stays an
+    InputError for library callers that already catch those.
+    """
 
 
 class ArchiveError(InputError):
@@ -189,6 +208,11 @@ def _verify(archive: Path, spec: DatasetSpec, sha256: str | None, manifest_entry
 
 # ---------------------------------------------------------------- extraction
 
+# extract_archive's temporary directories: mkdtemp(prefix=f".{top_dir}.extract-")
+_EXTRACT_NAME = re.compile(
+    r"^\.(?:" + "|".join(re.escape(s.top_dir) for s in DATASETS.values()) + r")\.extract-[A-Za-z0-9_]+$")
+
+
 def _is_symlink(info: zipfile.ZipInfo) -> bool:
     return stat.S_ISLNK(info.external_attr >> 16)
 
@@ -208,36 +232,131 @@ def _check_member(info: zipfile.ZipInfo, dest: Path, archive: Path) -> None:
                            "refusing to extract")
 
 
-def extract_archive(archive: Path, to: Path, top_dir: str, show_progress: bool = True) -> Path:
+def extraction_manifest_path(to: Path, top_dir: str) -> Path:
+    """Where the manifest of the extraction `to/top_dir/` lives: beside it, `to/<top_dir>.extraction.json`."""
+    return Path(to) / f"{top_dir}.extraction.json"
+
+
+def _listing(members: list[zipfile.ZipInfo], top_dir: str) -> list[list]:
+    """[relpath under top_dir, size] of every file member that lands in `top_dir/`."""
+    prefix = top_dir + "/"
+    return [[m.filename[len(prefix):], m.file_size] for m in members
+            if not m.is_dir() and m.filename.startswith(prefix)]
+
+
+def _write_extraction_manifest(to: Path, top_dir: str, archive: Path, digest: str, files: list[list]) -> None:
+    write_json_atomic(extraction_manifest_path(to, top_dir), {
+        "format": EXTRACTION_FORMAT, "version": EXTRACTION_VERSION, "archive": archive.name,
+        "archive_size": archive.stat().st_size, "archive_sha256": digest, "top_dir": top_dir,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "files": files,
+    })
+
+
+def _swap_into_place(new: Path, final: Path, aside: Path) -> None:
+    """Put the tree `new` at `final`; an existing `final` is moved to `aside` (removed with the temp dir)."""
+    if not (final.exists() or final.is_symlink()):
+        os.rename(new, final)
+        return
+    os.rename(final, aside)
+    try:
+        os.rename(new, final)
+    except OSError:
+        os.rename(aside, final)  # put the old tree back rather than leave nothing
+        raise
+
+
+def extract_archive(archive: Path, to: Path, top_dir: str, show_progress: bool = True, *,
+                    archive_sha256: str | None = None) -> Path:
     """Extract `archive` safely and atomically; returns `to/top_dir`.
 
     Every member is checked before anything is written; extraction goes to a
-    temporary directory inside `to` and only `top_dir/` is renamed into place.
-    A CRC error or unsafe member raises ArchiveError and leaves nothing behind.
+    temporary directory inside `to` and only `top_dir/` is renamed into place,
+    replacing an earlier tree there. Then the extraction manifest (archive
+    sha256, computed unless given, and every extracted file with its size) is
+    written atomically beside it. A CRC error or unsafe member raises
+    ArchiveError and leaves nothing behind.
     """
     final = to / top_dir
+    manifest = extraction_manifest_path(to, top_dir)
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as e:
         raise ArchiveError(f"{archive.name}: not a valid zip file ({e})") from None
     with zf:
         members = zf.infolist()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{top_dir}.extract-", dir=to))
+        tmp, lock_fd = tmpdirs.make_marked_tempdir(to, f".{top_dir}.extract-", "extraction")
+        content = tmp / "content"  # members go one level down: none can clobber the marker or the lock
         try:
             for info in members:
-                _check_member(info, tmp, archive)
+                _check_member(info, content, archive)
             names = {i.filename.rstrip("/") for i in members}
             if f"{top_dir}/index.csv" not in names:
                 raise ArchiveError(f"{archive.name}: expected a top-level folder {top_dir}/ holding "
                                    "index.csv; this does not look like a Broden archive")
             for info in _bar(show_progress, members, desc=f"extract {archive.name}", unit="file"):
-                zf.extract(info, tmp)
-            os.rename(tmp / top_dir, final)
+                zf.extract(info, content)
+            digest = archive_sha256 or sha256_file(archive)
+            # no manifest may vouch for a tree while it changes: drop it before the swap
+            manifest.unlink(missing_ok=True)
+            _swap_into_place(content / top_dir, final, tmp / "replaced")
+            _write_extraction_manifest(to, top_dir, archive, digest, _listing(members, top_dir))
         except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # CRC or stream damage
             raise ArchiveError(f"{archive.name}: extraction failed ({e}); nothing was extracted") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmpdirs.release(lock_fd)
     return final
+
+
+def remove_stale_extractions(to: Path, max_age: float = EXTRACT_STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary directories of killed extractions in `to` (broden.tmpdirs rules: name pattern
+    and marker required, a live one never touched); return the removed paths."""
+    candidates = [p for p in Path(to).glob(".*.extract-*") if _EXTRACT_NAME.match(p.name)]
+    return tmpdirs.remove_stale(candidates, max_age, what="temporary extraction")
+
+
+def _extraction_problem(to: Path, spec: DatasetSpec, expected: list[tuple[str | None, str]]) -> str | None:
+    """Why the manifest cannot vouch for the extraction `to/top_dir/`, or None when it does.
+
+    `expected` lists (sha256 or None, where that expectation comes from).
+    """
+    path = extraction_manifest_path(to, spec.top_dir)
+    if not path.is_file():
+        return (f"no {path.name} vouches for it (not extracted by this tool, or its extraction was "
+                "interrupted)")
+    try:
+        data = json.loads(path.read_text())
+        files = data["files"]
+        digest = data["archive_sha256"]
+        if data.get("format") != EXTRACTION_FORMAT or not isinstance(files, list):
+            raise ValueError(f"not a {EXTRACTION_FORMAT} manifest")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its manifest {path} is unreadable ({e})"
+    for want, source in expected:
+        if want is not None and digest != want:
+            return f"{path.name} says it was extracted from an archive with sha256 {digest}, not {want} from {source}"
+    return _listed_files_problem(to / spec.top_dir, files, path.name)
+
+
+def _listed_files_problem(final: Path, files: list, manifest_name: str) -> str | None:
+    """The first listed file that is missing or has another size, with a count of the others."""
+    bad: list[str] = []
+    for entry in files:
+        try:
+            rel, size = entry
+            st = os.stat(final / rel)
+        except FileNotFoundError:
+            bad.append(f"{rel} is missing")
+            continue
+        except (OSError, TypeError, ValueError):
+            bad.append(f"entry {entry!r} of {manifest_name} cannot be checked")
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            bad.append(f"{rel} has {st.st_size} bytes, {manifest_name} lists {size}")
+    if not bad:
+        return None
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"it differs from what was extracted: {bad[0]}{more}"
 
 
 # ---------------------------------------------------------------- transfer
@@ -318,7 +437,7 @@ def _fetch_once(url: str, part: Path, timeout: float, show_progress: bool) -> No
 
 
 def _fetch(url: str, part: Path, timeout: float, retries: int, show_progress: bool) -> None:
-    """Download `url` into `part`, resuming after interruptions up to `retries` times."""
+    """Download `url` into `part`, resuming after interruptions and retrying HTTP 5xx, up to `retries` times."""
     for attempt in range(retries + 1):
         try:
             _fetch_once(url, part, timeout, show_progress)
@@ -327,6 +446,24 @@ def _fetch(url: str, part: Path, timeout: float, retries: int, show_progress: bo
             if attempt == retries:
                 raise
             log.warning("%s: %s; resuming (retry %d of %d)", url, e, attempt + 1, retries)
+        except urllib.error.HTTPError as e:
+            if not 500 <= e.code < 600 or attempt == retries:
+                raise  # 4xx: the file is not there, asking again will not help
+            log.warning("%s: HTTP %d %s; retrying (retry %d of %d)", url, e.code, e.reason, attempt + 1, retries)
+            time.sleep(_RETRY_BACKOFF_S * (attempt + 1))
+
+
+def prepare_directory(to: Path, option: str = "") -> Path:
+    """Create `to` if needed; InputError naming `option` (or the path) when it is a file or cannot be made."""
+    name = f"{option} {to}" if option else str(to)
+    if to.exists() and not to.is_dir():
+        raise InputError(f"{name}: exists and is not a directory; expected a directory to receive the "
+                         "archive and the extracted dataset")
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{name}: cannot create the directory ({e.strerror or e})") from None
+    return to
 
 
 def _local_copy_hint(spec: DatasetSpec, to: Path) -> str:
@@ -334,6 +471,27 @@ def _local_copy_hint(spec: DatasetSpec, to: Path) -> str:
             f"(dissect run ... --dataset /path/to/{spec.top_dir}), or give another base URL with "
             f"--mirror URL (or ${MIRRORS_ENV}), or place the zip at {to / spec.file} and rerun "
             f"(a zip already in place is verified and used without downloading).")
+
+
+def _reusable_extraction(to: Path, spec: DatasetSpec, sha256: str | None, manifest_entry: dict | None,
+                         archive: Path) -> bool:
+    """True when `to/top_dir/` exists and its manifest vouches for it; False when there is none, or one to
+    re-extract from `archive`. InputError, naming the directory and the problem, when no archive can."""
+    final = to / spec.top_dir
+    if not (final.exists() or final.is_symlink()):
+        return False
+    expected = [(sha256, "--sha256"), (spec.sha256, "the dataset table"),
+                ((manifest_entry or {}).get("sha256"), MANIFEST_NAME)]
+    problem = _extraction_problem(to, spec, expected)
+    if problem is None:
+        return True
+    if not archive.is_file():
+        raise InputError(
+            f"{final}: {problem}; there is no archive {archive} to verify it against. Delete {final} to "
+            f"download it afresh, put the archive at {archive} to re-extract it, or pass the directory to "
+            f"the loader directly (dissect run ... --dataset {final}) to use it as it is")
+    log.warning("%s: %s; re-extracting it from %s once that is verified", final, problem, archive)
+    return False
 
 
 def download_dataset(name: str, to: Path, mirrors: Iterable[str] = (), sha256: str | None = None,
@@ -344,26 +502,21 @@ def download_dataset(name: str, to: Path, mirrors: Iterable[str] = (), sha256: s
     `mirrors` are base URLs tried before $DISSECT_BRODEN_MIRRORS and the
     reference host (skipped when `include_reference` is False). `sha256`
     enforces the archive's digest. `retries` bounds resumes per URL after a
-    dropped connection.
+    dropped connection and retries after an HTTP 5xx. An existing extraction
+    is reused only when its extraction manifest vouches for it (module docstring).
     """
     spec = get_spec(name)
     sha256 = _check_sha256_arg(sha256)
-    to = Path(to)
-    to.mkdir(parents=True, exist_ok=True)
+    to = prepare_directory(Path(to))
+    remove_stale_extractions(to)
     final = to / spec.top_dir
     manifest_entry = _read_manifest(to)["files"].get(spec.file)
 
-    if final.exists():
-        if not (final / "index.csv").is_file():
-            raise InputError(f"{final} exists but has no index.csv (not a complete extraction); "
-                             "delete it and rerun")
-        if sha256 and manifest_entry and manifest_entry.get("sha256") != sha256:
-            raise ArchiveError(f"{final} was extracted from an archive with sha256 "
-                               f"{manifest_entry.get('sha256')} ({MANIFEST_NAME}), not {sha256}")
+    archive = to / spec.file
+    if _reusable_extraction(to, spec, sha256, manifest_entry, archive):
         log.info("reusing the existing extraction %s", final)
         return final
 
-    archive = to / spec.file
     url_used = f"file://{archive.resolve()}"
     if archive.exists():
         log.info("verifying the archive already at %s (no download)", archive)
@@ -411,7 +564,7 @@ def download_dataset(name: str, to: Path, mirrors: Iterable[str] = (), sha256: s
                         + _local_copy_hint(spec, to))
 
     try:
-        result = extract_archive(archive, to, spec.top_dir, progress)
+        result = extract_archive(archive, to, spec.top_dir, progress, archive_sha256=digest)
     except ArchiveError as e:
         aside = _move_aside(archive)
         raise ArchiveError(f"{e}; the archive was moved aside to {aside}") from None

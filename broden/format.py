@@ -7,10 +7,13 @@ BrodenFormatError naming the file and, for CSV rows, the 1-based line number.
 from __future__ import annotations
 
 import csv
+import io
+import os
+import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, NoReturn
 
 import numpy as np
 from PIL import Image
@@ -23,9 +26,12 @@ __all__ = [
     "ImageRecord",
     "BrodenMeta",
     "decode_label_png",
+    "decode_image",
+    "decode_record_image",
     "load_meta",
     "validate",
     "check_label_plane",
+    "check_uniform_sizes",
     "known_id_table",
 ]
 
@@ -103,11 +109,38 @@ class BrodenMeta:
         return self.root / "images" / relpath
 
 
+# Readers that give mode 'I' only for samples on a 16-bit scale: PNG (16-bit gray, Pillow < 10) and
+# PPM/PGM (maxval > 255, which Pillow rescales to 0..65535). Elsewhere 'I' is 32-bit of unknown range.
+_SIXTEEN_BIT_I_FORMATS = ("PNG", "PPM")
+# The raw modes of 8-bit label PNGs: id = R + 256*G needs full 8-bit channels, nothing rescaled
+_LABEL_PNG_RAWMODES = ("RGB", "RGBA", "L")
+
+
+def _rawmode(img: Image.Image) -> str | None:
+    """The decoder's raw mode of an opened image, read before load() (which drops the tile)."""
+    tile = getattr(img, "tile", None)
+    if not tile:
+        return None
+    args = tile[0][3]  # (codec, extents, offset, args); args is the raw mode or starts with it
+    if isinstance(args, tuple):
+        args = args[0] if args else None
+    return args if isinstance(args, str) else None
+
+
 def decode_label_png(path: str | Path) -> np.ndarray:
-    """Decode a Broden label PNG into an int32 (h, w) array of global ids (R + 256*G)."""
+    """Decode a Broden label PNG into an int32 (h, w) array of global ids (R + 256*G).
+
+    The PNG must hold 8-bit samples (RGB, RGBA, or L read as the id itself): a
+    16-bit or low-bit-depth PNG would be rescaled by Pillow into wrong ids, so it is refused.
+    """
     path = Path(path)
     try:
         with Image.open(path) as img:
+            rawmode = _rawmode(img) if img.format == "PNG" else None
+            if rawmode is not None and rawmode not in _LABEL_PNG_RAWMODES:
+                raise BrodenFormatError(
+                    f"{path}: label PNG stores {rawmode!r} samples ({_depth_words(rawmode)}); expected an "
+                    f"8-bit RGB(A) PNG (id = R + 256*G)")
             img.load()
             mode = img.mode
             arr = np.asarray(img)
@@ -120,20 +153,94 @@ def decode_label_png(path: str | Path) -> np.ndarray:
         return arr[..., 0].astype(np.int32) + 256 * arr[..., 1].astype(np.int32)
     if mode == "L":
         return arr.astype(np.int32)
-    raise BrodenFormatError(f"{path}: label PNG has mode {mode!r}; expected RGB (id = R + 256*G)")
+    raise BrodenFormatError(f"{path}: label PNG has mode {mode!r}; expected 8-bit RGB (id = R + 256*G)")
+
+
+def _depth_words(rawmode: str) -> str:
+    if ";16" in rawmode:
+        return "16 bits per sample"
+    if rawmode.startswith(("LA", "PA")):
+        return "gray or palette with alpha"
+    if rawmode.startswith("P"):
+        return "palette indices"
+    return "fewer than 8 bits per sample"
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to (H, W, 3) uint8 RGB, the one image decoder of the package.
+
+    8-bit images convert as Pillow converts them. 16-bit samples become 8 bits
+    by keeping the high byte (value >> 8): modes I;16*, mode 'I' from the PNG
+    and PPM readers (16-bit scale), and 16-bit RGB(A) PNGs (Pillow already keeps
+    their high byte). Float ('F') and other 32-bit ('I') images have no known
+    range and are refused. Errors raise BrodenFormatError naming the file.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb8(img, path)
+    except BrodenFormatError:
+        raise
+    except FileNotFoundError:
+        raise BrodenFormatError(f"{path}: image not found") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BrodenFormatError(f"{path}: cannot decode image ({e})") from None
+
+
+def _to_rgb8(img: Image.Image, path: Path) -> np.ndarray:
+    mode = img.mode
+    if mode.startswith("I;16") or (mode == "I" and img.format in _SIXTEEN_BIT_I_FORMATS):
+        arr = np.asarray(img)
+        if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise BrodenFormatError(f"{path}: image mode 'I' holds values {arr.min()}..{arr.max()}, "
+                                    f"outside the 16-bit range 0..65535")
+        gray = (arr.astype(np.uint32) >> 8).astype(np.uint8)  # (H, W); any byte order
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating-point"
+        raise BrodenFormatError(f"{path}: image mode {mode!r} ({kind} samples of unknown range) cannot be "
+                                f"mapped to 8 bits; expected 8- or 16-bit samples")
+    return np.asarray(img.convert("RGB"))
+
+
+def decode_record_image(meta: BrodenMeta, record: ImageRecord) -> np.ndarray:
+    """Decode the image of an index.csv row to (H, W, 3) uint8, checking it against the row's ih x iw.
+
+    Errors (undecodable file, size the index does not announce) name index.csv and the row.
+    """
+    where = f"{meta.root / 'index.csv'}, line {record.line}: image {record.image!r}"
+    try:
+        image = decode_image(meta.image_path(record))
+    except BrodenFormatError as e:
+        raise BrodenFormatError(f"{where}: {e}") from None
+    if image.shape[:2] != (record.ih, record.iw):
+        raise BrodenFormatError(f"{where} is {image.shape[0]}x{image.shape[1]} (h x w), but the index says "
+                                f"ih x iw = {record.ih}x{record.iw}")
+    return image
 
 
 def _read_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """Yield (1-based line number, cells) for every non-blank row of a CSV file."""
+    """Yield (1-based line number, cells) for every non-blank row of a UTF-8 CSV file."""
     if not path.is_file():
         raise BrodenFormatError(f"{path}: missing (a Broden directory needs it)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        start = 1
-        for row in reader:
-            if any(cell.strip() for cell in row):
-                yield start, row
-            start = reader.line_num + 1
+    reader = csv.reader(io.StringIO(_utf8_text(path), newline=""))
+    start = 1
+    for row in reader:
+        if any(cell.strip() for cell in row):
+            yield start, row
+        start = reader.line_num + 1
+
+
+def _utf8_text(path: Path) -> str:
+    """The file decoded as UTF-8, decoded whole so that a bad byte's line can be named."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise BrodenFormatError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                                f"{e.start}); Broden tables are UTF-8, re-save it as UTF-8") from None
 
 
 def _int_cell(path: Path, line: int, column: str, value: str, minimum: int = 0) -> int:
@@ -236,6 +343,8 @@ def _parse_index(root: Path, categories: list[str], known: dict[int, str]) -> li
         split = row[1].strip()
         if not image:
             raise BrodenFormatError(f"{path}, line {line}: empty 'image' cell")
+        if _suspect(image):
+            _check_relpath(path, line, "image", image)
         if not split:
             raise BrodenFormatError(f"{path}, line {line}: empty 'split' cell")
         ih, iw, sh, sw = (_int_cell(path, line, c, row[2 + i], minimum=1)
@@ -262,17 +371,104 @@ def _parse_index(root: Path, categories: list[str], known: dict[int, str]) -> li
                             f"{path}, line {line}: column {c!r}: label id {number} is not in label.csv")
                     image_labels.setdefault(c, []).append(number)
                 else:
+                    if _suspect(entry):
+                        _check_relpath(path, line, f"column {c!r}: PNG", entry)
                     layers.setdefault(c, []).append(entry)
         records.append(ImageRecord(len(records), line, image, split, ih, iw, sh, sw, layers, image_labels))
+    if not records:
+        raise BrodenFormatError(f"{path}: header only, no image rows; a Broden index lists at least one image")
     return records
 
 
-def load_meta(root: str | Path, check_files: bool = False) -> BrodenMeta:
+def _suspect(rel: str) -> bool:
+    """Cheap test run on every path: only these need _check_relpath's full look."""
+    return rel[0] in "/\\" or ".." in rel or ":" in rel or "\0" in rel
+
+
+def _check_relpath(index: Path, line: int, what: str, rel: str) -> None:
+    """Refuse, from the text alone, a path that cannot name a file inside images/."""
+    if "\0" in rel:
+        problem = "contains a NUL byte"
+    elif rel.startswith("/") or os.path.isabs(rel):
+        problem = "is absolute; expected a path relative to images/"
+    elif ".." in rel and (posixpath.normpath(rel) + "/").startswith("../"):
+        problem = f"leads out of {index.parent / 'images'} through '..'; paths must stay inside images/"
+    else:
+        return
+    raise BrodenFormatError(f"{index}, line {line}: {what} {rel!r} {problem}")
+
+
+def _inside(path: str, base: str) -> bool:
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _symlink_names(directory: str) -> set[str]:
+    """Names of the symbolic links in `directory` (one scandir, no stat per file); empty if unreadable."""
+    try:
+        with os.scandir(directory) as entries:
+            return {e.name for e in entries if e.is_symlink()}
+    except OSError:  # missing or unreadable: reported when its files are read
+        return set()
+
+
+def _record_paths(record: ImageRecord) -> Iterator[tuple[str, str]]:
+    """(what, path) of a record's image and every PNG, for messages."""
+    yield "image", record.image
+    for c, pngs in record.layers.items():
+        for p in pngs:
+            yield f"column {c!r}: PNG", p
+
+
+def _check_links(root: Path, records: list[ImageRecord]) -> None:
+    """Refuse entries that a symbolic link takes outside images/.
+
+    Costs one realpath and one scandir per directory named in index.csv, plus one
+    realpath per entry that is itself a link: done once here, never per item read.
+    """
+    images = root / "images"
+    base = os.path.realpath(images)  # images/ itself may be a link: the dataset's own image store
+    directories: set[str] = set()
+    for r in records:
+        directories.add(r.image.rpartition("/")[0])
+        for pngs in r.layers.values():
+            directories.update(p.rpartition("/")[0] for p in pngs)
+    escaping: dict[str, str] = {}  # directory -> where it resolves, outside images/
+    links: dict[str, set[str]] = {}  # directory -> names of its symbolic links
+    for d in directories:
+        real = os.path.realpath(images / d) if d else base
+        if not _inside(real, base):
+            escaping[d] = real
+        elif names := _symlink_names(os.path.join(images, d)):
+            links[d] = names
+    if not escaping and not links:
+        return
+    for r in records:  # in file order, so the first offending row is named
+        for what, rel in _record_paths(r):
+            d, _, name = rel.rpartition("/")
+            if d in escaping:
+                _raise_link_error(root, r, what, rel, escaping[d])
+            if name in links.get(d, ()):
+                real = os.path.realpath(images / rel)
+                if not _inside(real, base):
+                    _raise_link_error(root, r, what, rel, real)
+
+
+def _raise_link_error(root: Path, record: ImageRecord, what: str, rel: str, real: str) -> NoReturn:
+    raise BrodenFormatError(
+        f"{root / 'index.csv'}, line {record.line}: {what} {rel!r} goes through a symbolic link and "
+        f"resolves to {real}, outside {root / 'images'}; pass allow_outside_links=True to follow "
+        f"links out of the dataset")
+
+
+def load_meta(root: str | Path, check_files: bool = False, allow_outside_links: bool = False) -> BrodenMeta:
     """Parse category.csv, label.csv, every c_<cat>.csv and index.csv of a Broden directory.
 
     A label's primary category is the one whose c_<cat>.csv gives it the largest
     coverage, ties going to the later category (reference rule). With
-    `check_files`, every referenced image and PNG must exist.
+    `check_files`, every referenced image and PNG must exist. Every image and
+    PNG path must stay inside `images/`: absolute paths and '..' escapes are
+    refused, and so are symbolic links resolving outside it unless
+    `allow_outside_links`.
     """
     root = Path(root)
     if not root.is_dir():
@@ -300,6 +496,8 @@ def load_meta(root: str | Path, check_files: bool = False) -> BrodenMeta:
 
     meta = BrodenMeta(root, categories, labels, label_names, label_category,
                       _parse_index(root, categories, names))
+    if not allow_outside_links:
+        _check_links(root, meta.records)
     if check_files:
         problems = _missing_files(meta)
         if problems:
@@ -339,6 +537,30 @@ def check_label_plane(meta: BrodenMeta, record: ImageRecord, relpath: str, plane
         raise BrodenFormatError(f"{where} holds label ids not in label.csv: {ids[:10].tolist()}")
 
 
+def check_uniform_sizes(meta: BrodenMeta, rows: Iterable[int] | None, purpose: str) -> tuple[
+        tuple[int, int], tuple[int, int]]:
+    """The one (ih, iw) and one (sh, sw) that index rows `rows` (default all) share; else BrodenFormatError.
+
+    The message names index.csv, the first row that differs and the row it differs
+    from; `purpose` says what needs one size ("a batch", "the decoded cache").
+    Decoding checks each file against its row, so equal rows mean equal tensors.
+    """
+    records = meta.records if rows is None else [meta.records[int(i)] for i in rows]
+    first = records[0]
+    where = meta.root / "index.csv"
+    for r in records:
+        if (r.ih, r.iw) != (first.ih, first.iw):
+            raise BrodenFormatError(
+                f"{where}, line {r.line}: image {r.image!r} is {r.ih}x{r.iw} (ih x iw) but line {first.line} "
+                f"(image {first.image!r}) is {first.ih}x{first.iw}; {purpose} needs one image size")
+    for r in records:
+        if (r.sh, r.sw) != (first.sh, first.sw):
+            raise BrodenFormatError(
+                f"{where}, line {r.line}: image {r.image!r} has label maps of {r.sh}x{r.sw} (sh x sw) but line "
+                f"{first.line} (image {first.image!r}) has {first.sh}x{first.sw}; {purpose} needs one label size")
+    return (first.ih, first.iw), (first.sh, first.sw)
+
+
 def known_id_table(meta: BrodenMeta) -> np.ndarray:
     """(65536,) bool: True for 0 and every id of label.csv (PNG ids lie in 0..65535)."""
     known = np.zeros(65536, dtype=bool)
@@ -349,33 +571,27 @@ def known_id_table(meta: BrodenMeta) -> np.ndarray:
 
 
 def validate(root: str | Path, check_files: bool = True, decode: bool = False,
-             strict: bool = False) -> list[str]:
+             strict: bool = False, allow_outside_links: bool = False) -> list[str]:
     """Check a Broden directory; return the list of problems found (empty: valid).
 
     Structural errors (missing tables, bad header, malformed cells, unknown
     image-level ids) raise BrodenFormatError from `load_meta`. `check_files`
     also reports missing images and PNGs; `decode` decodes every PNG and image
     and reports size mismatches and unknown ids. With `strict`, any problem raises.
+    `allow_outside_links` is load_meta's.
     """
-    meta = load_meta(root)
+    meta = load_meta(root, allow_outside_links=allow_outside_links)
     problems: list[str] = []
     if check_files or decode:
         problems.extend(_missing_files(meta))
     if decode:
         known = known_id_table(meta)
-        index = meta.root / "index.csv"
         for r in meta.records:
-            path = meta.image_path(r)
-            if path.is_file():
+            if meta.image_path(r).is_file():
                 try:
-                    with Image.open(path) as img:
-                        w, h = img.size
-                        img.load()
-                    if (h, w) != (r.ih, r.iw):
-                        problems.append(f"{index}, line {r.line}: image {r.image!r} is {h}x{w} (h x w), "
-                                        f"expected ih x iw = {r.ih}x{r.iw}")
-                except OSError as e:
-                    problems.append(f"{index}, line {r.line}: image {r.image!r} cannot be decoded ({e})")
+                    decode_record_image(meta, r)
+                except BrodenFormatError as e:
+                    problems.append(str(e))
             for pngs in r.layers.values():
                 for p in pngs:
                     if not meta.png_path(p).is_file():

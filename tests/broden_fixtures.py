@@ -15,13 +15,15 @@ What it holds (8x8 images, 4x4 label maps, Broden's six categories):
 """
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from broden.writer import BrodenWriter
 
-__all__ = ["make_tiny_broden", "tiny_broden_spec", "TINY_CATEGORIES", "TINY_LABELS",
+__all__ = ["make_tiny_broden", "tiny_broden_spec", "write_raw_png", "TINY_CATEGORIES", "TINY_LABELS",
            "TINY_PRIMARY", "TINY_IMAGE_SIZE", "TINY_LABEL_SIZE"]
 
 TINY_CATEGORIES = ["color", "object", "part", "material", "scene", "texture"]
@@ -101,3 +103,28 @@ def make_tiny_broden(root: Path, seed: int = 0) -> Path:
                          image_labels=row["image_labels"], image_format=row["image_format"])
     writer.close()
     return root
+
+
+_PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (gray, gray+alpha, RGB, RGBA)
+
+
+def write_raw_png(path: Path, pixels: np.ndarray, bits: int = 16) -> Path:
+    """Write `pixels` ((h, w) or (h, w, c), c in 1..4) as a PNG of `bits` per channel, by hand.
+
+    Pillow cannot write 16-bit RGB(A) or gray+alpha PNGs, so tests of high-bit-depth
+    decoding build the file from its chunks (no filtering, one IDAT).
+    """
+    pixels = np.asarray(pixels)
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    h, w, c = pixels.shape
+    dtype = ">u2" if bits == 16 else "u1"
+    raw = b"".join(b"\0" + pixels[y].astype(dtype).tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, bits, _PNG_COLOR_TYPE[c], 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                           + chunk(b"IEND", b""))
+    return Path(path)

@@ -252,3 +252,25 @@ def test_package_exports_lazily():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_header_only_index_is_refused(broken):
+    index = broken / "index.csv"
+    index.write_text(index.read_text().splitlines()[0] + "\n")
+    with pytest.raises(BrodenFormatError) as e:
+        load_meta(broken)
+    _names(str(e.value), str(index), "no image rows")
+    from broden.dataset import BrodenDataset
+    with pytest.raises(BrodenFormatError, match="no image rows"):
+        BrodenDataset(broken, cache="off")
+
+
+@pytest.mark.parametrize("name", ["index.csv", "label.csv", "category.csv", "c_object.csv"])
+def test_non_utf8_bytes_name_the_file_and_line(broken, name):
+    path = broken / name
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b",", b",\xff\xfe", 1)  # line 3: Latin-1 junk, not UTF-8
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(BrodenFormatError) as e:
+        load_meta(broken)
+    _names(str(e.value), str(path), "line 3", "UTF-8", "0xff")

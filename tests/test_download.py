@@ -7,12 +7,14 @@ import io
 import json
 import socket
 import threading
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import broden.download as download_mod
 from broden.download import (MANIFEST_NAME, MIRRORS_ENV, ArchiveError, DownloadError,
                              candidate_urls, download_dataset, get_spec)
 from broden.errors import InputError
@@ -62,6 +64,11 @@ class _Server:
 
             def do_GET(self):
                 server.requests.append(dict(self.headers))
+                if server.mode.startswith("status"):  # e.g. "status503": that HTTP error, every time
+                    self.send_error(int(server.mode[len("status"):]))
+                    return
+                if server.mode == "hang":  # accept, then answer too late for the client's timeout
+                    time.sleep(2)
                 if self.path != f"/data/{NAME}.zip":
                     self.send_error(404)
                     return
@@ -314,3 +321,163 @@ def test_range_not_satisfiable_complete_or_stale(tmp_path, payload, serve, extra
     assert len(srv.requests) == (1 if extra == 0 else 2)
     assert "Range" not in srv.requests[-1] or extra == 0
     _assert_extracted(out, to, payload)
+
+
+# --- exit codes of `dissect download`: 2 for bad usage or input, 1 for a network failure ---------
+
+def _refused_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens: connection refused
+    return f"http://127.0.0.1:{port}/data/"
+
+
+def test_cli_to_an_existing_file_is_bad_usage(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("not a directory")
+    for to in (target, target / "sub"):
+        assert cli_main(["download", NAME, "--to", str(to), "--mirror", _refused_url(), "--mirrors-only",
+                         "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "--to" in err and str(to) in err and "directory" in err and "Traceback" not in err
+    assert target.read_text() == "not a directory"
+
+
+def test_cli_connection_refused_exits_1(tmp_path, capsys):
+    url = _refused_url()
+    rc = cli_main(["download", NAME, "--to", str(tmp_path / "dl"), "--mirror", url, "--mirrors-only",
+                   "--quiet", "--timeout", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "could not be reached" in err and url + f"{NAME}.zip" in err and "Traceback" not in err
+    assert not (tmp_path / "dl" / NAME).exists()
+
+
+def test_cli_timeout_exits_1(tmp_path, payload, serve, capsys):
+    srv = serve(payload, mode="hang")
+    rc = cli_main(["download", NAME, "--to", str(tmp_path / "dl"), "--mirror", srv.base, "--mirrors-only",
+                   "--quiet", "--timeout", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "timed out" in err and "Traceback" not in err
+
+
+def test_http_5xx_is_retried_then_exits_1(tmp_path, payload, serve, capsys, monkeypatch):
+    monkeypatch.setattr(download_mod, "_RETRY_BACKOFF_S", 0.0, raising=False)
+    srv = serve(payload, mode="status503")
+    with pytest.raises(DownloadError, match="HTTP 503"):
+        _get(srv, tmp_path / "a", retries=2)
+    assert len(srv.requests) == 3  # the first try and two retries
+    rc = cli_main(["download", NAME, "--to", str(tmp_path / "b"), "--mirror", srv.base, "--mirrors-only",
+                   "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "HTTP 503" in err and "Traceback" not in err
+    # a 404 is not retried: the file is not there
+    srv404 = serve(payload, mode="status404")
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        _get(srv404, tmp_path / "c", retries=2)
+    assert len(srv404.requests) == 1
+
+
+# --- an existing extraction is reused only when its manifest vouches for it ---------------------
+
+EXTRACTION = f"{NAME}.extraction.json"
+
+
+def _members(payload: bytes) -> dict[str, int]:
+    with zipfile.ZipFile(io.BytesIO(payload)) as zf:
+        return {i.filename[len(NAME) + 1:]: i.file_size for i in zf.infolist() if not i.is_dir()}
+
+
+def test_extraction_manifest_lists_the_extracted_files(tmp_path, payload, serve):
+    srv = serve(payload)
+    to = tmp_path / "dl"
+    _get(srv, to)
+    m = json.loads((to / EXTRACTION).read_text())
+    assert m["format"] == "broden-extraction" and m["archive"] == f"{NAME}.zip"
+    assert m["archive_sha256"] == hashlib.sha256(payload).hexdigest() and m["archive_size"] == len(payload)
+    assert {rel: size for rel, size in m["files"]} == _members(payload)
+    for rel, size in m["files"]:
+        assert (to / NAME / rel).stat().st_size == size
+
+
+def test_unvouched_extraction_without_archive_is_refused(tmp_path, payload, capsys):
+    to = tmp_path / "dl"
+    (to / NAME).mkdir(parents=True)
+    (to / NAME / "index.csv").write_text("image,split\n")  # anyone's directory holding an index.csv
+    digest = hashlib.sha256(payload).hexdigest()
+    with pytest.raises(InputError) as e:
+        download_dataset(NAME, to, sha256=digest, include_reference=False, progress=False)
+    msg = str(e.value)
+    assert str(to / NAME) in msg and EXTRACTION in msg and str(to / f"{NAME}.zip") in msg
+    assert cli_main(["download", NAME, "--to", str(to), "--sha256", digest, "--mirrors-only", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(to / NAME) in err and "Traceback" not in err
+    assert (to / NAME / "index.csv").read_text() == "image,split\n"  # nothing of the user's was touched
+
+
+def test_unvouched_extraction_is_reextracted_from_the_verified_archive(tmp_path, payload):
+    to = tmp_path / "dl"
+    (to / NAME).mkdir(parents=True)
+    (to / NAME / "index.csv").write_text("image,split\n")
+    (to / NAME / "stray.txt").write_text("x")
+    (to / f"{NAME}.zip").write_bytes(payload)
+    out = download_dataset(NAME, to, sha256=hashlib.sha256(payload).hexdigest(), include_reference=False,
+                           progress=False)
+    _assert_extracted(out, to, payload)
+    assert not (out / "stray.txt").exists()
+    assert json.loads((to / EXTRACTION).read_text())["archive_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "manifest-garbled", "manifest-deleted"])
+def test_damaged_extraction_is_reextracted_offline(tmp_path, payload, serve, damage):
+    srv = serve(payload)
+    to = tmp_path / "dl"
+    _get(srv, to)
+    victim = to / NAME / "index.csv"
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:10])
+    elif damage == "delete":
+        victim.unlink()
+    elif damage == "manifest-garbled":
+        (to / EXTRACTION).write_text('{"format": "broden-extr')
+    else:
+        (to / EXTRACTION).unlink()
+    n = len(srv.requests)
+    out = _get(srv, to)
+    assert len(srv.requests) == n  # the zip in place was verified and used, nothing downloaded
+    _assert_extracted(out, to, payload)
+
+
+def test_damaged_extraction_without_archive_is_refused_naming_the_file(tmp_path, payload, serve, capsys):
+    srv = serve(payload)
+    to = tmp_path / "dl"
+    _get(srv, to)
+    (to / f"{NAME}.zip").unlink()
+    victim = to / NAME / "index.csv"
+    victim.write_bytes(victim.read_bytes()[:10])
+    rc = cli_main(["download", NAME, "--to", str(to), "--mirror", srv.base, "--mirrors-only", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert str(to / NAME) in err and "index.csv" in err and "10 bytes" in err
+
+
+def test_extraction_from_another_archive_is_not_reused(tmp_path, payload, serve):
+    srv = serve(payload)
+    to = tmp_path / "dl"
+    _get(srv, to)
+    with pytest.raises(ArchiveError, match="--sha256"):
+        _get(srv, to, sha256="1" * 64)  # the zip in place does not match either: rejected
+    assert (to / f"{NAME}.zip.rejected").is_file()
+
+
+def test_a_directory_given_directly_needs_no_manifest(tmp_path, payload, serve):
+    from broden.dataset import BrodenDataset
+
+    srv = serve(payload)
+    to = tmp_path / "dl"
+    _get(srv, to)
+    (to / EXTRACTION).unlink()
+    assert len(BrodenDataset(to / NAME, cache="off")) == 3  # the offline path: a path, not a download

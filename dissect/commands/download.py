@@ -1,11 +1,20 @@
-"""`dissect download NAME --to DIR`: fetch, verify and extract a Broden archive."""
+"""`dissect download NAME --to DIR`: fetch, verify and extract a Broden archive.
+
+Exit codes: 0 done, 2 bad usage or a bad archive (InputError), 1 a network failure
+(no URL delivered the archive) or any other failure, with a message and no traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
 
-from broden.download import DATASETS, MIRRORS_ENV, download_dataset, get_spec
 from broden._progress import set_quiet
+from broden.download import DATASETS, MIRRORS_ENV, DownloadError, download_dataset, get_spec, prepare_directory
+from broden.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Download a Broden archive (resuming an interrupted download), verify it and "
                     "extract it safely. A zip already at DIR/<name>.zip is verified and used "
                     f"without downloading. Extra mirrors may also come from ${MIRRORS_ENV} "
-                    "(space- or comma-separated base URLs).")
+                    "(space- or comma-separated base URLs). Exit 1 when no URL delivered the "
+                    "archive, 2 on bad usage or a bad archive.")
     p.add_argument("name", metavar="NAME", help=f"dataset: {', '.join(sorted(DATASETS))}")
     p.add_argument("--to", required=True, type=Path, metavar="DIR",
                    help="directory that receives the archive and the extracted dataset")
@@ -31,11 +41,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Download (or reuse) the dataset and print the extracted directory."""
+    """Download (or reuse) the dataset and print the extracted directory; returns the exit code."""
     get_spec(args.name)  # an unknown name fails before anything touches the disk
+    prepare_directory(args.to, option="--to")
     set_quiet(args.quiet)
-    path = download_dataset(args.name, args.to, mirrors=args.mirror, sha256=args.sha256,
-                            progress=not args.quiet, timeout=args.timeout,
-                            include_reference=not args.mirrors_only)
+    try:
+        path = download_dataset(args.name, args.to, mirrors=args.mirror, sha256=args.sha256,
+                                progress=not args.quiet, timeout=args.timeout,
+                                include_reference=not args.mirrors_only)
+    except DownloadError as e:  # the network failed, not the user's input
+        print(f"dissect download: failed: {e}", file=sys.stderr)
+        return 1
+    except InputError:
+        raise  # the CLI maps it to 2
+    except Exception as e:  # e.g. disk full while extracting: exit 1, the traceback only in the debug log
+        log.debug("dissect download failed", exc_info=True)
+        print(f"dissect download: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(path)
     return 0
