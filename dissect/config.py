@@ -92,6 +92,9 @@ class DissectConfig(Options):
         0.3, "score a group needs to be aligned to a concept", low=0.0, high=1.0,
         expected="a number in [0, 1] (the score mixes a detector fraction and a mean IoU)", results=True,
         group="groups")
+    mask_connectivity: int = option(
+        2, "connectivity of the connected components counted in each unit's top-image masks: 1 "
+        "(4-neighbour) or 2 (8-neighbour)", choices=(1, 2), results=True, group="method")
     save_every: int = option(50, "batches between saved states for resuming", low=1, group="execution")
     save_interval_s: float = option(
         60.0, "and at least this many seconds between saves (0: every time)", flag="--save-interval",

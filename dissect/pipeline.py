@@ -33,6 +33,7 @@ from dissect.preprocess import preprocess
 from dissect.provenance import software_versions
 from broden._progress import progress
 from dissect.results import DatasetInfo, DissectionResult, LayerResult, layer_dirname, write_results
+from dissect.spatial import MaskStats, layer_spatial_summary, mask_shape_stats, top_image_masks
 from dissect.state import RunState, run_key
 from dissect.stats import IoUTally, TopImages, TopQuantile, iou_from_counts
 
@@ -67,7 +68,7 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
     timings["tally"] = time.perf_counter() - t
     t = time.perf_counter()
     results = [_label_layer(name, engine.shapes[name], thresholds[name], tops[name], tallies[name],
-                            info, config, model, loaded.groups) for name in layers]
+                            info, config, model, loaded.groups, dataset) for name in layers]
     timings["label"] = time.perf_counter() - t
 
     res = DissectionResult(options=config.to_dict(), seed=config.seed, model=loaded.describe(),
@@ -332,10 +333,31 @@ class _Engine:
 
 # ---------------------------------------------------------------- labels and groups
 
+def _top_mask_stats(top: dict[str, np.ndarray], thresholds: torch.Tensor, dataset: Any,
+                    config: DissectConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit (components, spread) of its top images' masks, at each image's label size (dissect.spatial)."""
+    maps = torch.from_numpy(np.ascontiguousarray(top["maps"]))  # (U, k, h, w)
+    idx = np.asarray(top["indices"])  # (U, k)
+    u, k = idx.shape
+    comp = np.zeros((u, k), dtype=np.int64)
+    spread = np.full((u, k), np.nan)
+    area = np.zeros((u, k), dtype=np.int64)
+    if idx.size:
+        records = dataset.meta.records  # top indices are index.csv rows (batch["index"])
+        sizes = {int(i): (int(records[int(i)].sh), int(records[int(i)].sw)) for i in np.unique(idx)}
+        size_of = np.array([sizes[int(i)] for i in idx.ravel()]).reshape(u, k, 2)
+        for size in sorted(set(sizes.values())):  # one pass per label size (Broden has one)
+            sel = (size_of == np.array(size)).all(axis=2)  # (U, k)
+            masks = top_image_masks(maps, thresholds.cpu(), size)  # (U, k, sh, sw)
+            stats = mask_shape_stats(masks, config.mask_connectivity)
+            comp[sel], spread[sel], area[sel] = stats.components[sel], stats.spread[sel], stats.area[sel]
+    return MaskStats(comp, spread, area).per_unit()
+
+
 def _label_layer(name: str, shape: tuple[int, int, int], thresholds: torch.Tensor, top: dict[str, np.ndarray],
                  tally: dict[str, np.ndarray], info: DatasetInfo, config: DissectConfig, model: nn.Module,
-                 ckpt_groups: dict[str, dict[str, int]]) -> LayerResult:
-    """Labels, detectors, unique detectors and concept groups of one layer."""
+                 ckpt_groups: dict[str, dict[str, int]], dataset: Any) -> LayerResult:
+    """Labels, detectors, unique detectors, mask compactness and concept groups of one layer."""
     iou = iou_from_counts(tally["intersection"], tally["activation"], tally["truth"], info.label_category)
     sel = info.selected_label_category()
     iou = np.where(sel[None, :] >= 0, iou, 0.0)  # (U, L): labels outside the selected categories drop out
@@ -355,7 +377,10 @@ def _label_layer(name: str, shape: tuple[int, int, int], thresholds: torch.Tenso
         groups = concept_groups(labels, iou, sel, info.label_names, layout, beta, beta_bn,
                                 config.group_alpha, config.group_threshold)
         unit_group = group_of_units(layout)
+    components, spread = _top_mask_stats(top, thresholds, dataset, config)
     return LayerResult(name=name, shape=shape, thresholds=thresholds.detach().cpu().numpy().astype(np.float32),
                        intersection=tally["intersection"], activation=tally["activation"], truth=tally["truth"],
                        iou=iou, top_indices=top["indices"], top_scores=top["scores"], top_maps=top["maps"],
-                       labels=labels, counts=counts, groups=groups, unit_group=unit_group)
+                       labels=labels, counts=counts, groups=groups, unit_group=unit_group,
+                       mask_components=components, mask_spread=spread,
+                       spatial=layer_spatial_summary(components, spread, labels.detector))

@@ -76,6 +76,9 @@ class LayerResult:
     counts: dict[str, Any]            # labels.layer_label_summary(...)
     groups: list[dict[str, Any]] | None = None
     unit_group: np.ndarray | None = None  # (U,) int64 group per unit, -1 free
+    mask_components: np.ndarray | None = None  # (U,) mean connected components of the top images' masks
+    mask_spread: np.ndarray | None = None      # (U,) mean spread of those masks (dissect.spatial)
+    spatial: dict[str, Any] | None = None      # layer summary of the two (dissect.spatial.layer_spatial_summary)
 
 
 @dataclass
@@ -141,6 +144,13 @@ def tally_csv_text(lr: LayerResult, ds: DatasetInfo) -> str:
     return buf.getvalue()
 
 
+def _finite(values: np.ndarray | None, u: int) -> float | None:
+    """values[u] as a JSON number, None when absent or NaN (a unit whose top masks are all empty)."""
+    if values is None or not np.isfinite(values[u]):
+        return None
+    return float(values[u])
+
+
 def units_json(lr: LayerResult, ds: DatasetInfo, top_k: int) -> dict[str, Any]:
     """The per-layer units.json dict of the contract."""
     lab = lr.labels
@@ -165,6 +175,8 @@ def units_json(lr: LayerResult, ds: DatasetInfo, top_k: int) -> dict[str, Any]:
             "iou": float(lab.top_score[u]),
             "threshold": float(lr.thresholds[u]),
             "group": None if lr.unit_group is None or lr.unit_group[u] < 0 else int(lr.unit_group[u]),
+            "mask_components": _finite(lr.mask_components, u),
+            "mask_spread": _finite(lr.mask_spread, u),
             "per_category": per_cat,
             "top_images": tops,
         })
@@ -180,6 +192,7 @@ def summary_json(res: DissectionResult) -> dict[str, Any]:
         entry = {"name": lr.name, "dir": layer_dirname(lr.name), "num_units": lr.labels.num_units,
                  "shape": [int(s) for s in lr.shape]}
         entry.update(lr.counts)
+        entry["spatial"] = lr.spatial
         entry["groups"] = lr.groups
         layers.append(entry)
     # CGL Table 3 is over the last two layers (network order, see pipeline.resolve_layers): none with fewer

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage import measure
 from torch import nn
 
 from broden.writer import BrodenWriter
@@ -220,6 +221,21 @@ def test_engine_matches_naive_dissection(concept_root, union):
         for u in range(smax.shape[1]):
             order = sorted(range(len(smax)), key=lambda i: (-smax[i, u], i))[:3]
             assert lr.top_indices[u].tolist() == order
+            # mask compactness: one scikit-image call per top-image mask, averaged over non-empty masks
+            counts, spreads = [], []
+            for i in order:
+                up = F.interpolate(torch.from_numpy(maps[name][i, u])[None, None], size=(8, 8), mode="bilinear",
+                                   align_corners=False)[0, 0].numpy()
+                mask = up > lr.thresholds[u]
+                if mask.any():
+                    counts.append(measure.label(mask, connectivity=2).max())
+                    ys, xs = np.nonzero(mask)
+                    spreads.append(np.hypot(ys - ys.mean(), xs - xs.mean()).mean() / 8)
+            if counts:
+                assert lr.mask_components[u] == pytest.approx(np.mean(counts))
+                assert lr.mask_spread[u] == pytest.approx(np.mean(spreads))
+            else:
+                assert np.isnan(lr.mask_components[u]) and np.isnan(lr.mask_spread[u])
     units = res.layer("units")
     # unit 0 is the red indicator: label red with IoU exactly 1; unit 2 is constant: no label
     assert units.labels.top_label[0] == 1 and units.labels.top_score[0] == pytest.approx(1.0)
