@@ -18,7 +18,7 @@ from broden.errors import InputError
 from dissect.options import Options, option
 
 __all__ = ["TrainConfig", "CGLOptions", "LR_SCHEDULES", "LABELINGS", "GROUP_FORMS", "SPATIAL_COORDS",
-           "BLOCK_NORM_MODES", "RESUME_MAY_DIFFER", "EPOCH_DEPENDENT_SCHEDULES", "FLAG_GROUPS",
+           "BLOCK_NORM_MODES", "LAYER_REDUCTIONS", "RESUME_MAY_DIFFER", "EPOCH_DEPENDENT_SCHEDULES", "FLAG_GROUPS",
            "resume_conflicts", "check_resumable", "parse_layer_ints"]
 
 LR_SCHEDULES = ("cosine", "step", "constant")
@@ -26,6 +26,7 @@ LABELINGS = ("binary", "classes45")
 GROUP_FORMS = ("paper", "per_image")
 SPATIAL_COORDS = ("pixel", "normalized")
 BLOCK_NORM_MODES = ("penalty", "proximal")
+LAYER_REDUCTIONS = ("mean", "sum")
 # Fields that may change when a run is resumed without changing what the run computes.
 # `epochs` extends the run, allowed only when the LR schedule does not depend on it (see
 # check_resumable); `workers` is safe because every sample's augmentation is seeded by
@@ -96,6 +97,9 @@ class CGLOptions(Options):
     spatial_layers: str = option(
         "grouped", "layers L_s applies to: 'grouped' (all, as the authors), 'last', or conv names 'conv1,conv2'",
         expected="'grouped', 'last' or comma-separated conv layer names", results=True, group="groups")
+    layer_reduction: str = option(
+        "mean", "how L_g and L_s combine over the layers they act on: 'mean' (the authors' code) or 'sum' "
+        "(R_bn always sums, eq. 6)", choices=LAYER_REDUCTIONS, results=True, group="groups")
     psi_eps: float = option(1e-5, "epsilon added to S (std variant of psi) and minimum |gamma| (BN variant)",
                             low=0.0, results=True, group="groups")
     block_norm_mode: str = option(
@@ -171,6 +175,14 @@ class TrainConfig(CGLOptions):
     lr_step: int = option(30, "'step' schedule: multiply lr by --lr-gamma every this many epochs", low=1,
                           results=True, group="optim")
     lr_gamma: float = option(0.1, "'step' schedule factor", low=0.0, results=True, group="optim")
+    plateau_epochs: int = option(
+        0, "stop once validation top-1 moved less than --plateau-delta over the last this many epochs (and "
+        "reached --plateau-min-top1); 0 trains all --epochs", low=0, results=True, group="optim")
+    plateau_delta: float = option(0.005, "the plateau rule's largest change of validation top-1 (a fraction: "
+                                  "0.005 = 0.5 points)", low=0.0, high=1.0, results=True, group="optim")
+    plateau_min_top1: float | None = option(
+        None, "the plateau rule stops only once validation top-1 reached this (a fraction)", low=0.0, high=1.0,
+        expected="a number in [0, 1] or null", results=True, group="optim")
     amp: bool = option(False, "mixed precision (autocast + GradScaler) on CUDA (ignored on CPU)", results=True,
                        group="optim")
     groups: int = option(5, "G per grouped layer: '5', 'conv1=5,conv2=8' or '5,conv2=8' (authors: 5)", low=1,
@@ -240,6 +252,9 @@ class TrainConfig(CGLOptions):
         for layer, v in {**self.group_overrides, **self.free_overrides}.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise InputError(f"{source}: per-layer count for {layer!r} is {v!r}; expected a non-negative integer")
+        if self.plateau_epochs and self.val_every != 1:
+            raise self.bad(source, "val_every", "1 when --plateau-epochs is set (the rule reads every epoch's "
+                           "validation)")
         if self.block_norm_mode == "proximal" and self.lambda_bn <= 0:
             raise self.bad(source, "block_norm_mode", "'penalty' unless lambda_bn > 0 (the proximal step applies "
                            "R_bn)")

@@ -64,7 +64,8 @@ from dissect.provenance import software_versions
 
 __all__ = ["TrainResult", "Trainer", "Loaders", "SeededSamples", "sample_seed", "seed_worker",
            "lr_at", "build_trainer", "build_loaders", "train_step",
-           "train_one_epoch", "evaluate", "train", "read_log", "log_header", "TERM_NAMES"]
+           "train_one_epoch", "evaluate", "train", "save_untrained", "plateau_reached", "read_log", "log_header",
+           "TERM_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -401,8 +402,25 @@ def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[st
         class_names=data.class_names, data=data.info, world_size=trainer.dist.world_size)
 
 
+def plateau_reached(history: list[dict[str, Any]], config: TrainConfig) -> bool:
+    """The stopping rule: validation top-1 of the last `plateau_epochs` epochs spans less than
+    `plateau_delta` and the last one reached `plateau_min_top1` (off when plateau_epochs is 0)."""
+    n = config.plateau_epochs
+    if n < 1 or len(history) < n:
+        return False
+    recent = [h.get("val_top1") for h in history[-n:]]
+    if any(v is None for v in recent):
+        return False
+    if config.plateau_min_top1 is not None and recent[-1] < config.plateau_min_top1:
+        return False
+    return max(recent) - min(recent) < config.plateau_delta
+
+
 def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> None:
     check_resumable(dict(ckpt.get("train_options") or {}), config, str(path))
+    if (ckpt.get("metrics") or {}).get("stopped"):
+        raise InputError(f"{path}: the run stopped at epoch {ckpt['epoch']} by its plateau rule "
+                         f"(--plateau-epochs); nothing to resume")
     done = int(ckpt["epoch"])
     if done >= config.epochs:
         raise InputError(f"{path}: the run already completed {done} epoch(s) and epochs = {config.epochs}; "
@@ -444,6 +462,22 @@ def read_log(path: str | Path) -> tuple[dict[str, Any] | None, list[dict[str, An
         else:
             entries.append(record)
     return header, entries
+
+
+def save_untrained(config: TrainConfig) -> Path:
+    """The untrained control: out/latest.pth holding the network exactly as `train` would start it
+    (the seeded initial weights), at epoch 0, with its validation metrics. Returns the path."""
+    config.validate()
+    out = Path(config.out)
+    device = resolve_device(config.device)
+    data = build_datasets(config, progress=not config.quiet)
+    trainer = build_trainer(config, data.num_classes, data.input_size, device)
+    loaders = build_loaders(config, data, DistInfo(), device)
+    metrics = evaluate(trainer.net, loaders.val, device, data.num_classes, max_batches=config.max_val_batches)
+    write_json_atomic(out / "config.json", config.to_dict())
+    path = out / "latest.pth"
+    save_checkpoint(_checkpoint(trainer, data, 0, {**metrics, "untrained": True}, [], None), path)
+    return path
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -514,6 +548,9 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         metrics = {k: entry.get(k) for k in ("val_top1", "val_top5", "val_loss", "train_top1")}
         metrics["train_loss"] = entry["total"]
         metrics["train_task_loss"] = entry["task"]
+        stop = plateau_reached(history, config)
+        if stop:
+            metrics["stopped"] = "plateau"  # recorded: a resume must not continue a finished run
         if dist.is_main:
             _write_log(out, header, history)
             ckpt = _checkpoint(trainer, data, epoch + 1, metrics, history, best_top1)
@@ -523,6 +560,9 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
             log.info("epoch %d: task %.4f total %.4f val top-1 %s", epoch + 1, entry["task"],
                      entry["total"], entry["val_top1"])
         barrier(dist)
+        if stop:
+            log.info("validation top-1 plateaued after epoch %d: stopping", epoch + 1)
+            break
     return TrainResult(out=out, latest=latest, best=best_path if best_path.exists() else None,
                        metrics=history[-1] if history else {}, history=history,
                        epochs_completed=len(history))

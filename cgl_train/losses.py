@@ -354,10 +354,11 @@ def _capture_of(captured: Mapping[str, Captured], name: str) -> Captured:
 def cgl_terms(captured: Mapping[str, Captured], layer_groups: Sequence[LayerGroups], scale: ReceptiveFieldScale,
               generator: torch.Generator, options: CGLOptions, model: nn.Module | None = None,
               terms: Sequence[str] = TERMS) -> dict[str, torch.Tensor]:
-    """The unweighted CGL terms summed over the grouped layers: {"r_bn", "l_g", "l_s"} (those in `terms`).
+    """The unweighted CGL terms over the grouped layers: {"r_bn", "l_g", "l_s"} (those in `terms`).
 
-    r_bn needs `model` (for the conv weights); l_g and l_s need `captured`.
-    L_s of several layers is the sum of each layer's mean, like L_g and R_bn.
+    r_bn needs `model` (for the conv weights); l_g and l_s need `captured`. R_bn sums over layers;
+    L_g and L_s average the layers they act on (options.layer_reduction 'mean', the authors' code)
+    or sum them ('sum').
     """
     unknown = set(terms) - set(TERMS)
     if unknown:
@@ -380,7 +381,13 @@ def cgl_terms(captured: Mapping[str, Captured], layer_groups: Sequence[LayerGrou
             sums["l_g"].append(group_activation_loss(psi, lg.spec, pairs, options.group_form))
         if need_s:
             sums["l_s"].append(spatial_loss(psi, options.spatial_coords))
-    return {t: torch.stack(v).sum() if v else torch.zeros((), device=device) for t, v in sums.items()}
+    def combine(term: str, values: list[torch.Tensor]) -> torch.Tensor:
+        if not values:
+            return torch.zeros((), device=device)
+        stacked = torch.stack(values)
+        # R_bn is a sum over layers (eq. 6); L_g and L_s follow options.layer_reduction
+        return stacked.mean() if term != "r_bn" and options.layer_reduction == "mean" else stacked.sum()
+    return {t: combine(t, v) for t, v in sums.items()}
 
 
 def _device_of(captured: Mapping[str, Captured], model: nn.Module | None) -> torch.device:

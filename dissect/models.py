@@ -58,9 +58,12 @@ class LoadedModel:
 
     def describe(self) -> dict[str, Any]:
         """The `model` block of summary.json (docs/contracts.md)."""
+        ckpt = self.checkpoint or {}
         return {"source": self.source, "kind": self.kind, "arch": self.arch,
                 "fingerprint": self.fingerprint, "metrics": self.metrics,
-                "normalization": self.normalization, "input_size": self.input_size}
+                "normalization": self.normalization, "input_size": self.input_size,
+                # the training seed and epochs a checkpoint records: runs of one configuration differ by it
+                "train_seed": ckpt.get("seed"), "train_epoch": ckpt.get("epoch")}
 
 
 # ---------------------------------------------------------------- normalisation and sizes

@@ -111,16 +111,46 @@ def group_bubble_plot(layers: Sequence[tuple[str, Sequence[Mapping[str, Any]] | 
 
 
 def compare_bar_chart(run_names: Sequence[str], layer_names: Sequence[str],
-                      values: Sequence[Sequence[float | None]], path: str | Path, ylabel: str) -> Path:
-    """Grouped bars: one group per layer, one bar per run (values[run][layer]; None = absent)."""
+                      values: Sequence[Sequence[float | None]], path: str | Path, ylabel: str,
+                      errors: Sequence[Sequence[float | None]] | None = None) -> Path:
+    """Grouped bars: one group per layer, one bar per run (values[run][layer]; None = absent).
+
+    `errors[run][layer]`, when given, draws an error bar of that half-length (the spread over seeds).
+    """
     fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * len(layer_names) * max(1, len(run_names)) / 2), 3.2))
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(run_names))
     for r, name in enumerate(run_names):
         xs = [i + (r - (len(run_names) - 1) / 2) * width for i in range(len(layer_names))]
-        ax.bar(xs, [v if v is not None else 0 for v in values[r]], width=width, label=name,
-               color=CATEGORY_COLORS[r % len(CATEGORY_COLORS)])
+        yerr = None
+        if errors is not None and any(e is not None for e in errors[r]):
+            yerr = [e if e is not None else 0.0 for e in errors[r]]
+        ax.bar(xs, [v if v is not None else 0 for v in values[r]], width=width, label=name, yerr=yerr,
+               capsize=3 if yerr else 0, color=CATEGORY_COLORS[r % len(CATEGORY_COLORS)])
     ax.set_xticks(range(len(layer_names)), layer_names)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return save_figure(fig, path)
+
+
+def iou_distributions(ious: Mapping[str, Mapping[str, Sequence[float]]], layer_names: Sequence[str],
+                      path: str | Path, thresholds: Sequence[float] = ()) -> Path:
+    """One panel per layer: the distribution of units' top-label IoU for each run (a step histogram of the
+    fraction of units), with the detector thresholds as dashed lines. ious[run][layer] -> values."""
+    fig = Figure(figsize=(3.2 * max(1, len(layer_names)) + 1.6, 2.8))
+    axes = fig.subplots(1, max(1, len(layer_names)), squeeze=False)[0]
+    top = max([max(v, default=0.0) for per in ious.values() for v in per.values()] + [max(thresholds, default=0.0)])
+    edges = [i * max(top, 1e-6) * 1.05 / 30 for i in range(31)]
+    for ax, layer in zip(axes, layer_names):
+        for r, (name, per) in enumerate(ious.items()):
+            values = list(per.get(layer, []))
+            if values:
+                ax.hist(values, bins=edges, histtype="step", linewidth=1.4, label=name,
+                        weights=[1.0 / len(values)] * len(values), color=CATEGORY_COLORS[r % len(CATEGORY_COLORS)])
+        for t in thresholds:
+            ax.axvline(t, color="#666666", linestyle="--", linewidth=0.8)
+        ax.set_title(layer, fontsize=10)
+        ax.set_xlabel("top-label IoU of a unit")
+    axes[0].set_ylabel("fraction of units")
+    axes[-1].legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, path)

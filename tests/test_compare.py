@@ -55,7 +55,9 @@ def test_csv_values_and_differences(runs, capsys: pytest.CaptureFixture) -> None
 def test_markdown_table(runs, capsys: pytest.CaptureFixture) -> None:
     a, b, sa, sb = runs
     assert main(["compare", str(a), str(b), "--names", "wd,cgl", "--definition", "top_label"]) == 0
-    md = capsys.readouterr().out
+    full = capsys.readouterr().out
+    md = full.split("## Detectors and unique detectors at each IoU threshold")[0]  # tables 1-3
+    assert "### Unique detectors (paper definition, IoU threshold 0.08)" in full
     assert "`top_label` definition" in md
     lines = [line for line in md.splitlines() if line.startswith("| cgl | conv2 |")]
     assert len(lines) == 1

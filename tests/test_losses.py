@@ -335,7 +335,8 @@ def _setup():
 
 def test_cgl_terms_combine_the_layers():
     model, layers, x = _setup()
-    options = CGLOptions(spatial_layers="conv2", spatial_coords="normalized", group_form="per_image")
+    options = CGLOptions(spatial_layers="conv2", spatial_coords="normalized", group_form="per_image",
+                         layer_reduction="sum")
     with GroupActivations(model, layers) as acts:
         model(x)
         captured = acts.captured
@@ -351,6 +352,29 @@ def test_cgl_terms_combine_the_layers():
     torch.testing.assert_close(terms["l_s"], spatial_loss(psi2, "normalized"))
     r_bn = block_norm(model.conv1.weight, layers[0].spec) + block_norm(model.conv2.weight, layers[1].spec)
     torch.testing.assert_close(terms["r_bn"], r_bn)
+
+
+def test_l_g_and_l_s_average_the_layers_they_act_on_by_default():
+    """The authors' form: L_g and L_s are means over their layers (R_bn stays a sum, eq. 6)."""
+    model, layers, x = _setup()
+    assert CGLOptions().layer_reduction == "mean"
+    with GroupActivations(model, layers) as acts:
+        model(x)
+        captured = acts.captured
+    terms = cgl_terms(captured, layers, ReceptiveFieldScale(), torch.Generator().manual_seed(5), CGLOptions(), model)
+    gen = torch.Generator().manual_seed(5)
+    psi1 = soft_receptive_field(model.conv1(x), 1.0, 0.0)
+    psi2 = soft_receptive_field(model.conv2(torch.relu(model.conv1(x))), 1.0, 0.0)
+    g1 = group_activation_loss(psi1, layers[0].spec, sample_pairs(layers[0].spec, gen), "paper")
+    g2 = group_activation_loss(psi2, layers[1].spec, sample_pairs(layers[1].spec, gen), "paper")
+    torch.testing.assert_close(terms["l_g"], (g1 + g2) / 2)
+    torch.testing.assert_close(terms["l_s"], (spatial_loss(psi1) + spatial_loss(psi2)) / 2)
+    r_bn = block_norm(model.conv1.weight, layers[0].spec) + block_norm(model.conv2.weight, layers[1].spec)
+    torch.testing.assert_close(terms["r_bn"], r_bn)
+    # sum is the other choice: twice the mean for two layers
+    summed = cgl_terms(captured, layers, ReceptiveFieldScale(), torch.Generator().manual_seed(5),
+                       CGLOptions(layer_reduction="sum"), model)
+    torch.testing.assert_close(summed["l_g"], g1 + g2)
 
 
 def test_objective_total_resume_and_descent():
