@@ -1,17 +1,19 @@
 """The paper's synthetic experiment end to end (CGL paper, section 4.1, Table 1).
 
-generate shapes -> train the tiny CNN three ways -> dissect conv1 and conv2 of
-each (the dissection library, dissect.runner) -> table of unique detectors
-beside the paper's. Every step reuses finished work in the output directory,
-so an interrupted demo continues where it stopped. The HTML reports and the
-comparison page are a layer above (reports); `dissect demo` renders them.
+generate shapes -> per seed: the untrained network (the control) and the tiny CNN
+trained three ways, each until its validation accuracy plateaus -> dissect conv1
+and conv2 of each (the dissection library, dissect.runner) -> tables of detectors
+and unique detectors (both definitions, two IoU thresholds) over seeds, with
+paired differences against weight decay and the paper's numbers beside ours
+(dissect.aggregate, the same tables `dissect compare` prints). Every step reuses
+finished work in the output directory, so an interrupted demo continues where it
+stopped. The HTML reports and the comparison page are a layer above (reports);
+`dissect demo` renders them.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,8 +26,12 @@ from dissect.options import Options, option
 
 log = logging.getLogger(__name__)
 
-RUNS = ("weight_decay", "rbn", "rbn_lg_ls")
-RUN_TITLES = {"weight_decay": "Weight decay", "rbn": "R_bn", "rbn_lg_ls": "R_bn + L_g + L_s"}
+CONTROL = "random_init"
+TRAINED = ("weight_decay", "rbn", "rbn_lg_ls")
+RUNS = (CONTROL, *TRAINED)
+RUN_TITLES = {CONTROL: "Random init (untrained)", "weight_decay": "Weight decay", "rbn": "R_bn",
+              "rbn_lg_ls": "R_bn + L_g + L_s"}
+BASELINE = "weight_decay"
 LAYERS = ("conv1", "conv2")
 CATEGORIES = ("color", "shape", "color_shape")
 # Table 1 of the paper (binary setting): unique detectors color, shape, color-shape, total.
@@ -36,19 +42,30 @@ PAPER_TABLE1 = {
 }
 
 
+def paper_reference() -> dict[tuple[str, str], dict[str, int]]:
+    """The paper's Table 1 per (run, layer), keyed by both run names and titles (for dissect.aggregate)."""
+    out = {}
+    for (run, layer), counts in PAPER_TABLE1.items():
+        cells = dict(zip((*CATEGORIES, "total"), counts))
+        out[(run, layer)] = out[(RUN_TITLES[run], layer)] = cells
+    return out
+
+
 @dataclass
 class ExperimentOptions(Options):
     """Options of `dissect demo`."""
 
     out: str = option("demo-out", "output directory: data, runs, dissections, reports, table")
-    full: bool = option(False, "the paper's sizes: 640 images per class, 30 epochs, >= 3 seeds")
-    seeds: int = option(1, "training seeds; mean and spread are reported", low=1)
+    full: bool = option(False, "the paper's sizes: 640 images per class (28,800 images), >= 3 seeds; "
+                        "meant for a GPU")
+    seeds: int | None = option(None, "training seeds, 0..N-1; every network is retrained per seed and cells "
+                               "show mean ± sd (default: the preset's)", low=1, expected="a positive integer or null")
     labeling: str = option("binary", "binary 'a square is present' (the paper's Table 1) or the 45-class setting",
                            choices=("binary", "classes45"))
     config: str | None = option(None, "experiment config JSON (default: cgl_train/configs/table1.json)",
                                 metavar="JSON")
     device: str = option("auto", "training and dissection device: auto, cpu, cuda, cuda:N")
-    epochs: int | None = option(None, "override the preset's epochs (smoke runs)", low=1)
+    epochs: int | None = option(None, "override the preset's largest number of epochs (smoke runs)", low=1)
     per_class: int | None = option(None, "override the preset's images per class (smoke runs)", low=1)
     max_train_batches: int | None = option(None, "cap batches per epoch (smoke tests)", flag=None, low=1)
     report: bool = option(True, "render the HTML reports and the comparison page; --no-report skips them")
@@ -57,14 +74,18 @@ class ExperimentOptions(Options):
 
 @dataclass
 class ExperimentResult:
-    """Where the outputs are and the table's numbers."""
+    """Where the outputs are, and the tables."""
 
     out: Path
     table_md: Path
     table_json: Path
-    rows: list[dict[str, Any]]
+    tables: list[Any]                                     # dissect.aggregate.Table, in table1.md order
+    convergence: list[dict[str, Any]]                     # one row per trained (run, seed)
     dissections: dict[tuple[str, int], Path] = field(default_factory=dict)  # (run, seed) -> results dir
     seconds: float = 0.0
+    mode: str = "quick"
+    seeds: list[int] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=list)    # IoU thresholds of the detector tables
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -85,16 +106,16 @@ def load_config(path: str | Path | None = None) -> dict[str, Any]:
     for key in ("data", "train", "runs", "dissect"):
         if key not in cfg:
             raise InputError(f"{source}: missing section {key!r} (expected data, train, runs, dissect)")
-    missing = [r for r in RUNS if r not in cfg["runs"]]
+    missing = [r for r in TRAINED if r not in cfg["runs"]]
     if missing:
-        raise InputError(f"{source}: section 'runs' lacks {missing}; expected {list(RUNS)}")
+        raise InputError(f"{source}: section 'runs' lacks {missing}; expected {list(TRAINED)}")
     cfg["_source"] = source
     return cfg
 
 
-def _seeds(opts: ExperimentOptions) -> list[int]:
-    n = max(opts.seeds, 3) if opts.full else opts.seeds
-    return list(range(n))
+def _seeds(cfg: dict[str, Any], opts: ExperimentOptions, mode: str) -> list[int]:
+    n = opts.seeds if opts.seeds is not None else int((cfg.get("seeds") or {}).get(mode, 1))
+    return list(range(max(n, 3) if opts.full else n))
 
 
 def _dataset(cfg: dict[str, Any], opts: ExperimentOptions, mode: str) -> tuple[Path, dict[str, Any]]:
@@ -109,32 +130,40 @@ def _dataset(cfg: dict[str, Any], opts: ExperimentOptions, mode: str) -> tuple[P
     return root, data
 
 
-def _train(cfg: dict[str, Any], opts: ExperimentOptions, mode: str, run: str, seed: int,
-           data_root: Path, data: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """Train one configuration (or reuse/resume it); returns the checkpoint and its metrics."""
-    from dissect.checkpoint import load_checkpoint
+def _train_config(cfg: dict[str, Any], opts: ExperimentOptions, mode: str, run: str, seed: int,
+                  data_root: Path, data: dict[str, Any]) -> Any:
     from cgl_train.config import TrainConfig
-    from cgl_train.engine import train
 
-    values = {**cfg["train"]["common"], **cfg["train"][mode], **cfg["runs"][run]}
+    # the control is the weight-decay network before any step: the same seeded initial weights
+    values = {**cfg["train"]["common"], **cfg["train"][mode], **cfg["runs"][BASELINE if run == CONTROL else run]}
     if opts.epochs is not None:
         values["epochs"] = opts.epochs
-    out = Path(opts.out) / "runs" / f"{run}-seed{seed}"
     values.update(data="synthetic", synthetic_dir=str(data_root), synthetic_per_class=data["per_class"],
                   synthetic_size=data["size"], synthetic_seed=data["seed"],
                   synthetic_val_fraction=data["val_fraction"], labeling=opts.labeling, seed=seed,
-                  out=str(out), device=opts.device, quiet=opts.quiet,
+                  out=str(Path(opts.out) / "runs" / f"{run}-seed{seed}"), device=opts.device, quiet=opts.quiet,
                   max_train_batches=opts.max_train_batches)
-    config = TrainConfig.from_dict(values, cfg["_source"])
-    latest = out / "latest.pth"
+    return TrainConfig.from_dict(values, cfg["_source"])
+
+
+def _train(config: Any, run: str) -> tuple[Path, dict[str, Any]]:
+    """Train one configuration, or save the untrained control (reusing or resuming finished work)."""
+    from cgl_train.engine import save_untrained, train
+    from dissect.checkpoint import load_checkpoint
+
+    latest = Path(config.out) / "latest.pth"
     if latest.exists():
         ckpt = load_checkpoint(latest)
-        if ckpt["epoch"] >= config.epochs:
-            log.info("reusing finished training run %s", out)
-            return latest, dict(ckpt.get("metrics") or {})
-        config = config.replace(resume=True)
-    result = train(config)
-    return result.latest, dict(load_checkpoint(result.latest).get("metrics") or {})
+        metrics = dict(ckpt.get("metrics") or {})
+        done = metrics.get("untrained") if run == CONTROL else (ckpt["epoch"] >= config.epochs or
+                                                                metrics.get("stopped"))
+        if done:
+            log.info("reusing finished run %s", config.out)
+            return latest, ckpt
+        if run != CONTROL:
+            config = config.replace(resume=True)
+    path = save_untrained(config) if run == CONTROL else train(config).latest
+    return path, load_checkpoint(path)
 
 
 def _dissect(cfg: dict[str, Any], opts: ExperimentOptions, checkpoint: Path, data_root: Path,
@@ -147,80 +176,71 @@ def _dissect(cfg: dict[str, Any], opts: ExperimentOptions, checkpoint: Path, dat
     return outcome.summary
 
 
-def _val_accuracy(metrics: dict[str, Any]) -> float | None:
-    for key in ("val_top1", "top1", "val_acc"):
-        if isinstance(metrics.get(key), (int, float)):
-            return float(metrics[key])
-    return None
+def convergence_row(run: str, seed: int, ckpt: dict[str, Any], config: Any) -> dict[str, Any]:
+    """How a trained run ended: epochs, whether the plateau rule stopped it, accuracies and task loss."""
+    history = list(ckpt.get("history") or [])
+    metrics = dict(ckpt.get("metrics") or {})
+    vals = [h.get("val_top1") for h in history if h.get("val_top1") is not None]
+    window = vals[-3:]
+    return {"run": run, "title": RUN_TITLES[run], "seed": seed, "epochs": int(ckpt["epoch"]),
+            "max_epochs": config.epochs, "stopped_by_plateau": metrics.get("stopped") == "plateau",
+            "val_top1": metrics.get("val_top1"), "best_val_top1": ckpt.get("best_top1"),
+            "train_top1": metrics.get("train_top1"),
+            "task_loss_first": history[0].get("task") if history else None,
+            "task_loss_last": history[-1].get("task") if history else None,
+            "val_top1_last3_span": (max(window) - min(window)) if len(window) == 3 else None,
+            "train_seconds": sum(h.get("time") or 0.0 for h in history)}
 
 
-def _mean_spread(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-DEFINITIONS = ("paper", "top_label")
-
-
-def table_rows(summaries: dict[tuple[str, int], dict[str, Any]],
-               metrics: dict[tuple[str, int], dict[str, Any]], seeds: Sequence[int],
-               definition: str = "paper") -> list[dict[str, Any]]:
-    """One row per (run, layer): mean and spread over seeds of the unique detectors under `definition`."""
-    rows = []
-    for run in RUNS:
-        accs = [a for s in seeds if (a := _val_accuracy(metrics[(run, s)])) is not None]
-        for layer in LAYERS:
-            counts: dict[str, list[float]] = {c: [] for c in (*CATEGORIES, "total")}
-            for s in seeds:
-                meta = next(l for l in summaries[(run, s)]["layers"] if l["name"] == layer)
-                per_cat = meta["unique_detectors"][definition]["per_category"]
-                for c in CATEGORIES:
-                    counts[c].append(float(per_cat.get(c, 0)))
-                counts["total"].append(float(sum(per_cat.get(c, 0) for c in CATEGORIES)))
-            row: dict[str, Any] = {"run": run, "regularizer": RUN_TITLES[run], "layer": layer,
-                                   "definition": definition, "seeds": list(seeds)}
-            for c, vals in counts.items():
-                row[c], row[f"{c}_sd"] = _mean_spread(vals)
-                row[f"{c}_values"] = vals
-            row["val_top1"], row["val_top1_sd"] = _mean_spread(accs) if accs else (math.nan, math.nan)
-            paper = PAPER_TABLE1[(run, layer)]
-            row["paper"] = dict(zip((*CATEGORIES, "total"), paper))
-            rows.append(row)
-    return rows
-
-
-def _fmt(mean: float, sd: float, n: int) -> str:
-    if math.isnan(mean):
-        return "-"
-    text = f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.1f}"
-    return text if n == 1 else f"{text} ± {sd:.1f}"
-
-
-DEFINITION_TEXT = {
-    "paper": "paper definition: per category, distinct labels among units whose best label of that "
-             "category has IoU > 0.04 (a unit may count in several categories)",
-    "top_label": "top-label definition: distinct top labels among units whose top label has IoU >= 0.04 "
-                 "(each unit counts once, in its top label's category)",
-}
-
-
-def format_table(rows: list[dict[str, Any]], labeling: str) -> str:
-    """Markdown table in the layout of the paper's Table 1, ours beside the paper's (ours / paper)."""
-    n = len(rows[0]["seeds"]) if rows else 1
-    definition = rows[0]["definition"] if rows else "paper"
-    lines = [f"Unique detectors ({DEFINITION_TEXT[definition]}), labeling={labeling}, "
-             f"{n} seed(s): ours / paper",
-             "",
-             "| Regularizer | layer | color | shape | color-shape | Total | val top-1 |",
-             "|---|---|---|---|---|---|---|"]
+def convergence_markdown(rows: list[dict[str, Any]], rule: str) -> str:
+    """The training table: how long each network trained and how well it learned."""
+    lines = ["### Training", "", "| network | seed | epochs | stopped by plateau | val top-1 | train top-1 | "
+             "task loss first -> last | val top-1 span, last 3 epochs |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        paper = r["paper"] if labeling == "binary" else {k: "-" for k in r["paper"]}
-        cells = [f"{_fmt(r[c], r[c + '_sd'], n)} / {paper[c]}" for c in (*CATEGORIES, "total")]
-        acc = r["val_top1"]
-        acc_text = "-" if math.isnan(acc) else (f"{100 * acc:.1f}%" if n == 1
-                                                else f"{100 * acc:.1f}% ± {100 * r['val_top1_sd']:.1f}")
-        lines.append(f"| {r['regularizer']} | {r['layer']} | " + " | ".join(cells) + f" | {acc_text} |")
+        def pct(x: Any) -> str:
+            return "–" if x is None else f"{100 * x:.1f}%"
+        span = "–" if r["val_top1_last3_span"] is None else f"{100 * r['val_top1_last3_span']:.2f} points"
+        loss = ("–" if r["task_loss_first"] is None else
+                f"{r['task_loss_first']:.3f} -> {r['task_loss_last']:.3f}")
+        lines.append(f"| {r['title']} | {r['seed']} | {r['epochs']} / {r['max_epochs']} | "
+                     f"{'yes' if r['stopped_by_plateau'] else 'no'} | {pct(r['val_top1'])} | {pct(r['train_top1'])} "
+                     f"| {loss} | {span} |")
+    lines += ["", f"- {rule}"]
     return "\n".join(lines) + "\n"
+
+
+def build_tables(dirs: dict[tuple[str, int], Path], thresholds: Sequence[float]) -> tuple[Any, list[Any]]:
+    """The dissections grouped by network (dissect.aggregate) and the tables of table1.md and compare.html."""
+    from dissect.aggregate import DEFINITIONS, group_runs, read_record, spatial_table, threshold_table
+
+    groups = group_runs([read_record(path, RUN_TITLES[run]) for (run, _), path in sorted(
+        dirs.items(), key=lambda kv: (RUNS.index(kv[0][0]), kv[0][1]))])
+    tables = [threshold_table(groups, d, t, baseline=RUN_TITLES[BASELINE], reference=paper_reference())
+              for d in DEFINITIONS for t in thresholds]
+    return groups, tables + [spatial_table(groups)]
+
+
+def _plateau_rule(config: Any) -> str:
+    if not config.plateau_epochs:
+        return f"each network trained for {config.epochs} epochs (no plateau rule)"
+    floor = "" if config.plateau_min_top1 is None else f", once it reached {100 * config.plateau_min_top1:g}%"
+    return (f"each network trained until its validation top-1 moved less than {100 * config.plateau_delta:g} "
+            f"points over {config.plateau_epochs} epochs{floor}, at most {config.epochs} epochs")
+
+
+def _preamble(mode: str, data: dict[str, Any], seeds: list[int], opts: ExperimentOptions, seconds: float,
+              rule: str) -> str:
+    n = data["per_class"] * 45
+    noise = ("One seed: differences of a few detectors between networks are within the noise of a single "
+             "training run; run --seeds 3 for the spread." if len(seeds) == 1 else
+             f"{len(seeds)} seeds: cells are mean ± sample standard deviation; the last column pairs each "
+             f"network with weight decay of the same seed.")
+    return (f"# CGL synthetic experiment (Table 1), {mode} preset\n\n"
+            f"{n} images ({data['per_class']} per class of 45, {data['size']} px, val fraction "
+            f"{data['val_fraction']}), labeling {opts.labeling}, seeds {', '.join(map(str, seeds))}, device "
+            f"{opts.device}, {seconds / 60:.1f} min. {rule[0].upper() + rule[1:]}. {noise} Ours / the paper's "
+            f"numbers in every unique-detector cell; the paper does not say which definition or threshold its "
+            f"Table 1 used. The untrained network is the control: trained networks should differ from it.\n")
 
 
 def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
@@ -231,32 +251,41 @@ def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
     mode = "full" if opts.full else "quick"
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = _seeds(opts)
+    seeds = _seeds(cfg, opts, mode)
     data_root, data = _dataset(cfg, opts, mode)
 
-    summaries: dict[tuple[str, int], dict[str, Any]] = {}
-    metrics: dict[tuple[str, int], dict[str, Any]] = {}
     dissect_dirs: dict[tuple[str, int], Path] = {}
+    convergence: list[dict[str, Any]] = []
+    rule = ""
     for seed in seeds:
         for run in RUNS:
-            log.info("training %s (seed %d)", RUN_TITLES[run], seed)
-            ckpt, metrics[(run, seed)] = _train(cfg, opts, mode, run, seed, data_root, data)
+            config = _train_config(cfg, opts, mode, run, seed, data_root, data)
+            rule = rule or _plateau_rule(_train_config(cfg, opts, mode, BASELINE, seed, data_root, data))
+            log.info("%s %s (seed %d)", "saving" if run == CONTROL else "training", RUN_TITLES[run], seed)
+            ckpt_path, ckpt = _train(config, run)
+            if run != CONTROL:
+                convergence.append(convergence_row(run, seed, ckpt, config))
             dissect_dirs[(run, seed)] = out / "dissect" / f"{run}-seed{seed}"
             log.info("dissecting %s (seed %d)", RUN_TITLES[run], seed)
-            summaries[(run, seed)] = _dissect(cfg, opts, ckpt, data_root, dissect_dirs[(run, seed)], seed)
+            _dissect(cfg, opts, ckpt_path, data_root, dissect_dirs[(run, seed)], seed)
 
-    tables = {d: table_rows(summaries, metrics, seeds, d) for d in DEFINITIONS}
-    rows = tables["paper"]
-    table = "\n".join(format_table(tables[d], opts.labeling) for d in DEFINITIONS)
-    result = ExperimentResult(out=out, table_md=out / "table1.md", table_json=out / "table1.json", rows=rows,
-                              dissections=dissect_dirs)
-    result.seconds = time.time() - start
-    write_text_atomic(result.table_md, table)
+    thresholds = list(cfg["dissect"].get("iou_thresholds", (0.04, 0.08)))
+    _, tables = build_tables(dissect_dirs, thresholds)
+    seconds = time.time() - start
+    from dissect.aggregate import markdown
+
+    text = _preamble(mode, data, seeds, opts, seconds, rule) + "\n" + convergence_markdown(convergence, rule) \
+        + "\n" + "\n".join(markdown(t) for t in tables)
+    result = ExperimentResult(out=out, table_md=out / "table1.md", table_json=out / "table1.json", tables=tables,
+                              convergence=convergence, dissections=dissect_dirs, seconds=seconds, mode=mode,
+                              seeds=seeds, thresholds=thresholds)
+    write_text_atomic(result.table_md, text)
     write_json_atomic(result.table_json, {
-        "format": "cgl-table1", "labeling": opts.labeling, "mode": mode, "seeds": seeds,
+        "format": "cgl-table1", "version": 2, "labeling": opts.labeling, "mode": mode, "seeds": seeds,
         "config": {k: v for k, v in cfg.items() if not k.startswith("_")}, "config_source": cfg["_source"],
-        "data": {**data, "root": str(data_root)}, "device": opts.device, "seconds": round(result.seconds, 1),
-        "rows": rows, "rows_top_label": tables["top_label"],
+        "data": {**data, "root": str(data_root)}, "device": opts.device, "seconds": round(seconds, 1),
+        "training_rule": rule, "convergence": convergence, "tables": [t.to_dict() for t in tables],
+        "paper_table1": {f"{r}/{l}": dict(zip((*CATEGORIES, "total"), v)) for (r, l), v in PAPER_TABLE1.items()},
         "dissections": {f"{r}-seed{s}": str(p) for (r, s), p in dissect_dirs.items()},
     })
     return result

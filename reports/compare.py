@@ -458,7 +458,9 @@ def render_compare_html(cmp: Comparison, figure_path: str | Path) -> str:
         return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
     return env.get_template("compare.html").render(
-        title="Dissection runs compared", css=css, preamble=_preamble(cmp), tables=tables, extra=extra,
+        # markdown's `code` marks mean nothing in HTML: the page shows the words
+        title="Dissection runs compared", css=css, preamble=[line.replace("`", "") for line in _preamble(cmp)],
+        tables=tables, extra=extra,
         notes=comparability_notes(cmp), figure=inline(png), figure_file=Path(png).name,
         dist_figure=inline(dist), dist_file=Path(dist).name)
 

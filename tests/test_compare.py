@@ -192,3 +192,51 @@ def test_comparable_runs_say_so(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert main(["compare", str(a), str(b), "--format", "csv"]) == 0
     rows = [r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["table"] == "comparability"]
     assert {r["metric"] for r in rows} == {"rud_last_two_layers"}
+
+
+def test_runs_sharing_a_name_are_seeds_of_one_group(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import statistics
+
+    dataset = make_dataset(tmp_path / "broden", seed=0)
+    dirs, names = [], []
+    for name, base in (("wd", 30), ("cgl", 40)):
+        for s in range(3):
+            dirs.append(make_results_dir(tmp_path / f"{name}{s}", seed=base + s, dataset_root=dataset,
+                                         metrics={"val_acc": 0.5 + 0.1 * s}))
+            names.append(name)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in dirs]
+    argv = ["compare", *map(str, dirs), "--names", ",".join(names), "--format", "csv"]
+    assert main(argv) == 0
+    rows = {(r["table"], r["run"], r["layer"], r["category"], r["metric"]): r
+            for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    wd = [_unique(s, "conv2", None) for s in summaries[:3]]
+    cgl = [_unique(s, "conv2", None) for s in summaries[3:]]
+    row = rows[("unique_per_category", "cgl", "conv2", "", "unique_paper")]
+    assert float(row["value"]) == pytest.approx(statistics.fmean(cgl))
+    assert float(row["sd"]) == pytest.approx(statistics.stdev(cgl)) and row["n"] == "3"
+    # the seeds differ between the groups, so no pair exists: no difference is made up
+    assert row["diff_vs_first"] == ""
+    # the seed option differs by design: not listed as a comparability problem
+    assert not any(k[0] == "comparability" and "seed" in k[4] for k in rows)
+    assert main(argv[:-2]) == 0
+    md = capsys.readouterr().out
+    assert f"{statistics.fmean(wd):.3f} ± {statistics.stdev(wd):.3f}" in md
+    assert "Seeds: wd: 30, 31, 32; cgl: 40, 41, 42." in md
+    out = tmp_path / "g.html"
+    assert main([*argv[:-2], "--format", "html", "--out", str(out), "--iou-thresholds", "0.05"]) == 0
+    html = out.read_text()
+    assert 'id="table-unique-paper-0.05"' in html and 'id="table-unique-top_label-0.05"' in html
+    assert (tmp_path / "g-figures" / "iou-distributions.png").is_file()
+
+
+def test_paired_differences_pair_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    dataset = make_dataset(tmp_path / "broden", seed=0)
+    dirs = [make_results_dir(tmp_path / f"{n}{s}", seed=seed, dataset_root=dataset)
+            for n, s, seed in (("a", 0, 5), ("a", 1, 6), ("b", 0, 5), ("b", 1, 6))]
+    assert main(["compare", *map(str, dirs), "--names", "a,a,b,b", "--format", "csv", "--baseline", "a"]) == 0
+    rows = {(r["table"], r["run"], r["layer"], r["metric"], r["category"]): r
+            for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    # the fixture makes the same numbers for the same seed: every paired difference is 0
+    assert float(rows[("unique_per_layer", "b", "conv1", "unique_paper", "")]["diff_vs_first"]) == 0.0
+    assert main(["compare", *map(str, dirs), "--names", "a,a,b,b", "--baseline", "c"]) == 2
+    assert "--baseline" in capsys.readouterr().err

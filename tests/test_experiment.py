@@ -1,15 +1,17 @@
-"""The synthetic experiment (`dissect demo`) end to end on a tiny preset."""
+"""The synthetic experiment (`dissect demo`) end to end on a tiny preset, with two seeds and the control."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 
 from broden.errors import InputError
+from cgl_train.experiment import (CATEGORIES, CONTROL, PAPER_TABLE1, RUN_TITLES, RUNS, TRAINED,
+                                  ExperimentOptions, load_config, run_experiment)
+from dissect.aggregate import counts_at
 from dissect.cli import main
-from cgl_train.experiment import (CATEGORIES, LAYERS, PAPER_TABLE1, RUNS, ExperimentOptions, load_config,
-                                run_experiment)
 
 
 def tiny_config(path: Path) -> Path:
@@ -18,7 +20,7 @@ def tiny_config(path: Path) -> Path:
     cfg.pop("_source")
     cfg["data"]["quick"] = {"per_class": 1, "size": 32, "seed": 3, "val_fraction": 0.2}
     cfg["train"]["common"].update(arch_kwargs={"width1": 10, "width2": 15}, batch_size=16)
-    cfg["train"]["quick"] = {"epochs": 1}
+    cfg["train"]["quick"] = {"epochs": 2}
     path.write_text(json.dumps(cfg))
     return path
 
@@ -26,37 +28,79 @@ def tiny_config(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("experiment")
-    opts = ExperimentOptions(out=root / "out", config=tiny_config(root / "cfg.json"), quiet=True, device="cpu")
+    opts = ExperimentOptions(out=root / "out", config=tiny_config(root / "cfg.json"), quiet=True, device="cpu",
+                             seeds=2)
     return run_experiment(opts)
 
 
-def test_table_structure_and_numbers_equal_the_dissections(experiment) -> None:
-    rows = experiment.rows
-    assert [(r["run"], r["layer"]) for r in rows] == [(run, layer) for run in RUNS for layer in LAYERS]
+def _summary(experiment, run: str, seed: int) -> dict:
+    return json.loads((experiment.out / "dissect" / f"{run}-seed{seed}" / "summary.json").read_text())
+
+
+def test_every_network_and_the_control_are_dissected_per_seed(experiment) -> None:
+    assert set(experiment.dissections) == {(r, s) for r in RUNS for s in (0, 1)}
+    for s in (0, 1):
+        control = _summary(experiment, CONTROL, s)
+        assert control["model"]["train_epoch"] == 0 and control["model"]["metrics"]["untrained"] is True
+        trained = _summary(experiment, "weight_decay", s)
+        assert trained["model"]["train_epoch"] >= 1 and trained["model"]["train_seed"] == s
+    # the control is the weight-decay network before training: same seed, same initial weights
+    import torch
+    a = torch.load(experiment.out / "runs" / f"{CONTROL}-seed1" / "latest.pth", weights_only=True)
+    b = torch.load(experiment.out / "runs" / "weight_decay-seed1" / "latest.pth", weights_only=True)
+    assert a["seed"] == b["seed"] == 1 and a["train_options"]["lambda_bn"] == b["train_options"]["lambda_bn"]
+    assert [row["run"] for row in experiment.convergence] == list(TRAINED) * 2
+
+
+def test_cells_are_mean_and_sd_of_the_per_seed_numbers(experiment) -> None:
     saved = json.loads(experiment.table_json.read_text())
-    assert saved["rows"] == rows
-    for r in rows:
-        summary = json.loads((experiment.out / "dissect" / f"{r['run']}-seed0" / "summary.json").read_text())
-        layer = next(l for l in summary["layers"] if l["name"] == r["layer"])
-        for d, table in (("paper", rows), ("top_label", saved["rows_top_label"])):
-            row = next(t for t in table if (t["run"], t["layer"]) == (r["run"], r["layer"]))
-            per_cat = layer["unique_detectors"][d]["per_category"]
-            assert [row[c] for c in CATEGORIES] == [per_cat.get(c, 0) for c in CATEGORIES]
-            assert row["total"] == sum(per_cat.get(c, 0) for c in CATEGORIES)
-        ckpt_metrics = summary["model"]["metrics"]
-        assert r["val_top1"] == pytest.approx(ckpt_metrics["val_top1"])
-        assert r["paper"] == dict(zip((*CATEGORIES, "total"), PAPER_TABLE1[(r["run"], r["layer"])]))
+    tables = {t["id"]: t for t in saved["tables"]}
+    assert set(tables) >= {"unique-paper-0.04", "unique-paper-0.08", "unique-top_label-0.04",
+                           "unique-top_label-0.08", "spatial"}
+    for definition in ("paper", "top_label"):
+        for threshold in (0.04, 0.08):
+            table = tables[f"unique-{definition}-{threshold:g}"]
+            groups_seen = set()
+            for row in table["rows"]:
+                group, layer = row[0]["group"], row[1]["layer"]
+                groups_seen.add(group)
+                run = next(r for r, t in RUN_TITLES.items() if t == group)
+                total = row[2 + len(CATEGORIES)]
+                per_seed = []
+                for s in (0, 1):
+                    units = json.loads((experiment.out / "dissect" / f"{run}-seed{s}" / layer / "units.json")
+                                       .read_text())
+                    per_seed.append(counts_at(units, threshold)["unique_detectors"][definition]["total"])
+                    if threshold == 0.04:  # the dissection's own threshold: summary.json's numbers
+                        meta = next(l for l in _summary(experiment, run, s)["layers"] if l["name"] == layer)
+                        assert per_seed[-1] == meta["unique_detectors"][definition]["total"]
+                assert total["per_seed"] == {"0": per_seed[0], "1": per_seed[1]}
+                assert total["mean"] == pytest.approx(statistics.fmean(per_seed))
+                assert total["sd"] == pytest.approx(statistics.stdev(per_seed))
+                if (run, layer) in PAPER_TABLE1:
+                    assert total["paper"] == PAPER_TABLE1[(run, layer)][3]
+                paired = row[-1]
+                if run == "weight_decay":
+                    assert "per_seed" not in paired  # the baseline
+                else:
+                    base = tables[f"unique-{definition}-{threshold:g}"]
+                    wd = next(r for r in base["rows"] if r[0]["group"] == RUN_TITLES["weight_decay"]
+                              and r[1]["layer"] == layer)[2 + len(CATEGORIES)]["per_seed"]
+                    assert paired["per_seed"] == {s: total["per_seed"][s] - wd[s] for s in ("0", "1")}
+            assert groups_seen == {RUN_TITLES[r] for r in RUNS}
 
 
-def test_markdown_table_shows_ours_beside_the_paper(experiment) -> None:
+def test_markdown_shows_the_control_row_and_ours_beside_the_paper(experiment) -> None:
     text = experiment.table_md.read_text()
-    lines = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| Regularizer")]
-    assert len(lines) == 2 * len(RUNS) * len(LAYERS)  # one table per definition
-    first = lines[0].split("|")[1:-1]
-    r = experiment.rows[0]
-    assert first[0].strip() == "Weight decay" and first[1].strip() == "conv1"
-    assert first[2].strip() == f"{r['color']:.0f} / {r['paper']['color']}"
-    assert first[5].strip() == f"{r['total']:.0f} / {r['paper']['total']}"
+    assert "Random init (untrained)" in text and "### Training" in text
+    lines = [l for l in text.split("### Unique detectors (paper definition, IoU threshold 0.04)")[1]
+             .split("###")[0].splitlines() if l.startswith("| R_bn + L_g + L_s | conv2 |")]
+    assert len(lines) == 1
+    cells = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert cells[2].endswith(f"/ {PAPER_TABLE1[('rbn_lg_ls', 'conv2')][0]}")
+    assert cells[5].endswith(f"/ {PAPER_TABLE1[('rbn_lg_ls', 'conv2')][3]}")
+    assert "±" in cells[5]  # two seeds: mean ± sd
+    assert "(baseline)" in text
 
 
 def test_reports_and_comparison_page_exist(experiment) -> None:
@@ -67,16 +111,19 @@ def test_reports_and_comparison_page_exist(experiment) -> None:
     for path in views.reports.values():
         assert path.name == "index.html" and path.is_file()
     html = views.compare_html.read_text()
-    assert "R_bn + L_g + L_s" in html and "http://" not in html and "https://" not in html
+    assert "R_bn + L_g + L_s" in html and "Random init (untrained)" in html
+    assert "http://" not in html and "https://" not in html and "`" not in html
+    assert "±" in html and "IoU threshold 0.08" in html
+    assert (experiment.out / "compare-figures" / "iou-distributions.png").is_file()
 
 
 def test_rerun_reuses_training_and_dissection(experiment) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in (experiment.out / "runs").glob("*/latest.pth")}
     stamps.update({p: p.stat().st_mtime_ns for p in (experiment.out / "dissect").glob("*/summary.json")})
     opts = ExperimentOptions(out=experiment.out, config=experiment.out.parent / "cfg.json", quiet=True,
-                             device="cpu", report=False)
+                             device="cpu", report=False, seeds=2)
     again = run_experiment(opts)
-    assert again.rows == experiment.rows
+    assert [t.to_dict() for t in again.tables] == [t.to_dict() for t in experiment.tables]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
@@ -87,3 +134,4 @@ def test_bad_config_and_options_exit_2(tmp_path: Path) -> None:
         load_config(bad)
     assert main(["demo", "--out", str(tmp_path / "o"), "--config", str(bad)]) == 2
     assert main(["demo", "--out", str(tmp_path / "o"), "--seeds", "0"]) == 2
+
