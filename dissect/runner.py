@@ -60,8 +60,6 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
     """
     from dissect import distributed
     from dissect.devices import resolve_device
-    from dissect.pipeline import plan_key, run_dissection
-    from dissect.results import read_summary, remove_stale_outputs, summary_json
 
     conf_values, load_values, run_values = split_options(options)
     base = config.to_dict() if config is not None else {}
@@ -77,6 +75,30 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
     ds = _as_dataset(dataset, loaded, config, settings, ctx)
 
     out_path = Path(out) if out is not None else None
+    # the whole run, reuse check included, holds DIR: a second run there would overwrite this one's
+    # files or resume from its states (only rank 0 locks; the other ranks wait for it at a barrier)
+    with _out_lock(out_path, ctx):
+        return _run_in(out_path, loaded, ds, config, settings, ctx)
+
+
+def _out_lock(out_path: Path | None, ctx: Any) -> Any:
+    """The exclusive lock of the results directory (broden._locks), or a no-op without one."""
+    import contextlib
+
+    from broden._locks import locked_directory
+
+    if out_path is None or not ctx.is_main:
+        return contextlib.nullcontext()
+    return locked_directory(out_path, "dissect run", option="--out")
+
+
+def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, settings: RunSettings,
+            ctx: Any) -> RunOutcome:
+    """Reuse a finished identical run in `out_path`, or compute it (the directory is locked)."""
+    from dissect import distributed
+    from dissect.pipeline import layers_to_dissect, plan_key, run_dissection
+    from dissect.results import read_summary, remove_stale_outputs, summary_json
+
     key = plan_key(loaded, ds, config)
     if out_path is not None and not settings.force and (out_path / "summary.json").is_file():
         try:
@@ -88,8 +110,6 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
                      out_path)
             return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
     if out_path is not None and ctx.is_main:
-        from dissect.pipeline import layers_to_dissect
-
         # before any work: a report or layer folder of an earlier run must not pass for this one's
         remove_stale_outputs(out_path, layers_to_dissect(loaded, config))
     distributed.barrier(ctx)
