@@ -97,7 +97,7 @@ def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, 
     """Reuse a finished identical run in `out_path`, or compute it (the directory is locked)."""
     from dissect import distributed
     from dissect.pipeline import layers_to_dissect, plan_key, run_dissection
-    from dissect.results import read_summary, remove_stale_outputs, summary_json
+    from dissect.results import missing_outputs, read_summary, remove_stale_outputs, summary_json
 
     key = plan_key(loaded, ds, config)
     if out_path is not None and not settings.force and (out_path / "summary.json").is_file():
@@ -106,9 +106,14 @@ def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, 
         except InputError:
             previous = None
         if previous is not None and previous.get("run_key") == key:
-            log.info("%s already holds this dissection (same model, layers, dataset and options); reusing it",
-                     out_path)
-            return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
+            missing = missing_outputs(out_path, previous)
+            if not missing:
+                log.info("%s already holds this dissection (same model, layers, dataset and options); "
+                         "reusing it", out_path)
+                return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
+            # summary.json is written last, but files can go later (a cleanup, a partial copy)
+            log.warning("%s: summary.json lists %s, which is missing (%d file(s) in all); recomputing the "
+                        "dissection", out_path, missing[0], len(missing))
     if out_path is not None and ctx.is_main:
         # before any work: a report or layer folder of an earlier run must not pass for this one's
         remove_stale_outputs(out_path, layers_to_dissect(loaded, config))
