@@ -309,12 +309,34 @@ class _Engine:
         saver.tick(self.end, payload, final=True)  # worth keeping unless stage 1 was quick
         quant = merge_stats(quant, self.ctx)
         tops = merge_stats(tops, self.ctx)
+        for n in self.layers:
+            self._refuse_nan(n, quant[n], tops[n])
         thresholds = {n: q.result().to(self.device).float() for n, q in quant.items()}  # (U,)
         top_out = {}
         for n, t in tops.items():
             r = t.result()
             top_out[n] = {k: v.detach().cpu().numpy() for k, v in r.items()}
         return thresholds, top_out
+
+    def _refuse_nan(self, name: str, quant: TopQuantile, top: TopImages) -> None:
+        """InputError naming the layer, its NaN units and the first image with a NaN there.
+
+        No extra pass: a map with a NaN has a NaN spatial max, which TopImages ranks first, ties
+        by image index, so each NaN unit's top image is its first NaN image.
+        """
+        nan = quant.nan_units()
+        if not bool(nan.any()):
+            return
+        units = torch.nonzero(nan).flatten().tolist()
+        where = ""
+        scores, indices = top.scores[nan], top.indices[nan]
+        first = indices[:, 0][torch.isnan(scores[:, 0])]
+        if first.numel():
+            index = int(first.min())
+            where = f"; the first at image {index} ({self.dataset.meta.records[index].image})"
+        shown = ", ".join(map(str, units[:10])) + (f" ... ({len(units)} in all)" if len(units) > 10 else "")
+        raise InputError(f"layer {name!r}: activations contained NaN values in unit(s) {shown}{where}; a "
+                         f"quantile threshold is undefined (check the model's weights and input normalisation)")
 
     def stage2(self, thresholds: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
         """Second pass: upsample, strict threshold and IoU tallies for every layer; merged over ranks."""
