@@ -169,6 +169,8 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint with weights_only=True."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; expected a {FORMAT} file (written by cgl-train)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
