@@ -158,13 +158,17 @@ def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunS
     synthetic, reuse = synthetic_source(loaded, settings.synthetic_per_class, settings.synthetic_size)
     root = resolve_dataset(dataset, settings.cache_dir, settings.download, settings.mirrors, synthetic,
                            settings.quiet, synthetic_reuse=reuse)
+    links = settings.allow_outside_links
     if settings.decoded_cache == "build" and ctx.is_main:
         from broden.cache import build_cache
+        from broden.format import load_meta
 
-        build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet)
+        build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet,
+                    meta=load_meta(root, allow_outside_links=True) if links else None)
     distributed.barrier(ctx)
     cache: Any = "off" if settings.decoded_cache == "off" else (settings.cache_dir or "auto")
-    return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache)
+    return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache,
+                         allow_outside_links=links)
 
 
 def dissect_model(model: Any, dataset: Any, layers: list[str] | None = None,

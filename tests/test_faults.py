@@ -221,3 +221,201 @@ def test_cgl_train_interrupt_exits_130_saying_how_to_resume(tmp_path, capsys, mo
     assert train_main(["--data", "synthetic", "--out", str(out), "--quiet"]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and f"cgl-train --resume --out {out}" in err
+
+
+# ---------------------------------------------------------------- 3. psi maps need the dissected model
+
+def test_psi_refuses_a_model_file_that_changed_since_the_run(tmp_path, capsys):
+    from broden.download import sha256_file
+    from test_run_cli import graded_red_checkpoint
+
+    model = red_detector_checkpoint(tmp_path / "model.pth")
+    out = tmp_path / "out"
+    assert main(run_args(tmp_path, model, out, "--no-report", "--limit", "4")) == 0
+    recorded = json.loads((out / "summary.json").read_text())["model"]["fingerprint"]
+    graded_red_checkpoint(model)  # other weights under the same name
+    now = sha256_file(model)
+    assert now != recorded
+    assert main(["report", str(out), "--psi-units", "relu1:0"]) == 2
+    err = capsys.readouterr().err
+    assert str(model) in err and recorded in err and now in err and "--allow-model-mismatch" in err
+    assert not (out / "report" / "index.html").exists()
+    assert main(["report", str(out), "--psi-units", "relu1:0", "--allow-model-mismatch"]) == 0
+    assert (out / "report" / "figures" / "psi-relu1-unit0000.png").is_file()
+
+
+# ---------------------------------------------------------------- 3. a damaged results directory is not reused
+
+@pytest.mark.parametrize("victim", ["iou.npy", "tally.csv", "units.json", "thresholds.npy", "top_activations.npy"])
+def test_a_finished_run_missing_a_layer_file_is_recomputed(tmp, ckpt, capsys, caplog, victim):
+    out = tmp / f"damaged-{victim}"
+    args = run_args(tmp, ckpt, out, "--no-report", "--limit", "4")
+    assert main(args) == 0
+    (out / "relu1" / victim).unlink()
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="dissect"):
+        assert main(args) == 0
+    assert "reusing" not in capsys.readouterr().out
+    assert (out / "relu1" / victim).is_file()
+    assert any(victim in r.getMessage() and "recomput" in r.getMessage() for r in caplog.records)
+    capsys.readouterr()
+    assert main(args) == 0  # complete again: reused
+    assert "reusing" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 3. NaN activations name the layer
+
+class _NaNOnWhite(nn.Module):
+    """NaN everywhere on an all-white image (x = img / 255 > 0.99 at every pixel), identity elsewhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        white = x.flatten(1).amin(1) > 0.99
+        return torch.where(white[:, None, None, None], torch.full_like(x, float("nan")), x)
+
+
+class _NaNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.blowup = _NaNOnWhite()
+        self.head = nn.Conv2d(3, 2, 1)
+        with torch.no_grad():
+            self.stem.weight.copy_(torch.eye(3)[:, :, None, None])
+            self.stem.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blowup(self.stem(x)))
+
+
+def _white_broden(root: Path) -> Path:
+    """Six 8x8 images; images 3 and 4 are all white, the others darker than 200."""
+    rng = np.random.default_rng(0)
+    w = BrodenWriter(root, ["color"])
+    w.add_label(1, "red")
+    for k in range(6):
+        img = np.full((8, 8, 3), 255, np.uint8) if k in (3, 4) else rng.integers(0, 200, (8, 8, 3), dtype=np.uint8)
+        w.add_image(f"im{k}", img, layers={"color": [(rng.random((4, 4)) < 0.5).astype(np.int32)]})
+    w.close()
+    return root
+
+
+def test_nan_activations_name_the_layer_and_the_first_image(tmp_path):
+    from dissect.runner import dissect_model
+    from test_pipeline import config
+
+    root = _white_broden(tmp_path / "broden")
+    with pytest.raises(InputError) as e:
+        dissect_model(_NaNNet().eval(), root, ["stem", "head"], config(batch_size=2))
+    msg = str(e.value)
+    assert "'head'" in msg and "NaN" in msg and "image 3" in msg and "im3" in msg
+    assert "'stem'" not in msg  # the layer before the NaN is fine
+
+
+# ---------------------------------------------------------------- 3. absurd architecture sizes
+
+@pytest.mark.parametrize("kwargs, word", [({"width1": 10 ** 9}, "width1"), ({"width2": 0}, "width2"),
+                                          ({"width1": True}, "width1"), ({"width2": 2.5}, "width2"),
+                                          ({"num_classes": 10 ** 7}, "num_classes"),
+                                          ({"width1": 65536, "width2": 65536}, "parameters")])
+def test_absurd_architecture_sizes_are_input_errors(kwargs, word):
+    from dissect.architectures import build_model
+
+    with pytest.raises(InputError, match=word):
+        build_model("tiny_cnn", **kwargs)
+
+
+def test_absurd_arch_kwargs_in_a_checkpoint_exit_2(tmp_path, capsys):
+    ckpt = _good_checkpoint()
+    ckpt["arch_kwargs"] = {**ckpt["arch_kwargs"], "width1": 10 ** 9}
+    path = tmp_path / "huge.pth"
+    torch.save(ckpt, path)
+    assert main(["layers", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "width1" in err and "65536" in err
+
+
+# ---------------------------------------------------------------- 3. a directory as the model file
+
+def test_a_directory_as_the_model_says_so(tmp_path, ckpt, capsys):
+    run = tmp_path / "runs" / "cgl"
+    run.mkdir(parents=True)
+    shutil.copy(ckpt, run / "best.pth")
+    assert main(["layers", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: is a directory" in err and "no such" not in err and str(run / "best.pth") in err
+    assert main(run_args(tmp_path, run, tmp_path / "out")) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 3. named datasets in the cache dir
+
+NAME = "broden1_224"
+
+
+def _zip_tiny_broden(tmp: Path) -> Path:
+    from broden_fixtures import make_tiny_broden
+
+    src = make_tiny_broden(tmp / "src" / NAME)
+    archive = tmp / f"{NAME}.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(src.rglob("*")):
+            if p.is_file():
+                zf.write(p, f"{NAME}/{p.relative_to(src).as_posix()}")
+    return archive
+
+
+def test_a_named_dataset_in_the_cache_is_reused_only_when_its_manifest_vouches(tmp_path):
+    from broden.download import extract_archive, extraction_manifest_path
+    from dissect.datasets import resolve_dataset
+
+    where = tmp_path / "cache" / "datasets"
+    where.mkdir(parents=True)
+    extract_archive(_zip_tiny_broden(tmp_path), where, NAME, show_progress=False)
+    assert resolve_dataset(NAME, tmp_path / "cache", False, []) == where / NAME
+    # a file of the extraction changed and no archive to re-extract from: refused, naming the directory
+    (where / NAME / "index.csv").write_text((where / NAME / "index.csv").read_text() + "\n")
+    with pytest.raises(InputError) as e:
+        resolve_dataset(NAME, tmp_path / "cache", False, [])
+    assert str(where / NAME) in str(e.value) and "index.csv" in str(e.value)
+    # the same directory passed as a path is read as it is
+    assert resolve_dataset(where / NAME, tmp_path / "cache", False, []) == where / NAME
+    extraction_manifest_path(where, NAME).unlink()
+    with pytest.raises(InputError, match="extraction.json"):
+        resolve_dataset(NAME, tmp_path / "cache", False, [])
+
+
+def test_run_refuses_an_unvouched_named_dataset_in_the_cache(tmp_path, ckpt, capsys):
+    from broden_fixtures import make_tiny_broden
+
+    root = make_tiny_broden(tmp_path / "datasets" / NAME)  # anyone's directory under the cache's name
+    assert main(run_args(tmp_path, ckpt, tmp_path / "out", dataset=NAME)) == 2
+    err = capsys.readouterr().err
+    assert str(root) in err and "extraction.json" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 3. --allow-outside-links
+
+def test_allow_outside_links_option(tmp_path, ckpt, capsys):
+    from broden_fixtures import make_tiny_broden
+
+    root = make_tiny_broden(tmp_path / "data" / "broden")
+    outside = tmp_path / "outside" / "img3.png"
+    outside.parent.mkdir()
+    link = root / "images" / "synthetic" / "img3.png"
+    shutil.move(link, outside)
+    link.symlink_to(outside)
+    base = run_args(tmp_path, ckpt, tmp_path / "out", "--no-report", "--decoded-cache", "off",
+                    dataset=str(root))
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "--allow-outside-links" in err
+    assert main([*base, "--allow-outside-links"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dataset"]["num_images"] == 7
+    assert "allow_outside_links" not in summary["options"]  # how data is found, not what is computed
+    # building the decoded cache first follows the same rule
+    build = [a if a != "off" else "build" for a in base]
+    assert main([*build, "--force"]) == 2
+    assert "--allow-outside-links" in capsys.readouterr().err
+    assert main([*build, "--allow-outside-links", "--force"]) == 0
