@@ -456,8 +456,8 @@ def _check_links(root: Path, records: list[ImageRecord]) -> None:
 def _raise_link_error(root: Path, record: ImageRecord, what: str, rel: str, real: str) -> NoReturn:
     raise BrodenFormatError(
         f"{root / 'index.csv'}, line {record.line}: {what} {rel!r} goes through a symbolic link and "
-        f"resolves to {real}, outside {root / 'images'}; pass allow_outside_links=True to follow "
-        f"links out of the dataset")
+        f"resolves to {real}, outside {root / 'images'}; pass allow_outside_links=True "
+        f"(dissect run --allow-outside-links) to follow links out of the dataset")
 
 
 def load_meta(root: str | Path, check_files: bool = False, allow_outside_links: bool = False) -> BrodenMeta:

@@ -1,6 +1,7 @@
 """`cgl-train`: train a CNN with Concept Group Learning (or the weight-decay baseline).
 
-Exit codes: 0 success, 2 bad input (option, config file, dataset, checkpoint), 1 anything else.
+Exit codes: 0 success, 2 bad input (option, config file, dataset, checkpoint), 130 interrupted
+(SIGINT; continue with --resume), 1 anything else.
 Under torchrun (`torchrun --nproc_per_node N -m cgl_train ...`) every rank runs
 this; only rank 0 writes and prints.
 """
@@ -41,6 +42,9 @@ examples:
   torchrun --nproc_per_node 4 -m cgl_train --data /data/imagenet --arch vgg16 --out runs/vgg
   cgl-train --resume --out runs/cgl                 (continue a run with its recorded options)
   cgl-train --resume --out runs/wd --epochs 60      (extend a 'step' or 'constant' schedule run)
+
+exit codes: 0 success, 2 bad input (option, config file, dataset, checkpoint, --out in use),
+130 interrupted (Ctrl-C, SIGINT: continue with cgl-train --resume --out DIR), 1 anything else
 
 outputs: out/latest.pth, out/best.pth (best val top-1), out/config.json, out/log.jsonl (a first
 header line {"header": true, "seed", "config", "versions", ...}, then one JSON line per epoch)
@@ -126,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: 2 on a bad flag, 0 for --help
         return int(e.code or 0)
     rank0 = int(os.environ.get("RANK", "0")) == 0
+    config = None
     try:
         config = config_from_args(args)
         logging.basicConfig(level=logging.WARNING if config.quiet or not rank0 else logging.INFO,
@@ -138,9 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, CheckpointError) as e:
         print(f"cgl-train: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("cgl-train: interrupted; continue with --resume", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:  # 130, the shell's code for SIGINT, as `dissect`
+        out = config.out if config is not None else getattr(args, "out", None)
+        how = f"cgl-train --resume --out {out}" if out else "cgl-train --resume --out DIR"
+        print(f"cgl-train: interrupted; continue with {how} (from the last epoch's checkpoint)", file=sys.stderr)
+        return 130
     except Exception as e:  # an unexpected failure: say what, keep the traceback in the log
         logging.getLogger("cgl_train").exception("training failed")
         print(f"cgl-train: failed: {type(e).__name__}: {e}", file=sys.stderr)

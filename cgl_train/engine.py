@@ -484,6 +484,23 @@ def train(config: TrainConfig) -> TrainResult:
     """Train `config` end to end (resuming from out/latest.pth with config.resume); see the module doc."""
     config.validate()
     out = Path(config.out)
+    # one run per --out: a second one would interleave checkpoints and logs (rank 0 locks, as it writes)
+    with _out_lock(out):
+        return _train_locked(config, out)
+
+
+def _out_lock(out: Path) -> Any:
+    import contextlib
+    import os
+
+    from broden._locks import locked_directory
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return locked_directory(out, "cgl-train", option="--out")
+
+
+def _train_locked(config: TrainConfig, out: Path) -> TrainResult:
     latest, best_path = out / "latest.pth", out / "best.pth"
     if not config.resume and latest.exists():
         raise InputError(f"--out {out} already holds a run ({latest}); pass --resume to continue it "

@@ -24,8 +24,8 @@ from torchvision import models as tvm
 
 from broden.errors import InputError
 
-__all__ = ["TinyCNN", "MODELS", "MIN_INPUT_SIZE", "DEFAULT_INPUT_SIZE", "build_model", "tiny_cnn",
-           "alexnet", "alexnet_b", "vgg16"]
+__all__ = ["TinyCNN", "MODELS", "MIN_INPUT_SIZE", "DEFAULT_INPUT_SIZE", "MAX_WIDTH", "MAX_CLASSES",
+           "MAX_PARAMETERS", "build_model", "tiny_cnn", "alexnet", "alexnet_b", "vgg16"]
 
 
 class TinyCNN(nn.Module):
@@ -59,21 +59,31 @@ def _no_inplace(model: nn.Module) -> nn.Module:
     return model
 
 
+# Sane upper bounds: a checkpoint's arch_kwargs come from a file, and an absurd size must be an
+# InputError naming the argument, not a failed (or machine-filling) allocation.
+MAX_WIDTH = 65536
+MAX_CLASSES = 10 ** 6
+MAX_INPUT_SIZE = 65536
+MAX_PARAMETERS = 2 ** 31  # 8 GiB of float32 weights; VGG16 has 138 M
+
+
+def _check_int(name: str, arg: str, value: Any, low: int, high: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InputError(f"model {name!r}: {arg} must be an int in {low}..{high}{why}, got {value!r}")
+
+
 def _check_common(name: str, num_classes: int, input_size: int) -> None:
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise InputError(f"model {name!r}: num_classes must be a positive int, got {num_classes!r}")
-    low = MIN_INPUT_SIZE[name]
-    if not isinstance(input_size, int) or input_size < low:
-        raise InputError(f"model {name!r}: input_size must be an int >= {low} "
-                         f"(smaller maps vanish in its pooling layers), got {input_size!r}")
+    _check_int(name, "num_classes", num_classes, 1, MAX_CLASSES)
+    _check_int(name, "input_size", input_size, MIN_INPUT_SIZE[name], MAX_INPUT_SIZE,
+               " (smaller maps vanish in its pooling layers)")
 
 
 def tiny_cnn(num_classes: int = 2, input_size: int = 64, width1: int = 128,
              width2: int = 256) -> nn.Module:
     """The paper's two-conv CNN; `width1`/`width2` shrink it for tests (defaults 128/256)."""
     _check_common("tiny_cnn", num_classes, input_size)
-    if width1 < 1 or width2 < 1:
-        raise InputError(f"model 'tiny_cnn': width1 and width2 must be >= 1, got {width1}, {width2}")
+    _check_int("tiny_cnn", "width1", width1, 1, MAX_WIDTH)
+    _check_int("tiny_cnn", "width2", width2, 1, MAX_WIDTH)
     model = TinyCNN(num_classes, width1, width2)
     model.input_size = input_size
     return model
@@ -128,6 +138,14 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in MODELS:
         raise InputError(f"unknown architecture {name!r}; valid names: {', '.join(sorted(MODELS))}")
     try:
+        # first on the meta device (no memory): sizes each within bounds can still multiply out
+        # to more weights than any machine holds
+        with torch.device("meta"):
+            count = sum(p.numel() for p in MODELS[name](**kwargs).parameters())
+        if count > MAX_PARAMETERS:
+            raise InputError(f"architecture {name!r} with arguments {kwargs}: {count:,} parameters, more than "
+                             f"{MAX_PARAMETERS:,} ({MAX_PARAMETERS * 4 // 2 ** 30} GiB of float32 weights); "
+                             f"check the sizes")
         return MODELS[name](**kwargs)
     except TypeError as e:  # an unknown keyword argument
         raise InputError(f"architecture {name!r}: bad constructor arguments {kwargs}: {e}") from e

@@ -5,6 +5,7 @@ A checkpoint is one dict of plain Python values and tensors, so it loads with
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def is_checkpoint(obj: Any) -> bool:
 
 
 def validate_checkpoint(obj: Any, path: str | Path = "<memory>") -> dict[str, Any]:
-    """Raise CheckpointError naming the file and the first missing or malformed field."""
+    """Raise CheckpointError naming the file and the first missing or malformed field (types included)."""
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: a checkpoint is a dict, got {type(obj).__name__}")
     if obj.get("format") != FORMAT:
@@ -65,15 +66,95 @@ def validate_checkpoint(obj: Any, path: str | Path = "<memory>") -> dict[str, An
     for name in REQUIRED_FIELDS:
         if name not in obj:
             raise CheckpointError(f"{path}: missing field {name!r} (a {FORMAT} has {', '.join(REQUIRED_FIELDS)})")
-    if obj["version"] > VERSION:
-        raise CheckpointError(f"{path}: field 'version' is {obj['version']}, this toolkit reads up to {VERSION}")
-    norm = obj["normalization"]
-    if not (isinstance(norm, dict) and len(norm.get("mean", [])) == 3 and len(norm.get("std", [])) == 3):
-        raise CheckpointError(f"{path}: field 'normalization' needs 'mean' and 'std' with 3 values each")
-    for layer, cfg in obj["groups"].items():
-        if not isinstance(cfg, dict) or "groups" not in cfg:
-            raise CheckpointError(f"{path}: field 'groups.{layer}' needs a 'groups' count")
+    # every reader indexes these fields directly: a wrong type must fail here, naming the field,
+    # not later as a bare TypeError
+    for check in (_check_version, _check_arch, _check_state_dict, _check_groups, _check_normalization,
+                  _check_optional):
+        problem = check(obj)
+        if problem is not None:
+            raise CheckpointError(f"{path}: field {problem}")
     return obj
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_version(obj: dict[str, Any]) -> str | None:
+    version = obj["version"]
+    if not _is_int(version) or version < 1:
+        return f"'version' is {version!r}, expected a positive integer"
+    if version > VERSION:
+        return f"'version' is {version}, this toolkit reads up to {VERSION}"
+    return None
+
+
+def _check_arch(obj: dict[str, Any]) -> str | None:
+    if not isinstance(obj["arch"], str) or not obj["arch"]:
+        return f"'arch' is {obj['arch']!r}, expected an architecture name (a string)"
+    kwargs = obj["arch_kwargs"]
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        return f"'arch_kwargs' is a {type(kwargs).__name__}, expected a dict of constructor arguments by name"
+    size = obj["input_size"]
+    if size is not None and (not _is_int(size) or size <= 0):
+        return f"'input_size' is {size!r}, expected a positive integer (pixels) or null"
+    return None
+
+
+def _check_state_dict(obj: dict[str, Any]) -> str | None:
+    sd = obj["state_dict"]
+    if not isinstance(sd, dict):
+        return f"'state_dict' is a {type(sd).__name__}, expected a dict of parameter name -> tensor"
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            return (f"'state_dict' entry {key!r} is a {type(value).__name__}, expected a tensor "
+                    f"under a string name")
+    return None
+
+
+def _check_groups(obj: dict[str, Any]) -> str | None:
+    groups = obj["groups"]
+    if not isinstance(groups, dict):
+        return f"'groups' is a {type(groups).__name__}, expected a dict of layer name -> {{'groups': G, ...}}"
+    for layer, cfg in groups.items():
+        if not isinstance(cfg, dict) or "groups" not in cfg:
+            return f"'groups.{layer}' needs a 'groups' count"
+        for key, value in cfg.items():
+            if not _is_int(value) or value < 0:
+                return f"'groups.{layer}.{key}' is {value!r}, expected a non-negative integer"
+        if cfg["groups"] < 1:
+            return f"'groups.{layer}.groups' is {cfg['groups']}, expected a positive integer"
+    return None
+
+
+def _check_normalization(obj: dict[str, Any]) -> str | None:
+    norm = obj["normalization"]
+    expected = "'normalization' needs 'mean' and 'std' with 3 finite numbers each (std > 0)"
+    if not isinstance(norm, dict):
+        return f"{expected}, got a {type(norm).__name__}"
+    for key in ("mean", "std"):
+        values = norm.get(key)
+        if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(map(_is_number, values)):
+            return f"{expected}; {key!r} is {values!r}"
+    if any(s <= 0 for s in norm["std"]):
+        return f"{expected}; 'std' is {norm['std']!r}"
+    return None
+
+
+def _check_optional(obj: dict[str, Any]) -> str | None:
+    """Fields make_checkpoint always writes but older or foreign files may lack: checked when present."""
+    for name in ("train_options", "metrics"):
+        if obj.get(name) is not None and not isinstance(obj[name], dict):
+            return f"{name!r} is a {type(obj[name]).__name__}, expected a dict"
+    if "epoch" in obj and (not _is_int(obj["epoch"]) or obj["epoch"] < 0):
+        return f"'epoch' is {obj['epoch']!r}, expected a non-negative integer"
+    if obj.get("seed") is not None and not _is_int(obj["seed"]):
+        return f"'seed' is {obj['seed']!r}, expected an integer or null"
+    return None
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
@@ -88,6 +169,8 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint with weights_only=True."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; expected a {FORMAT} file (written by cgl-train)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:

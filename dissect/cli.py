@@ -1,6 +1,8 @@
 """The `dissect` command: one parser, one subcommand module per verb in dissect/commands/.
 
-Exit codes: 0 success, 2 bad usage or input, 1 any other failure.
+Exit codes: 0 success, 2 bad usage or input, 130 interrupted (SIGINT), 1 any other failure (a network
+failure of a download included: broden.download.DownloadError is an InputError for library callers,
+but not the user's mistake).
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from typing import Sequence
 
 from broden.errors import InputError
 
+EPILOG = ("exit codes: 0 success; 2 bad usage or input (the message names the file, field or option); "
+          "130 interrupted (Ctrl-C, SIGINT: `dissect run` resumes from its saved state when rerun); "
+          "1 anything else, a network failure of a download included")
+
 # name -> module under dissect.commands; each module has register(subparsers) and run(args) -> int.
 COMMANDS = ("run", "layers", "download", "synth", "report", "compare", "demo")
 
@@ -21,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="dissect",
-        description="Network Dissection for CNNs: label what each unit detects, on Broden-format data.")
+        description="Network Dissection for CNNs: label what each unit detects, on Broden-format data.",
+        epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -41,8 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
+    from broden.download import DownloadError  # late: keeps the import of this module light
+
     try:
         return int(args.func(args) or 0)
+    except DownloadError as e:  # the network failed, not the user's input (checked before InputError)
+        print(f"dissect {args.command}: failed: {e}", file=sys.stderr)
+        return 1
     except InputError as e:
         print(f"dissect {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -143,6 +143,9 @@ class RunSettings(Options):
                                 metavar="URL", append=True, group="data")
     decoded_cache: str = option("auto", "decoded image cache: auto (use one if present), build (make it "
                                 "first), off", choices=DECODED_CACHE, group="data")
+    allow_outside_links: bool = option(
+        False, "follow symbolic links in the dataset's images/ that resolve outside it (refused by default: "
+        "the dataset would read files it does not contain)", group="data")
     synthetic_per_class: int | None = option(
         None, "--dataset synthetic: images per class (default: the checkpoint's training set when it was "
         "trained on synthetic data, else the paper's 640)", metavar="N", low=1,

@@ -47,7 +47,8 @@ def synthetic_source(loaded: Any, per_class: int | None = None,
 def resolve_dataset(name: str | Path, cache_dir: str | Path | None, download: bool, mirrors: list[str],
                     synthetic: dict[str, Any] | None = None, quiet: bool = False,
                     synthetic_reuse: Path | None = None) -> Path:
-    """A Broden directory for --dataset: a path, a known name in the cache dir, or 'synthetic'.
+    """A Broden directory for --dataset: a path (read as it is), a known name in the cache dir (reused
+    only when its extraction manifest vouches for it, see broden.download), or 'synthetic'.
 
     `synthetic`: per_class/size/seed/val_fraction of the synthetic set (default: the paper's),
     generated once under broden.synthetic.synthetic_dir(cache_dir, ...); `synthetic_reuse`: an
@@ -76,8 +77,12 @@ def resolve_dataset(name: str | Path, cache_dir: str | Path | None, download: bo
                          f"({', '.join(sorted(DATASETS))}, {KNOWN_SYNTHETIC})")
     spec = get_spec(name)
     where = cache / "datasets"
-    if (where / spec.top_dir / "index.csv").is_file():
-        return where / spec.top_dir
+    final = where / spec.top_dir
+    if final.exists() or final.is_symlink():
+        # A copy under the known name is reused only as `dissect download` reuses it: when its extraction
+        # manifest vouches for it, else re-extracted from the verified zip beside it, else refused
+        # naming the directory. With the directory there, download_dataset never touches the network.
+        return Path(download_dataset(name, where, mirrors=mirrors, progress=not quiet))
     if not download:
         raise InputError(f"--dataset {name}: not found in {where}; add --download to fetch it, or pass "
                          f"the path of an extracted copy (--dataset /path/to/{spec.top_dir})")

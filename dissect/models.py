@@ -275,6 +275,15 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise InputError(f"{path}: cannot be read as a torch file even with --trust-pickle: {e}") from e
 
 
+def _directory_message(path: Path) -> str:
+    """Say that `path` is a directory, what is expected instead, and the model files it holds if any."""
+    found = [path / name for name in ("best.pth", "latest.pth") if (path / name).is_file()]
+    hint = (f"; it holds {' and '.join(map(str, found))} (a cgl-train run directory): pass one of those"
+            if found else "")
+    return (f"{path}: is a directory; expected a model file (a checkpoint, state_dict, TorchScript archive or "
+            f"pickled module){hint}")
+
+
 def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = False,
                normalize: str | None = None, input_size: int | None = None,
                num_classes: int | None = None, allow_script: bool = False) -> LoadedModel:
@@ -288,6 +297,8 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
     """
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise InputError(_directory_message(path))
     if not path.is_file():
         raise InputError(f"{path}: no such model file (expected a checkpoint, state_dict, "
                          f"TorchScript archive or pickled module)")

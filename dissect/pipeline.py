@@ -35,7 +35,7 @@ from broden._progress import progress
 from dissect.results import DatasetInfo, DissectionResult, LayerResult, layer_dirname, write_results
 from dissect.spatial import MaskStats, layer_spatial_summary, mask_shape_stats, top_image_masks
 from dissect.state import RunState, run_key
-from dissect.stats import IoUTally, TopImages, TopQuantile, iou_from_counts
+from dissect.stats import IoUTally, StreamingStat, TopImages, TopQuantile, iou_from_counts
 
 __all__ = ["run_dissection", "plan_key", "effective_config", "layers_to_dissect", "dataset_info"]
 
@@ -248,19 +248,44 @@ class _Engine:
                  self.config.activation_budget_mb, "kept between stages" if keep else "recomputed in stage 2")
         return keep
 
+    def _restore(self, stage: str, stats: dict[str, dict[str, StreamingStat]]) -> int:
+        """Load the saved state of `stage` into `stats` ({field: {layer: statistic}}, replaced in place);
+        return the image to start at. A state that is incomplete or inconsistent is discarded
+        (with a warning) and the stage starts afresh: a damaged file must not end a resumable run."""
+        saved = self.state.load(stage)
+        if saved is None:
+            return self.start
+        try:
+            begin = int(saved["next"])
+            if not self.start <= begin <= self.end:
+                raise ValueError(f"'next' = {begin} lies outside this rank's images {self.start}..{self.end}")
+            for name, per_layer in stats.items():
+                for n in self.layers:
+                    per_layer[n].load_state_dict(saved[name][n])
+            self._check_position(stats, begin)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # InputError is a ValueError
+            self.state.discard(stage, f"{type(e).__name__}: {e}")
+            for per_layer in stats.values():
+                for n in per_layer:
+                    per_layer[n] = per_layer[n].empty_like()
+            return self.start
+        return begin
+
+    def _check_position(self, stats: dict[str, dict[str, StreamingStat]], begin: int) -> None:
+        """The quantiles' value count must be what the images before `begin` give (each has h*w per unit)."""
+        for n, q in stats.get("quantiles", {}).items():
+            _, h, w = self.shapes[n]
+            if isinstance(q, TopQuantile) and q.count != (begin - self.start) * h * w:
+                raise ValueError(f"layer {n!r} holds {q.count} values per unit but 'next' = {begin} implies "
+                                 f"{(begin - self.start) * h * w}")
+
     def stage1(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
         """One pass: forward, TopQuantile and TopImages for every layer; merged over ranks."""
         total = len(self.dataset)
         quant = {n: TopQuantile(c, total * h * w, self.config.top_fraction, self.config.interpolation,
                                 device=self.device) for n, (c, h, w) in self.shapes.items()}
         tops = {n: TopImages(c, self.config.top_k, device=self.device) for n, (c, h, w) in self.shapes.items()}
-        saved = self.state.load("stage1")
-        begin = self.start
-        if saved is not None:
-            for n in self.layers:
-                quant[n].load_state_dict(saved["quantiles"][n])
-                tops[n].load_state_dict(saved["tops"][n])
-            begin = int(saved["next"])
+        begin = self._restore("stage1", {"quantiles": quant, "tops": tops})
         keep = begin == self.start and self._keep_decision()
         self.kept = [] if keep else None
         saver = _Saver(self.state, "stage1", self.config)
@@ -285,6 +310,8 @@ class _Engine:
         saver.tick(self.end, payload, final=True)  # worth keeping unless stage 1 was quick
         quant = merge_stats(quant, self.ctx)
         tops = merge_stats(tops, self.ctx)
+        for n in self.layers:
+            self._refuse_nan(n, quant[n], tops[n])
         thresholds = {n: q.result().to(self.device).float() for n, q in quant.items()}  # (U,)
         top_out = {}
         for n, t in tops.items():
@@ -292,18 +319,33 @@ class _Engine:
             top_out[n] = {k: v.detach().cpu().numpy() for k, v in r.items()}
         return thresholds, top_out
 
+    def _refuse_nan(self, name: str, quant: TopQuantile, top: TopImages) -> None:
+        """InputError naming the layer, its NaN units and the first image with a NaN there.
+
+        No extra pass: a map with a NaN has a NaN spatial max, which TopImages ranks first, ties
+        by image index, so each NaN unit's top image is its first NaN image.
+        """
+        nan = quant.nan_units()
+        if not bool(nan.any()):
+            return
+        units = torch.nonzero(nan).flatten().tolist()
+        where = ""
+        scores, indices = top.scores[nan], top.indices[nan]
+        first = indices[:, 0][torch.isnan(scores[:, 0])]
+        if first.numel():
+            index = int(first.min())
+            where = f"; the first at image {index} ({self.dataset.meta.records[index].image})"
+        shown = ", ".join(map(str, units[:10])) + (f" ... ({len(units)} in all)" if len(units) > 10 else "")
+        raise InputError(f"layer {name!r}: activations contained NaN values in unit(s) {shown}{where}; a "
+                         f"quantile threshold is undefined (check the model's weights and input normalisation)")
+
     def stage2(self, thresholds: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
         """Second pass: upsample, strict threshold and IoU tallies for every layer; merged over ranks."""
         meta = self.dataset.meta
         label_category = torch.as_tensor(np.asarray(meta.label_category), dtype=torch.int64, device=self.device)
         tallies = {n: IoUTally(c, label_category, len(meta.categories), self.config.union, device=self.device)
                    for n, (c, h, w) in self.shapes.items()}
-        saved = self.state.load("stage2")
-        begin = self.start
-        if saved is not None:
-            for n in self.layers:
-                tallies[n].load_state_dict(saved["tallies"][n])
-            begin = int(saved["next"])
+        begin = self._restore("stage2", {"tallies": tallies})
         kept = self.kept if (self.kept is not None and begin == self.start) else None
         saver = _Saver(self.state, "stage2", self.config)
         bar = progress(total=self.end - self.start, initial=begin - self.start, desc="stage 2: tally",

@@ -21,7 +21,8 @@ from dissect.labels import LayerLabels
 
 __all__ = ["FORMAT", "VERSION", "LayerResult", "DatasetInfo", "DissectionResult",
            "tally_csv_text", "units_json", "summary_json", "write_results", "layer_dirname",
-           "remove_stale_outputs", "REPORT_DIRNAME", "read_summary", "load_results"]
+           "remove_stale_outputs", "REPORT_DIRNAME", "LAYER_FILES", "missing_outputs", "read_summary",
+           "load_results"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ VERSION = 1
 REPORT_DIRNAME = "report"
 # A folder holding any of these is a layer folder written by write_results (user files are left alone).
 LAYER_MARKERS = ("units.json", "tally.csv", "thresholds.npy")
+# Every file write_results puts in a layer folder.
+LAYER_FILES = ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy")
 
 
 @dataclass
@@ -281,6 +284,16 @@ def read_summary(out: str | Path) -> dict[str, Any]:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{path}: field 'format' is {got!r}, expected {FORMAT!r}")
     return data
+
+
+def missing_outputs(out: str | Path, summary: dict[str, Any]) -> list[Path]:
+    """The layer files (LAYER_FILES of each layer summary.json lists) that are not in `out`."""
+    out = Path(out)
+    missing = []
+    for entry in summary.get("layers") or []:
+        folder = out / str(entry.get("dir") or entry.get("name"))
+        missing += [folder / name for name in LAYER_FILES if not (folder / name).is_file()]
+    return missing
 
 
 def load_results(out: str | Path) -> dict[str, Any]:

@@ -60,8 +60,6 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
     """
     from dissect import distributed
     from dissect.devices import resolve_device
-    from dissect.pipeline import plan_key, run_dissection
-    from dissect.results import read_summary, remove_stale_outputs, summary_json
 
     conf_values, load_values, run_values = split_options(options)
     base = config.to_dict() if config is not None else {}
@@ -77,6 +75,30 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
     ds = _as_dataset(dataset, loaded, config, settings, ctx)
 
     out_path = Path(out) if out is not None else None
+    # the whole run, reuse check included, holds DIR: a second run there would overwrite this one's
+    # files or resume from its states (only rank 0 locks; the other ranks wait for it at a barrier)
+    with _out_lock(out_path, ctx):
+        return _run_in(out_path, loaded, ds, config, settings, ctx)
+
+
+def _out_lock(out_path: Path | None, ctx: Any) -> Any:
+    """The exclusive lock of the results directory (broden._locks), or a no-op without one."""
+    import contextlib
+
+    from broden._locks import locked_directory
+
+    if out_path is None or not ctx.is_main:
+        return contextlib.nullcontext()
+    return locked_directory(out_path, "dissect run", option="--out")
+
+
+def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, settings: RunSettings,
+            ctx: Any) -> RunOutcome:
+    """Reuse a finished identical run in `out_path`, or compute it (the directory is locked)."""
+    from dissect import distributed
+    from dissect.pipeline import layers_to_dissect, plan_key, run_dissection
+    from dissect.results import missing_outputs, read_summary, remove_stale_outputs, summary_json
+
     key = plan_key(loaded, ds, config)
     if out_path is not None and not settings.force and (out_path / "summary.json").is_file():
         try:
@@ -84,12 +106,15 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
         except InputError:
             previous = None
         if previous is not None and previous.get("run_key") == key:
-            log.info("%s already holds this dissection (same model, layers, dataset and options); reusing it",
-                     out_path)
-            return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
+            missing = missing_outputs(out_path, previous)
+            if not missing:
+                log.info("%s already holds this dissection (same model, layers, dataset and options); "
+                         "reusing it", out_path)
+                return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
+            # summary.json is written last, but files can go later (a cleanup, a partial copy)
+            log.warning("%s: summary.json lists %s, which is missing (%d file(s) in all); recomputing the "
+                        "dissection", out_path, missing[0], len(missing))
     if out_path is not None and ctx.is_main:
-        from dissect.pipeline import layers_to_dissect
-
         # before any work: a report or layer folder of an earlier run must not pass for this one's
         remove_stale_outputs(out_path, layers_to_dissect(loaded, config))
     distributed.barrier(ctx)
@@ -133,13 +158,17 @@ def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunS
     synthetic, reuse = synthetic_source(loaded, settings.synthetic_per_class, settings.synthetic_size)
     root = resolve_dataset(dataset, settings.cache_dir, settings.download, settings.mirrors, synthetic,
                            settings.quiet, synthetic_reuse=reuse)
+    links = settings.allow_outside_links
     if settings.decoded_cache == "build" and ctx.is_main:
         from broden.cache import build_cache
+        from broden.format import load_meta
 
-        build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet)
+        build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet,
+                    meta=load_meta(root, allow_outside_links=True) if links else None)
     distributed.barrier(ctx)
     cache: Any = "off" if settings.decoded_cache == "off" else (settings.cache_dir or "auto")
-    return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache)
+    return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache,
+                         allow_outside_links=links)
 
 
 def dissect_model(model: Any, dataset: Any, layers: list[str] | None = None,

@@ -62,10 +62,19 @@ class RunState:
         except Exception as e:  # a foreign or damaged file: start the stage afresh
             log.warning("ignoring unreadable run state %s: %s", self._path(stage), e)
             return None
+        if not isinstance(data, dict):
+            self.discard(stage, f"holds a {type(data).__name__}, not a saved state")
+            return None
         if data.get("key") != self.key:
             return None
         log.info("resuming %s from %s (next batch at image %s)", stage, self._path(stage), data.get("next"))
         return data
+
+    def discard(self, stage: str, reason: object) -> None:
+        """Drop the saved state of `stage` that cannot be resumed from (incomplete or inconsistent), saying why."""
+        path = self._path(stage)
+        log.warning("ignoring run state %s (%s); recomputing %s from its start", path, reason, stage)
+        path.unlink(missing_ok=True)
 
     def save(self, stage: str, data: dict[str, Any]) -> None:
         """Save `data` (tensors, numbers, strings, dicts) for `stage` atomically."""

@@ -278,6 +278,10 @@ class TopQuantile(StreamingStat):
         self._fill_bound = self.k
         self.count += other.count
 
+    def nan_units(self) -> torch.Tensor:
+        """(U,) bool: units that were given a NaN (NaN is always kept, so this is exact)."""
+        return torch.isnan(self._buf).any(dim=1)
+
     def result(self) -> torch.Tensor:
         """The per-unit quantile, (U,) float32; raises unless exactly total_per_unit values were added."""
         if self.count != self.total_per_unit:

@@ -38,7 +38,8 @@ from reports.figures import save_figure
 from reports.results import RunResults, safe_name
 
 
-__all__ = ["parse_psi_units", "preprocess", "unit_psi", "psi_source", "layer_psi", "render_psi_figures"]
+__all__ = ["parse_psi_units", "preprocess", "unit_psi", "psi_source", "layer_psi", "check_model_file",
+           "render_psi_figures"]
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +164,43 @@ def _figure(images: Sequence[np.ndarray], psi: torch.Tensor, title: str, path: P
     return save_figure(fig, path)
 
 
+def check_model_file(summary: Mapping[str, Any], allow_mismatch: bool = False) -> None:
+    """Refuse (InputError) a model file whose sha256 differs from summary.json's fingerprint.
+
+    psi maps of other weights would not show the units the run labelled; `allow_mismatch`
+    draws them anyway, with a warning. Checked before the file is loaded: a replaced pickle
+    must not run. A source that is not a file is left to load_model's own error.
+    """
+    from broden.download import sha256_file
+
+    info = summary["model"]
+    source, recorded = Path(str(info.get("source"))), info.get("fingerprint")
+    if not source.is_file() or recorded is None:
+        return
+    now = sha256_file(source)
+    if now == recorded:
+        return
+    what = (f"--psi-units: the model file {source} changed since the dissection: its sha256 is {now}, "
+            f"summary.json recorded {recorded}")
+    if not allow_mismatch:
+        raise InputError(f"{what}; psi maps of other weights would not show the dissected units. Restore the "
+                         f"file, or pass --allow-model-mismatch to draw them anyway")
+    log.warning("%s; drawing psi maps with it anyway (--allow-model-mismatch)", what)
+
+
 def render_psi_figures(run: "RunResults", psi_units: Mapping[str, Sequence[int]], fig_dir: str | Path,
                        p1: float = 1.0, p2: float = 0.0, top_k: int | None = None, device: str = "cpu",
-                       trust_pickle: bool = False, eps: float = 1e-5) -> dict[str, list[dict[str, Any]]]:
-    """Draw psi heat maps over each chosen unit's top images; returns layer -> [{unit, path, caption}]."""
+                       trust_pickle: bool = False, eps: float = 1e-5,
+                       allow_model_mismatch: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """Draw psi heat maps over each chosen unit's top images; returns layer -> [{unit, path, caption}].
+
+    The model file must still match summary.json's fingerprint unless `allow_model_mismatch`
+    (check_model_file).
+    """
     from dissect.models import load_model
 
     summary = run.summary
+    check_model_file(summary, allow_model_mismatch)
     model_info = summary["model"]
     images_dir = Path(summary["dataset"]["root"]) / "images"
     if not images_dir.is_dir():

@@ -126,12 +126,13 @@ def _check_request(run: RunResults, top_k: int | None,
 def render_report(results_dir: str | Path, out_dir: str | Path | None = None, top_k: int | None = None,
                   psi_units: Mapping[str, Sequence[int]] | None = None, *, thumb_height: int = 112,
                   dim: float = 0.2, jpeg_quality: int = 85, psi_p1: float = 1.0, psi_p2: float = 0.0,
-                  device: str = "cpu", trust_pickle: bool = False) -> Path:
+                  device: str = "cpu", trust_pickle: bool = False, allow_model_mismatch: bool = False) -> Path:
     """Write DIR/report/index.html and one page per layer; return the index page's path.
 
     `top_k` images per unit (default: all the run stored); `psi_units` maps a layer name to
     the units whose soft receptive fields (psi heat maps) are drawn, which loads the model.
-    `dim` is the brightness kept outside the mask (the reference's 20%).
+    `dim` is the brightness kept outside the mask (the reference's 20%). psi maps need the
+    model file summary.json fingerprinted, unless `allow_model_mismatch` (reports.psi.check_model_file).
     """
     # Imported here so that reading results (compare) does not pull in matplotlib and torch.
     from reports import figures, thumbnails
@@ -139,6 +140,10 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, to
     run = read_run(results_dir)
     psi_units = dict(psi_units or {})
     layer_k = _check_request(run, top_k, psi_units)
+    if psi_units:
+        from reports import psi
+
+        psi.check_model_file(run.summary, allow_model_mismatch)  # before any file is written
     out = Path(out_dir) if out_dir is not None else run.root / "report"
     out.mkdir(parents=True, exist_ok=True)
     # A failed re-render must not leave an older index that looks complete over newer pages.
@@ -167,9 +172,10 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, to
 
     psi_figures: dict[str, list[dict[str, Any]]] = {}
     if psi_units:
-        from reports import psi
+        # checked above (a mismatch refused or allowed): not hashed twice
         psi_figures = psi.render_psi_figures(run, psi_units, out / "figures", p1=psi_p1, p2=psi_p2,
-                                             top_k=top_k, device=device, trust_pickle=trust_pickle)
+                                             top_k=top_k, device=device, trust_pickle=trust_pickle,
+                                             allow_model_mismatch=True)
 
     # Masks are drawn at each image's label size, as the dissection thresholds them.
     sizes = thumbnails.label_sizes(dataset_root) if dataset_note is None else {}

@@ -8,6 +8,7 @@ JSON. The dataset is a real Broden-format directory written with broden.writer.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -146,12 +147,15 @@ def make_results_dir(root: str | Path, seed: int = 0, metrics: dict[str, float] 
         np.save(out / name / "iou.npy", arrays["iou"])
         layers.append(meta)
     last_two = layers[-2:]
+    # the model file's sha256 when it exists, as `dissect run` records it (psi maps check it)
+    source = Path(model_source)
+    fingerprint = hashlib.sha256(source.read_bytes()).hexdigest() if source.is_file() else f"fp{seed}"
     summary = {
         "format": "dissect-results", "version": 1,
         "options": {"iou_threshold": THRESHOLD, "detector_rule": ">=", "top_k": k, "union": "lite", "seed": seed,
                     **(options or {})},
         "seed": seed,
-        "model": {"source": model_source, "kind": model_kind, "arch": "tiny", "fingerprint": f"fp{seed}",
+        "model": {"source": model_source, "kind": model_kind, "arch": "tiny", "fingerprint": fingerprint,
                   "metrics": metrics, "normalization": {"mean": [0, 0, 0], "std": [1, 1, 1]}, "input_size": None},
         "dataset": {"root": str(dataset_root), "fingerprint": dataset_fingerprint, "num_images": len(image_paths),
                     "categories": CATEGORIES},

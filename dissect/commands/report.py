@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="device for the psi forward passes (default cpu)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="for --psi-units on a pickled model: allow running code from the file")
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="for --psi-units: draw psi maps even when the model file no longer matches the "
+                        "fingerprint in summary.json (default: refused)")
     p.add_argument("--thumb-height", type=_positive, default=112, metavar="PX",
                    help="height of each top-image thumbnail (default 112)")
     p.add_argument("--dim", type=_fraction, default=0.2,
@@ -62,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
     index = render_report(args.dir, out_dir=args.out, top_k=args.top_k,
                           psi_units=parse_psi_units(args.psi_units), thumb_height=args.thumb_height,
                           dim=args.dim, psi_p1=args.psi_p1, psi_p2=args.psi_p2, device=args.device,
-                          trust_pickle=args.trust_pickle)
+                          trust_pickle=args.trust_pickle, allow_model_mismatch=args.allow_model_mismatch)
     print(f"report: {index}")
     return 0

@@ -35,7 +35,8 @@ def register(subparsers: Any) -> None:
                    help="a Broden-format directory, a known name (broden1_224, broden1_227, broden1_384: "
                         "looked up in the cache dir, fetched with --download) or 'synthetic' (the CGL shapes "
                         "set, generated once into the cache dir)")
-    p.add_argument("--out", required=True, metavar="DIR", help="results directory")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="results directory (locked while the run works there: a second run on it exits 2)")
     groups = {key: p.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
     for cls in (LoadOptions, DissectConfig, RunSettings):
         add_flags(p, cls, containers=groups)
