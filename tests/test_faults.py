@@ -17,7 +17,7 @@ from torch import nn
 
 from broden.errors import InputError
 from broden.writer import BrodenWriter
-from dissect.checkpoint import CheckpointError, make_checkpoint, save_checkpoint, validate_checkpoint
+from dissect.checkpoint import CheckpointError, make_checkpoint, validate_checkpoint
 from dissect.cli import main
 from test_run_cli import red_detector_checkpoint, run_args
 
