@@ -24,6 +24,7 @@ from broden.errors import InputError
 from dissect.config import DissectConfig
 from dissect.devices import resolve_device
 from dissect.distributed import DistContext, barrier, merge_stats, shard_range
+from dissect.given_thresholds import assign_threshold_files, load_given_thresholds
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
                             layout_from_spec)
 from dissect.hooks import resolve_layers
@@ -57,10 +58,13 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
         # an older summary.json must not make a half-written directory look complete
         (Path(out) / "summary.json").unlink(missing_ok=True)
     engine = _Engine(model, layers, dataset, config, loaded.normalization, device, ctx, state)
+    given = load_given_thresholds(config.thresholds, layers, {n: s[0] for n, s in engine.shapes.items()})
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    thresholds, tops = engine.stage1()                       # per-unit quantile + top images
+    thresholds, tops = engine.stage1(skip_quantile=set(given))  # per-unit quantile + top images
+    # given thresholds keep their dtype: float64 ones are compared in float64 by --upsample pil
+    thresholds.update({n: torch.from_numpy(g.values).to(device) for n, g in given.items()})
     timings["thresholds"] = time.perf_counter() - t
     t = time.perf_counter()
     tallies = engine.stage2(thresholds)                      # I, A, G per unit and label
@@ -68,6 +72,8 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
     t = time.perf_counter()
     results = [_label_layer(name, engine.shapes[name], thresholds[name], tops[name], tallies[name],
                             info, config, model, loaded.groups) for name in layers]
+    for lr in results:
+        lr.given_thresholds = given.get(lr.name)
     timings["label"] = time.perf_counter() - t
 
     res = DissectionResult(options=config.to_dict(), seed=config.seed, model=loaded.describe(),
@@ -110,6 +116,9 @@ def effective_config(loaded: Any, dataset: Any, config: DissectConfig) -> Dissec
     _apply_selection(config, dataset)
     if config.layers:
         config.layers = layers_to_dissect(loaded, config)
+    if config.thresholds:  # LAYER=absolute path, in network order: what summary.json records
+        files = assign_threshold_files(config.thresholds, layers_to_dissect(loaded, config))
+        config.thresholds = [f"{layer}={path}" for layer, path in files.items()]
     return config
 
 
@@ -132,6 +141,10 @@ def _apply_selection(config: DissectConfig, dataset: Any) -> None:
             raise InputError(f"{name} {value!r}: the dataset passed was built with {name}={used[name]!r}; "
                              f"leave {name} None or build the dataset with it")
     config.categories, config.split, config.limit = used["categories"], used["split"], used["limit"]
+    rule = getattr(dataset, "images", None)
+    if rule is not None and rule != config.images:
+        raise InputError(f"images {config.images!r}: the dataset passed was built with images={rule!r}; "
+                         f"pass images={rule!r} or build the dataset with images={config.images!r}")
 
 
 # ---------------------------------------------------------------- setup
@@ -163,8 +176,15 @@ def dataset_info(dataset: Any) -> DatasetInfo:
     return DatasetInfo(root=str(meta.root), fingerprint=source_fingerprint(meta.root, meta=meta),
                        num_images=len(dataset), categories=list(dataset.categories),
                        all_categories=list(meta.categories), label_names=list(meta.label_names),
-                       label_category=np.asarray(meta.label_category, dtype=np.int64),
-                       images=[r.image for r in meta.records])
+                       label_category=np.asarray(_label_category(dataset), dtype=np.int64),
+                       images=[r.image for r in meta.records],
+                       dropped_images=int(getattr(dataset, "dropped_images", 0)),
+                       zero_named=0 in meta.labels)
+
+
+def _label_category(dataset: Any) -> np.ndarray:
+    """Primary category per id among the dataset's selected categories (index into meta.categories)."""
+    return getattr(dataset, "label_category", dataset.meta.label_category)
 
 
 # ---------------------------------------------------------------- the two passes
@@ -247,17 +267,19 @@ class _Engine:
                  self.config.activation_budget_mb, "kept between stages" if keep else "recomputed in stage 2")
         return keep
 
-    def stage1(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
-        """One pass: forward, TopQuantile and TopImages for every layer; merged over ranks."""
+    def stage1(self, skip_quantile: frozenset[str] | set[str] = frozenset()
+               ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
+        """One pass: forward, TopQuantile (but for `skip_quantile` layers) and TopImages; merged over ranks."""
         total = len(self.dataset)
         quant = {n: TopQuantile(c, total * h * w, self.config.top_fraction, self.config.interpolation,
-                                device=self.device) for n, (c, h, w) in self.shapes.items()}
+                                device=self.device) for n, (c, h, w) in self.shapes.items() if n not in skip_quantile}
         tops = {n: TopImages(c, self.config.top_k, device=self.device) for n, (c, h, w) in self.shapes.items()}
         saved = self.state.load("stage1")
         begin = self.start
         if saved is not None:
             for n in self.layers:
-                quant[n].load_state_dict(saved["quantiles"][n])
+                if n in quant:
+                    quant[n].load_state_dict(saved["quantiles"][n])
                 tops[n].load_state_dict(saved["tops"][n])
             begin = int(saved["next"])
         keep = begin == self.start and self._keep_decision()
@@ -274,7 +296,8 @@ class _Engine:
             acts = self._forward(batch["image"])
             index = batch["index"].to(self.device)
             for n in self.layers:
-                quant[n].add(acts[n])
+                if n in quant:
+                    quant[n].add(acts[n])
                 tops[n].add(index, acts[n])
             if self.kept is not None:
                 self.kept.append(acts)
@@ -294,7 +317,8 @@ class _Engine:
     def stage2(self, thresholds: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
         """Second pass: upsample, strict threshold and IoU tallies for every layer; merged over ranks."""
         meta = self.dataset.meta
-        label_category = torch.as_tensor(np.asarray(meta.label_category), dtype=torch.int64, device=self.device)
+        label_category = torch.as_tensor(np.asarray(_label_category(self.dataset)), dtype=torch.int64,
+                                         device=self.device)
         tallies = {n: IoUTally(c, label_category, len(meta.categories), self.config.union, device=self.device)
                    for n, (c, h, w) in self.shapes.items()}
         saved = self.state.load("stage2")
@@ -314,7 +338,7 @@ class _Engine:
             b = labels.shape[0]
             prepared = tallies[self.layers[0]].prepare_labels(labels, image_labels)  # shared by all layers
             for n in self.layers:  # sparse: only output windows near a hot source pixel are computed
-                tallies[n].add_activations(acts[n], thresholds[n], prepared)
+                tallies[n].add_activations(acts[n], thresholds[n], prepared, upsample=self.config.upsample)
             if kept is not None:
                 kept[i] = {}  # free as we go
             bar.update(b)
