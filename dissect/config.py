@@ -122,7 +122,10 @@ class DissectConfig(Options):
         """
         d = {k: v for k, v in self.to_dict().items() if k in RESULT_FIELDS}
         if self.thresholds:
-            d["thresholds_sha256"] = [file_sha256(path, "--thresholds") for _, path in threshold_specs(self.thresholds)]
+            d["thresholds_sha256"] = [
+                file_sha256(path, f"--thresholds {layer}={path}" if layer else f"--thresholds {path}",
+                            "expected a .npy array of shape (units,): one threshold per unit of the layer")
+                for layer, path in threshold_specs(self.thresholds)]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -188,15 +191,18 @@ def threshold_specs(values: list[str]) -> list[tuple[str | None, str]]:
     return specs
 
 
-def file_sha256(path: str | Path, flag: str) -> str:
-    """sha256 of a file's bytes; InputError naming `flag` and the file when it cannot be read."""
+def file_sha256(path: str | Path, shown: str, expected: str = "") -> str:
+    """sha256 of a file's bytes; an InputError starting with `shown` (what the user typed) when unreadable."""
     h = hashlib.sha256()
+    hint = f"; {expected}" if expected else ""
     try:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
+    except FileNotFoundError:
+        raise InputError(f"{shown}: no such file{hint}") from None
     except OSError as e:
-        raise InputError(f"{flag} {path}: cannot read the file ({e.strerror or e})") from None
+        raise InputError(f"{shown}: cannot read the file ({e.strerror or e}){hint}") from None
     return h.hexdigest()
 
 

@@ -86,5 +86,5 @@ def load_given_thresholds(values: list[str], layers: Iterable[str],
     out = {}
     for layer, path in assign_threshold_files(values, list(layers)).items():
         arr = _read(layer, path, int(units[layer]))  # first: its errors say what the file must hold
-        out[layer] = GivenThresholds(layer, path, file_sha256(path, FLAG), arr)
+        out[layer] = GivenThresholds(layer, path, file_sha256(path, f"{FLAG} {layer}={path}"), arr)
     return out

@@ -1,6 +1,8 @@
 """Load a model to dissect from any of the forms users have, safely.
 
 Forms: a cgl_train checkpoint, a bare state_dict (+ an architecture name), a
+training script's checkpoint dict that names its architecture (NetDissect-Lite's
+and MIT's Places365 zoo, torchvision's and timm's train.py: `arch_named_in`), a
 TorchScript archive, or a whole pickled module (only when the user says they
 trust the file, because unpickling runs arbitrary code).
 """
@@ -324,6 +326,11 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
                normalize: str | None = None, input_size: int | None = None,
                num_classes: int | None = None, allow_script: bool = False) -> LoadedModel:
     """Load a checkpoint, state_dict (+ arch), TorchScript archive (+ arch) or (trusted) pickled module, on CPU.
+
+    A dict holding a state_dict (under 'state_dict', 'model' or 'net') that names its
+    architecture ('arch', a string 'model', or args.model of a saved argparse Namespace)
+    needs no `arch`; a given `arch` overrides the file's name (logged). `module.` prefixes
+    are stripped and num_classes is inferred from the weights.
 
     Normalisation: an explicit `normalize` wins (a warning when it differs from a checkpoint's),
     else the checkpoint's, else 'imagenet'. `input_size` overrides the checkpoint's input size.
