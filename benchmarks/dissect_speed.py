@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     root = make_dataset(args.dir, args.n, min(args.unique, args.n))
     print(f"dataset: {args.n} images at {root} ({time.perf_counter() - t:.1f} s to make or reuse)")
-    dataset = BrodenDataset(root)
+    dataset = BrodenDataset(root, images="annotated")  # run_dissection's default rule
     if dataset.cache is None:
         print("error: no decoded cache found for the dataset", file=sys.stderr)
         return 1

@@ -21,7 +21,10 @@ from other work at the time, torch 2.14 CPU build on 1 thread, Pillow 13.0.0:
     55->113, 64 u            0.049   0.089       1.04    1 of 176,866
 
 The pil engine costs 1.4-1.8x the torch one and 1/10-1/50 of the dense
-path; figures vary by 2x with the load, so re-run them side by side.
+path; figures vary by 2x with the load, so re-run them side by side. (A rerun
+on the same VM, 3 repeats: torch 0.126 / pil 0.147 s and torch 0.083 / pil
+0.134 s.) That is why `dissect run --upsample` defaults to torch; pil is the
+reference's arithmetic, for reproducing NetDissect-Lite's counts exactly.
 """
 from __future__ import annotations
 

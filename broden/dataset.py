@@ -6,6 +6,7 @@ category.csv order then cell order), `image_labels` (M,) int64.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,11 +19,23 @@ from broden.errors import BrodenFormatError, InputError
 from broden.format import (BrodenMeta, ImageRecord, check_label_plane, check_uniform_sizes, decode_label_png,
                            decode_record_image, known_id_table, load_meta)
 
-__all__ = ["BrodenDataset", "collate", "SPLITS"]
+__all__ = ["BrodenDataset", "collate", "SPLITS", "IMAGE_RULES", "has_selected_data"]
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+# Which rows a dataset serves: "annotated" (NetDissect-Lite's index_has_any_data: a row with some
+# data in a selected category) or "all" rows.
+IMAGE_RULES = ("annotated", "all")
+
+
+def has_selected_data(record: ImageRecord, categories: Sequence[str]) -> bool:
+    """Whether `record` holds a label PNG or an image-level label in one of `categories`.
+
+    NetDissect-Lite keeps exactly these rows (loadseg's index_has_any_data: any non-empty
+    entry of a selected column); colour, when selected, labels nearly every image.
+    """
+    return any(record.layers.get(c) or record.image_labels.get(c) for c in categories)
 
 
 def _decode_image(meta: BrodenMeta, record: ImageRecord) -> torch.Tensor:
@@ -107,7 +120,11 @@ class BrodenDataset(torch.utils.data.Dataset):
     categories: which categories' layers and image-level labels to return
         (default all; always returned in category.csv order).
     split: keep only rows of this split ('train' or 'val'); None keeps both.
-    limit: keep the first `limit` rows (after the split filter).
+    images: "all" keeps every row; "annotated" only rows with data in a selected
+        category (the reference's rule, `has_selected_data`; the default of
+        `dissect run`). `dropped_images` counts the rows of the split it left out;
+        `with_images` gives the same dataset under the other rule.
+    limit: keep the first `limit` rows (after the split and images filters).
     cache: "auto" reads the decoded cache from the default cache dir when a
         fresh one exists, "off" always decodes, a path names a cache dir (or a
         decoded cache directly, as returned by broden.cache.build_cache).
@@ -116,7 +133,8 @@ class BrodenDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, categories: Sequence[str] | None = None, split: str | None = None,
-                 limit: int | None = None, cache: str | Path = "auto", allow_outside_links: bool = False):
+                 limit: int | None = None, cache: str | Path = "auto", allow_outside_links: bool = False,
+                 images: str = "all"):
         self.root = Path(root)
         self.meta: BrodenMeta = load_meta(self.root, allow_outside_links=allow_outside_links)
         if isinstance(categories, str):
@@ -137,12 +155,34 @@ class BrodenDataset(torch.utils.data.Dataset):
             raise InputError(f"split: expected one of {sorted(splits)}, got {split!r}")
         if limit is not None and (not isinstance(limit, (int, np.integer)) or limit < 0):
             raise InputError(f"limit: expected a non-negative integer, got {limit!r}")
-        rows = [r.index for r in self.meta.records if split is None or r.split == split]
+        # primaries among the selected categories, as the reference computes them
+        self.label_category: np.ndarray = self.meta.primary_categories(self.categories)
         self.split = split
         self.limit = None if limit is None else int(limit)
-        self.rows: np.ndarray = np.asarray(rows[:limit] if limit is not None else rows, dtype=np.int64)
+        self._select_rows(images)
         self._known: np.ndarray | None = None
         self.cache = self._open_cache(cache)
+
+    def _select_rows(self, images: str) -> None:
+        """Set rows, images and dropped_images: the split's rows, by the images rule, then the limit."""
+        if images not in IMAGE_RULES:
+            raise InputError(f"images: expected one of {', '.join(IMAGE_RULES)}, got {images!r}")
+        in_split = [r for r in self.meta.records if self.split is None or r.split == self.split]
+        rows = [r.index for r in in_split if images == "all" or has_selected_data(r, self.categories)]
+        self.images = images
+        self.dropped_images = len(in_split) - len(rows)
+        if self.dropped_images:
+            log.info("%s: %d of %d images have no data in the categories %s and are left out (images=%r)",
+                     self.root, self.dropped_images, len(in_split), self.categories, images)
+        self.rows: np.ndarray = np.asarray(rows[:self.limit] if self.limit is not None else rows, dtype=np.int64)
+
+    def with_images(self, images: str) -> "BrodenDataset":
+        """This dataset (same categories, split, limit and cache) with rows chosen by another images rule."""
+        if images == self.images:
+            return self
+        other = copy.copy(self)
+        other._select_rows(images)
+        return other
 
     def _open_cache(self, cache: str | Path) -> cache_mod.DecodedCache | None:
         if isinstance(cache, str) and cache == "off":

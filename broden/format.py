@@ -100,6 +100,30 @@ class BrodenMeta:
         c = self.category_index(category)
         return np.flatnonzero(self.label_category == c).tolist()
 
+    def primary_categories(self, selected: Iterable[str] | None = None) -> np.ndarray:
+        """(num_labels,) int64 primary category of every id among the `selected` categories only.
+
+        Values index `self.categories` (-1: id 0, or no selected category lists the label).
+        NetDissect-Lite computes primaries over the categories it was asked for, so a label
+        listed in object and in an unselected material belongs to object even when material
+        covers more of it; with every category selected this is `label_category`.
+        """
+        if selected is None:
+            return self.label_category
+        keep = [self.category_index(c) for c in selected]
+        cov = np.full((self.num_labels, len(self.categories)), -np.inf)  # (L, C): -inf = not listed
+        for info in self.labels.values():  # once per dataset, a few thousand labels
+            for c, value in info.coverage.items():
+                cov[info.id, self.categories.index(c)] = value
+        mask = np.full(len(self.categories), False)
+        mask[keep] = True
+        cov[:, ~mask] = -np.inf
+        # the largest coverage, ties to the later category: argmax over the reversed columns
+        best = len(self.categories) - 1 - cov[:, ::-1].argmax(axis=1)
+        out = np.where(np.isfinite(cov.max(axis=1)), best, -1).astype(np.int64)
+        out[0] = -1
+        return out
+
     def image_path(self, record: ImageRecord) -> Path:
         """Absolute path of a record's image."""
         return self.root / "images" / record.image

@@ -9,14 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from broden.errors import InputError
 from dissect.options import Options, option
 
 __all__ = ["DissectConfig", "RESULT_FIELDS", "OPTION_FLAGS", "INTERPOLATIONS", "UNIONS", "DETECTOR_RULES",
-           "KEEP_ACTIVATIONS", "NORMALIZE_NAMES", "FLAG_GROUPS", "ARCH_HELP", "DECODED_CACHE", "LoadOptions",
-           "RunSettings", "passes_rule"]
+           "KEEP_ACTIVATIONS", "NORMALIZE_NAMES", "IMAGE_RULES", "UPSAMPLE_MODES", "FLAG_GROUPS", "ARCH_HELP",
+           "DECODED_CACHE", "LoadOptions", "RunSettings", "passes_rule", "threshold_specs", "file_sha256"]
 
 # numpy.quantile(method=...) names we reproduce; hazen is Hyndman-Fan type 5, the reference's.
 INTERPOLATIONS = ("hazen", "linear", "lower", "higher", "nearest")
@@ -24,6 +25,9 @@ UNIONS = ("lite", "original")
 DETECTOR_RULES = (">=", ">")
 KEEP_ACTIVATIONS = ("auto", "yes", "no")
 NORMALIZE_NAMES = ("imagenet", "lite", "none")  # dissect.models.NORMALIZATIONS
+IMAGE_RULES = ("annotated", "all")  # broden.dataset.IMAGE_RULES (that module imports torch)
+# "torch": F.interpolate's float32 arithmetic; "pil": Pillow's BILINEAR bit for bit (the reference's)
+UPSAMPLE_MODES = ("torch", "pil")
 # argparse group titles of `dissect run --help`, in order
 FLAG_GROUPS = {"model": "model", "method": "method (defaults: NetDissect-Lite)", "groups": "concept groups",
                "execution": "execution (no effect on results)", "data": "data"}
@@ -61,6 +65,17 @@ class DissectConfig(Options):
     limit: int | None = option(
         None, "only the first N images (quick looks)", metavar="N", low=1,
         expected="a positive integer or None", results=True, group="method")
+    images: str = option(
+        "annotated", "which images to dissect: annotated (those with data in a selected category, as "
+        "NetDissect-Lite keeps them) or all", choices=IMAGE_RULES, results=True, group="method")
+    upsample: str = option(
+        "torch", "mask upsampling arithmetic: torch (F.interpolate, float32 compare) or pil (Pillow's "
+        "BILINEAR bit for bit, compared in float64, as NetDissect-Lite's imresize)", choices=UPSAMPLE_MODES,
+        results=True, group="method")
+    thresholds: list[str] = option(
+        [], "tally at these per-unit thresholds instead of computing them: LAYER=FILE, a .npy of shape "
+        "(units,) such as NetDissect-Lite's quantile.npy (repeatable; a plain FILE when one layer is "
+        "dissected)", metavar="LAYER=FILE", append=True, results=True, group="method")
     top_k: int = option(10, "top images kept per unit for reports (highest spatial-max activation)",
                         low=1, results=True, group="method")
     batch_size: int = option(64, "images per forward pass", low=1, group="execution")
@@ -100,9 +115,20 @@ class DissectConfig(Options):
         60.0, "and at least this many seconds between saves (0: every time)", flag="--save-interval",
         low=0.0, expected="a non-negative number of seconds", group="execution")
 
+    def _check(self, source: str | None) -> None:
+        threshold_specs(self.thresholds)  # LAYER=FILE syntax, before any work
+
     def result_key(self) -> str:
-        """Hash of the options that change results (device, batch size and bookkeeping excluded)."""
+        """Hash of the options that change results (device, batch size and bookkeeping excluded).
+
+        Given threshold files enter by content: another file at the same path is another result.
+        """
         d = {k: v for k, v in self.to_dict().items() if k in RESULT_FIELDS}
+        if self.thresholds:
+            d["thresholds_sha256"] = [
+                file_sha256(path, f"--thresholds {layer}={path}" if layer else f"--thresholds {path}",
+                            "expected a .npy array of shape (units,): one threshold per unit of the layer")
+                for layer, path in threshold_specs(self.thresholds)]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -155,6 +181,35 @@ class RunSettings(Options):
         metavar="PX", low=1, expected="a positive integer or None", group="data")
     force: bool = option(False, "recompute even if DIR holds a finished identical run", group="execution")
     quiet: bool = option(False, "no progress bars", group="execution")
+
+
+def threshold_specs(values: list[str]) -> list[tuple[str | None, str]]:
+    """--thresholds entries as (layer or None for a plain FILE, file path); module names hold no '='."""
+    specs = []
+    for text in values:
+        layer, sep, path = text.partition("=")
+        if not sep:
+            layer, path = "", text
+        if not path or (sep and not layer):
+            raise InputError(f"--thresholds {text!r}: expected LAYER=FILE (or a plain FILE when one layer "
+                             f"is dissected), e.g. conv5=quantile.npy")
+        specs.append((layer or None, path))
+    return specs
+
+
+def file_sha256(path: str | Path, shown: str, expected: str = "") -> str:
+    """sha256 of a file's bytes; an InputError starting with `shown` (what the user typed) when unreadable."""
+    h = hashlib.sha256()
+    hint = f"; {expected}" if expected else ""
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        raise InputError(f"{shown}: no such file{hint}") from None
+    except OSError as e:
+        raise InputError(f"{shown}: cannot read the file ({e.strerror or e}){hint}") from None
+    return h.hexdigest()
 
 
 def passes_rule(value: Any, threshold: float, rule: str) -> Any:

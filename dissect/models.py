@@ -1,11 +1,14 @@
 """Load a model to dissect from any of the forms users have, safely.
 
 Forms: a cgl_train checkpoint, a bare state_dict (+ an architecture name), a
+training script's checkpoint dict that names its architecture (NetDissect-Lite's
+and MIT's Places365 zoo, torchvision's and timm's train.py: `arch_named_in`), a
 TorchScript archive, or a whole pickled module (only when the user says they
 trust the file, because unpickling runs arbitrary code).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import pickle
@@ -25,16 +28,16 @@ from dissect.checkpoint import CheckpointError, is_checkpoint, validate_checkpoi
 
 __all__ = ["NORMALIZATIONS", "DEFAULT_NORMALIZATION", "LoadedModel", "load_model", "model_from_module",
            "conv_layer_names", "default_layers", "module_type_name", "known_arches",
-           "resolve_normalization", "parse_arch", "ARCH_PREFIXES"]
+           "resolve_normalization", "parse_arch", "ARCH_PREFIXES", "arch_named_in", "WEIGHT_KEYS"]
 
 log = logging.getLogger(__name__)
 
 # mean/std per RGB channel on the 0..1 scale: x = (img / 255 - mean) / std.
 NORMALIZATIONS: dict[str, dict[str, list[float]]] = {
     "imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
-    # NetDissect-Lite subtracts its mean pixel on the 0..255 scale and divides by one std.
-    "lite": {"mean": [124.69 / 255, 118.69 / 255, 109.54 / 255],
-             "std": [57.12 / 255, 57.12 / 255, 57.12 / 255]},
+    # NetDissect-Lite (feature_operation.py) subtracts its mean pixel (124.6901, 118.6897, 109.5388)
+    # on the 0..255 scale and divides by 255 * 0.224; dissect.preprocess keeps its arithmetic.
+    "lite": {"mean": [124.6901 / 255, 118.6897 / 255, 109.5388 / 255], "std": [0.224, 0.224, 0.224]},
     "none": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
 }
 DEFAULT_NORMALIZATION = "imagenet"
@@ -142,7 +145,7 @@ def parse_arch(arch: str) -> tuple[str, str | None]:
 
 
 def _build_arch(arch: str, kwargs: Mapping[str, Any], source: str,
-                prefer: str = "cgl_train") -> nn.Module:
+                prefer: str = "cgl_train", named_by: str | None = None) -> nn.Module:
     """Build `arch` (weights=None: no downloads) from dissect.architectures or torchvision, `prefer` first.
 
     Checkpoints prefer cgl_train (they name its registry); bare state_dicts prefer torchvision,
@@ -164,9 +167,13 @@ def _build_arch(arch: str, kwargs: Mapping[str, Any], source: str,
                                  f"{dict(kwargs)!r}: {e}") from e
     names = known_arches()
     where = f" in {pinned}" if pinned else ""
-    raise InputError(f"{source}: unknown architecture {arch!r}{where}; valid --arch names: "
-                     f"cgl_train: {', '.join(names['cgl_train']) or '(none)'}; "
-                     f"torchvision: {', '.join(names['torchvision'])}")
+    valid = (f"valid --arch names: cgl_train: {', '.join(names['cgl_train']) or '(none)'}; "
+             f"torchvision: {', '.join(names['torchvision'])}")
+    if named_by is not None:
+        raise InputError(f"{source}: the file names architecture {arch!r} (its {named_by}), which neither "
+                         f"torchvision nor cgl_train knows; pass --arch NAME for the architecture the weights "
+                         f"fit, or build the module in Python and call dissect.run(module, ...); {valid}")
+    raise InputError(f"{source}: unknown architecture {arch!r}{where}; {valid}")
 
 
 def _load_weights(module: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, source: str) -> None:
@@ -195,15 +202,40 @@ def _is_state_dict(obj: Any) -> bool:
             and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
 
 
+# Where training scripts put the weights: NetDissect-Lite's zoo, MIT's Places365 and timm use
+# 'state_dict', torchvision's references/classification/train.py 'model', others 'net'.
+WEIGHT_KEYS = ("state_dict", "model", "net")
+# Where they name the architecture: 'arch' (Lite's zoo, Places365, timm), 'model' when it is a
+# string, else the argparse arguments they saved (torchvision's train.py: args.model).
+ARCH_KEYS = ("arch", "model")
+ARGS_ARCH_KEYS = ("arch", "model")
+
+
 def _unwrap_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
-    """The state_dict in `obj`: obj itself, or obj['state_dict'] / obj['model'] (training scripts)."""
+    """The state_dict in `obj`: obj itself, or obj[key] for key in WEIGHT_KEYS (training scripts)."""
     if _is_state_dict(obj):
         return obj
     if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
+        for key in WEIGHT_KEYS:
             if _is_state_dict(obj.get(key)):
                 return obj[key]
     return None
+
+
+def arch_named_in(obj: Any) -> tuple[str | None, str | None]:
+    """(architecture name, where it was found) of a training script's checkpoint dict; (None, None) if none."""
+    if not isinstance(obj, Mapping):
+        return None, None
+    for key in ARCH_KEYS:
+        if isinstance(obj.get(key), str) and obj[key]:
+            return obj[key], f"key {key!r}"
+    args = obj.get("args")
+    fields = vars(args) if isinstance(args, argparse.Namespace) else args
+    if isinstance(fields, Mapping):
+        for key in ARGS_ARCH_KEYS:
+            if isinstance(fields.get(key), str) and fields[key]:
+                return fields[key], f"args.{key}"
+    return None, None
 
 
 def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
@@ -212,6 +244,21 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "module.
     while sd and all(k.startswith(prefix) for k in sd):
         sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
+
+
+_MODULE_SEGMENT = re.compile(r"(^|\.)module\.")
+
+
+def _fit_keys(state_dict: dict[str, torch.Tensor], expected: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The state_dict, or its keys without inner `module.` segments when only that makes them fit.
+
+    MIT's Places365 AlexNet/VGG wrapped `features` alone in DataParallel (`features.module.0.weight`);
+    the segments go only when the result names exactly the model's keys (a model may own a 'module').
+    """
+    if set(state_dict) == set(expected):
+        return state_dict
+    stripped = {_MODULE_SEGMENT.sub(r"\1", k): v for k, v in state_dict.items()}
+    return stripped if set(stripped) == set(expected) else state_dict
 
 
 def _infer_num_classes(state_dict: Mapping[str, torch.Tensor]) -> int | None:
@@ -253,7 +300,10 @@ def _is_torchscript(path: Path) -> bool:
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load with weights_only=True; explain a refusal; weights_only=False only when trusted."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # torchvision's and timm's train.py save their argparse arguments; a Namespace only holds
+        # attributes (unpickling it sets its __dict__, no code runs), so it is allowed with the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if not trust_pickle:
@@ -288,6 +338,11 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
                normalize: str | None = None, input_size: int | None = None,
                num_classes: int | None = None, allow_script: bool = False) -> LoadedModel:
     """Load a checkpoint, state_dict (+ arch), TorchScript archive (+ arch) or (trusted) pickled module, on CPU.
+
+    A dict holding a state_dict (under 'state_dict', 'model' or 'net') that names its
+    architecture ('arch', a string 'model', or args.model of a saved argparse Namespace)
+    needs no `arch`; a given `arch` overrides the file's name (logged). `module.` prefixes
+    are stripped and num_classes is inferred from the weights.
 
     Normalisation: an explicit `normalize` wins (a warning when it differs from a checkpoint's),
     else the checkpoint's, else 'imagenet'. `input_size` overrides the checkpoint's input size.
@@ -345,26 +400,39 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
     if state_dict is None:
         keys = f" with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping) else ""
         raise InputError(f"{path}: holds a {type(obj).__name__}{keys}; expected a cgl checkpoint, a state_dict "
-                         f"(name -> tensor, possibly under 'state_dict' or 'model'), a TorchScript archive "
-                         f"or a pickled nn.Module")
+                         f"(name -> tensor, possibly under {', '.join(map(repr, WEIGHT_KEYS))}), a TorchScript "
+                         f"archive or a pickled nn.Module")
+    named, where = arch_named_in(obj)
+    named_by = None
     if arch is None:
-        raise InputError(f"{path}: is a state_dict, which does not say which architecture it is for; pass "
-                         f"--arch NAME (a torchvision classification model such as resnet18, or a "
-                         f"cgl_train model; `dissect layers` lists the layers once it loads)")
-    module = _eager_from_state_dict(state_dict, arch, num_classes, source)
+        if named is None:
+            keys = (f" (its keys: {', '.join(sorted(map(str, obj)))})" if state_dict is not obj else "")
+            raise InputError(f"{path}: holds a state_dict{keys} but no architecture name (no "
+                             f"{' or '.join(map(repr, ARCH_KEYS))} key, no args.model); pass --arch NAME (a "
+                             f"torchvision classification model such as resnet18, or a cgl_train model; "
+                             f"`dissect layers` lists the layers once it loads)")
+        arch, named_by = named, where
+        log.info("%s: architecture %r, from the file's %s", path, arch, where)
+    elif named is not None and parse_arch(arch)[0] != named:
+        log.info("%s: --arch %s overrides the architecture the file names (%r, its %s)", path, arch, named, where)
+    file_classes = obj.get("num_classes") if isinstance(obj, Mapping) else None
+    if num_classes is None and _infer_num_classes(state_dict) is None and isinstance(file_classes, int):
+        num_classes = file_classes  # Lite's zoo records it; used only when the weights do not say
+    module = _eager_from_state_dict(state_dict, arch, num_classes, source, named_by=named_by)
     return _finish(module, "state_dict", source, arch, fingerprint, resolve_normalization(normalize), input_size)
 
 
 def _eager_from_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, num_classes: int | None,
-                           source: str) -> nn.Module:
+                           source: str, named_by: str | None = None) -> nn.Module:
     """Build `arch` (torchvision first, unless prefixed) with num_classes from the weights; load them strictly."""
     state_dict = _strip_prefix(state_dict)
     inferred = _infer_num_classes(state_dict)
     if num_classes is not None and inferred is not None and num_classes != inferred:
         raise InputError(f"--num-classes {num_classes}: the weights in {source} have {inferred} outputs")
     n = num_classes if num_classes is not None else inferred
-    module = _build_arch(arch, {"num_classes": n} if n is not None else {}, source, prefer="torchvision")
-    _load_weights(module, state_dict, arch, source)
+    module = _build_arch(arch, {"num_classes": n} if n is not None else {}, source, prefer="torchvision",
+                         named_by=named_by)
+    _load_weights(module, _fit_keys(state_dict, module.state_dict()), arch, source)
     return module
 
 

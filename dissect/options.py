@@ -220,8 +220,11 @@ class Options:
             if d.kind is int and isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
                 value = int(value)  # JSON writes 3.0 for some ints
                 setattr(self, d.name, value)
-            elif d.kind is list and isinstance(value, (str, tuple)):
-                value = comma_list(value)  # the Python API may pass 'a,b' or a tuple
+            elif d.kind is list and (isinstance(value, (str, tuple)) or (
+                    isinstance(value, list) and all(isinstance(v, str) for v in value))):
+                # 'a,b', ('a', 'b') or ['a,b', 'c'] from the API, or flags passed on unsplit
+                # (`dissect run` hands argparse's lists straight to dissect.run)
+                value = comma_list(value)
                 setattr(self, d.name, value)
             elif d.kind is str and isinstance(value, os.PathLike):
                 value = os.fspath(value)  # paths given as Path objects are recorded as strings

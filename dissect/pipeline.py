@@ -24,6 +24,7 @@ from broden.errors import InputError
 from dissect.config import DissectConfig
 from dissect.devices import resolve_device
 from dissect.distributed import DistContext, barrier, merge_stats, shard_range
+from dissect.given_thresholds import assign_threshold_files, load_given_thresholds
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
                             layout_from_spec)
 from dissect.hooks import resolve_layers
@@ -58,10 +59,13 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
         # an older summary.json must not make a half-written directory look complete
         (Path(out) / "summary.json").unlink(missing_ok=True)
     engine = _Engine(model, layers, dataset, config, loaded.normalization, device, ctx, state)
+    given = load_given_thresholds(config.thresholds, layers, {n: s[0] for n, s in engine.shapes.items()})
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    thresholds, tops = engine.stage1()                       # per-unit quantile + top images
+    thresholds, tops = engine.stage1(skip_quantile=set(given))  # per-unit quantile + top images
+    # given thresholds keep their dtype: float64 ones are compared in float64 by --upsample pil
+    thresholds.update({n: torch.from_numpy(g.values).to(device) for n, g in given.items()})
     timings["thresholds"] = time.perf_counter() - t
     t = time.perf_counter()
     tallies = engine.stage2(thresholds)                      # I, A, G per unit and label
@@ -69,6 +73,8 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
     t = time.perf_counter()
     results = [_label_layer(name, engine.shapes[name], thresholds[name], tops[name], tallies[name],
                             info, config, model, loaded.groups, dataset) for name in layers]
+    for lr in results:
+        lr.given_thresholds = given.get(lr.name)
     timings["label"] = time.perf_counter() - t
 
     res = DissectionResult(options=config.to_dict(), seed=config.seed, model=loaded.describe(),
@@ -111,6 +117,9 @@ def effective_config(loaded: Any, dataset: Any, config: DissectConfig) -> Dissec
     _apply_selection(config, dataset)
     if config.layers:
         config.layers = layers_to_dissect(loaded, config)
+    if config.thresholds:  # LAYER=absolute path, in network order: what summary.json records
+        files = assign_threshold_files(config.thresholds, layers_to_dissect(loaded, config))
+        config.thresholds = [f"{layer}={path}" for layer, path in files.items()]
     return config
 
 
@@ -133,6 +142,10 @@ def _apply_selection(config: DissectConfig, dataset: Any) -> None:
             raise InputError(f"{name} {value!r}: the dataset passed was built with {name}={used[name]!r}; "
                              f"leave {name} None or build the dataset with it")
     config.categories, config.split, config.limit = used["categories"], used["split"], used["limit"]
+    rule = getattr(dataset, "images", None)
+    if rule is not None and rule != config.images:
+        raise InputError(f"images {config.images!r}: the dataset passed was built with images={rule!r}; "
+                         f"pass images={rule!r} or build the dataset with images={config.images!r}")
 
 
 # ---------------------------------------------------------------- setup
@@ -164,8 +177,15 @@ def dataset_info(dataset: Any) -> DatasetInfo:
     return DatasetInfo(root=str(meta.root), fingerprint=source_fingerprint(meta.root, meta=meta),
                        num_images=len(dataset), categories=list(dataset.categories),
                        all_categories=list(meta.categories), label_names=list(meta.label_names),
-                       label_category=np.asarray(meta.label_category, dtype=np.int64),
-                       images=[r.image for r in meta.records])
+                       label_category=np.asarray(_label_category(dataset), dtype=np.int64),
+                       images=[r.image for r in meta.records],
+                       dropped_images=int(getattr(dataset, "dropped_images", 0)),
+                       zero_named=0 in meta.labels)
+
+
+def _label_category(dataset: Any) -> np.ndarray:
+    """Primary category per id among the dataset's selected categories (index into meta.categories)."""
+    return getattr(dataset, "label_category", dataset.meta.label_category)
 
 
 # ---------------------------------------------------------------- the two passes
@@ -260,7 +280,7 @@ class _Engine:
             if not self.start <= begin <= self.end:
                 raise ValueError(f"'next' = {begin} lies outside this rank's images {self.start}..{self.end}")
             for name, per_layer in stats.items():
-                for n in self.layers:
+                for n in per_layer:  # layers with given thresholds have no quantile to restore
                     per_layer[n].load_state_dict(saved[name][n])
             self._check_position(stats, begin)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:  # InputError is a ValueError
@@ -279,11 +299,12 @@ class _Engine:
                 raise ValueError(f"layer {n!r} holds {q.count} values per unit but 'next' = {begin} implies "
                                  f"{(begin - self.start) * h * w}")
 
-    def stage1(self) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
-        """One pass: forward, TopQuantile and TopImages for every layer; merged over ranks."""
+    def stage1(self, skip_quantile: frozenset[str] | set[str] = frozenset()
+               ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, np.ndarray]]]:
+        """One pass: forward, TopQuantile (but for `skip_quantile` layers) and TopImages; merged over ranks."""
         total = len(self.dataset)
         quant = {n: TopQuantile(c, total * h * w, self.config.top_fraction, self.config.interpolation,
-                                device=self.device) for n, (c, h, w) in self.shapes.items()}
+                                device=self.device) for n, (c, h, w) in self.shapes.items() if n not in skip_quantile}
         tops = {n: TopImages(c, self.config.top_k, device=self.device) for n, (c, h, w) in self.shapes.items()}
         begin = self._restore("stage1", {"quantiles": quant, "tops": tops})
         keep = begin == self.start and self._keep_decision()
@@ -300,7 +321,8 @@ class _Engine:
             acts = self._forward(batch["image"])
             index = batch["index"].to(self.device)
             for n in self.layers:
-                quant[n].add(acts[n])
+                if n in quant:
+                    quant[n].add(acts[n])
                 tops[n].add(index, acts[n])
             if self.kept is not None:
                 self.kept.append(acts)
@@ -310,7 +332,7 @@ class _Engine:
         saver.tick(self.end, payload, final=True)  # worth keeping unless stage 1 was quick
         quant = merge_stats(quant, self.ctx)
         tops = merge_stats(tops, self.ctx)
-        for n in self.layers:
+        for n in quant:  # layers tallied at given thresholds have no quantile to be undefined
             self._refuse_nan(n, quant[n], tops[n])
         thresholds = {n: q.result().to(self.device).float() for n, q in quant.items()}  # (U,)
         top_out = {}
@@ -342,7 +364,8 @@ class _Engine:
     def stage2(self, thresholds: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
         """Second pass: upsample, strict threshold and IoU tallies for every layer; merged over ranks."""
         meta = self.dataset.meta
-        label_category = torch.as_tensor(np.asarray(meta.label_category), dtype=torch.int64, device=self.device)
+        label_category = torch.as_tensor(np.asarray(_label_category(self.dataset)), dtype=torch.int64,
+                                         device=self.device)
         tallies = {n: IoUTally(c, label_category, len(meta.categories), self.config.union, device=self.device)
                    for n, (c, h, w) in self.shapes.items()}
         begin = self._restore("stage2", {"tallies": tallies})
@@ -357,7 +380,7 @@ class _Engine:
             b = labels.shape[0]
             prepared = tallies[self.layers[0]].prepare_labels(labels, image_labels)  # shared by all layers
             for n in self.layers:  # sparse: only output windows near a hot source pixel are computed
-                tallies[n].add_activations(acts[n], thresholds[n], prepared)
+                tallies[n].add_activations(acts[n], thresholds[n], prepared, upsample=self.config.upsample)
             if kept is not None:
                 kept[i] = {}  # free as we go
             bar.update(b)
@@ -390,7 +413,7 @@ def _top_mask_stats(top: dict[str, np.ndarray], thresholds: torch.Tensor, datase
         size_of = np.array([sizes[int(i)] for i in idx.ravel()]).reshape(u, k, 2)
         for size in sorted(set(sizes.values())):  # one pass per label size (Broden has one)
             sel = (size_of == np.array(size)).all(axis=2)  # (U, k)
-            masks = top_image_masks(maps, thresholds.cpu(), size)  # (U, k, sh, sw)
+            masks = top_image_masks(maps, thresholds.cpu(), size, config.upsample)  # (U, k, sh, sw), as tallied
             stats = mask_shape_stats(masks, config.mask_connectivity)
             comp[sel], spread[sel], area[sel] = stats.components[sel], stats.spread[sel], stats.area[sel]
     return MaskStats(comp, spread, area).per_unit()

@@ -47,6 +47,12 @@ class DatasetInfo:
     label_names: list[str]           # by global id ('-' at 0)
     label_category: np.ndarray       # (L,) index into all_categories, -1 for unused ids
     images: list[str]                # image path relative to images/, by dataset index
+    dropped_images: int = 0          # rows left out by the images rule (broden.dataset.IMAGE_RULES)
+    zero_named: bool = False         # label.csv has a row for id 0 (else Lite names it '')
+
+    def lite_name(self, label: int) -> str:
+        """A label's name as NetDissect-Lite writes it: '' for id 0 unless label.csv names it."""
+        return "" if label == 0 and not self.zero_named else self.label_names[label]
 
     def selected_label_category(self) -> np.ndarray:
         """(L,) index into `categories` (selected), -1 for ids outside them."""
@@ -82,6 +88,11 @@ class LayerResult:
     mask_components: np.ndarray | None = None  # (U,) mean connected components of the top images' masks
     mask_spread: np.ndarray | None = None      # (U,) mean spread of those masks (dissect.spatial)
     spatial: dict[str, Any] | None = None      # layer summary of the two (dissect.spatial.layer_spatial_summary)
+    given_thresholds: Any = None      # dissect.given_thresholds.GivenThresholds (--thresholds) or None
+
+    def exact_thresholds(self) -> np.ndarray:
+        """(U,) the thresholds the tally used: a given file's values as stored, else `thresholds`."""
+        return self.thresholds if self.given_thresholds is None else self.given_thresholds.values
 
 
 @dataclass
@@ -113,15 +124,20 @@ def layer_dirname(name: str) -> str:
 
 
 def _num(x: float) -> str:
-    """A float the way Lite's csv.DictWriter wrote numpy float64 values (shortest repr)."""
+    """A number the way Lite's csv.DictWriter wrote its numpy float64 values: str(), the shortest repr."""
     return repr(float(x))
 
 
 def tally_csv_text(lr: LayerResult, ds: DatasetInfo) -> str:
-    """Lite's tally.csv: unit (1-based), category, label, score, then 5 columns per category.
+    """Lite's tally.csv, byte for byte: unit (1-based), category, label, score, then 5 columns per category.
 
-    Rows sorted by score descending (a stable sort reversed, so ties list the higher unit first,
-    as numpy's argsort()[::-1] does on Lite's small arrays); CRLF line ends as csv.DictWriter.
+    Categories in category.csv order (Lite's filtered OrderedDict); numbers as Lite's float64
+    tallies print (`46306.0`, `0.05462962962962951`); CRLF line ends as csv.DictWriter. A
+    category whose best IoU is 0 gets id 0, as Lite's argmax: written '' unless label.csv
+    names 0, with truth and intersection 0 and the activation of the last selected category
+    (Lite's primary category of id 0, which no c_<cat>.csv lists). Rows by score descending;
+    equal scores list the higher unit first (a stable sort reversed). Lite's own order of ties
+    is numpy's unstable argsort()[::-1], which differs between machines (SIMD sorts).
     """
     lab = lr.labels
     cats = lab.categories
@@ -133,16 +149,14 @@ def tally_csv_text(lr: LayerResult, ds: DatasetInfo) -> str:
         header += [f"{c}-label", f"{c}-truth", f"{c}-activation", f"{c}-intersect", f"{c}-iou"]
     w.writerow(header)
     order = np.argsort(lab.top_score, kind="stable")[::-1]
-    for u in order.tolist():
+    for u in order.tolist():  # output formatting, once per unit
         row: list[Any] = [u + 1, cats[lab.top_category[u]] if cats else "",
-                          ds.label_names[lab.top_label[u]], _num(lab.top_score[u])]
+                          ds.lite_name(int(lab.top_label[u])), _num(lab.top_score[u])]
         for ci, c in enumerate(cats):
             l = int(lab.cat_labels[ci, u])
-            if l > 0:
-                truth, act, inter = lr.truth[l], lr.activation[u, all_idx[ci]], lr.intersection[u, l]
-            else:  # no label of the category overlaps the unit
-                truth = act = inter = 0
-            row += [ds.label_names[l], _num(truth), _num(act), _num(inter), _num(lab.cat_scores[ci, u])]
+            cat = all_idx[ci] if l > 0 else all_idx[-1]
+            row += [ds.lite_name(l), _num(lr.truth[l]), _num(lr.activation[u, cat]), _num(lr.intersection[u, l]),
+                    _num(lab.cat_scores[ci, u])]
         w.writerow(row)
     return buf.getvalue()
 
@@ -159,6 +173,7 @@ def units_json(lr: LayerResult, ds: DatasetInfo, top_k: int) -> dict[str, Any]:
     lab = lr.labels
     cats = lab.categories
     all_idx = [ds.all_categories.index(c) for c in cats]
+    exact = lr.exact_thresholds()  # a given float64 threshold is reported as it was used
     units = []
     for u in range(lab.num_units):  # output formatting, once per unit
         per_cat = {}
@@ -176,7 +191,7 @@ def units_json(lr: LayerResult, ds: DatasetInfo, top_k: int) -> dict[str, Any]:
             "label_id": int(lab.top_label[u]),
             "category": cats[int(lab.top_category[u])] if cats else None,
             "iou": float(lab.top_score[u]),
-            "threshold": float(lr.thresholds[u]),
+            "threshold": float(exact[u]),
             "group": None if lr.unit_group is None or lr.unit_group[u] < 0 else int(lr.unit_group[u]),
             "mask_components": _finite(lr.mask_components, u),
             "mask_spread": _finite(lr.mask_spread, u),
@@ -197,6 +212,7 @@ def summary_json(res: DissectionResult) -> dict[str, Any]:
         entry.update(lr.counts)
         entry["spatial"] = lr.spatial
         entry["groups"] = lr.groups
+        entry["thresholds_given"] = None if lr.given_thresholds is None else lr.given_thresholds.record()
         layers.append(entry)
     # CGL Table 3 is over the last two layers (network order, see pipeline.resolve_layers): none with fewer
     last = res.layers[-2:]
@@ -210,7 +226,7 @@ def summary_json(res: DissectionResult) -> dict[str, Any]:
         "seed": res.seed,
         "model": res.model,
         "dataset": {"root": ds.root, "fingerprint": ds.fingerprint, "num_images": ds.num_images,
-                    "categories": ds.categories},
+                    "dropped_images": ds.dropped_images, "categories": ds.categories},
         "labels": ds.label_table(),
         "versions": res.versions,
         "timings": res.timings,
@@ -269,6 +285,11 @@ def write_results(res: DissectionResult, out: str | Path) -> Path:
         write_text_atomic(d / "tally.csv", tally_csv_text(lr, res.dataset))
         write_json_atomic(d / "units.json", units_json(lr, res.dataset, int(res.options.get("top_k", 0))))
         _save_npy(d / "thresholds.npy", np.asarray(lr.thresholds, dtype=np.float32))
+        given = d / "thresholds_given.npy"
+        if lr.given_thresholds is not None:  # exact values (float32 ones widen exactly)
+            _save_npy(given, np.asarray(lr.given_thresholds.values, dtype=np.float64))
+        else:
+            given.unlink(missing_ok=True)  # an earlier run's file must not describe this one
         _save_npy(d / "top_activations.npy", np.asarray(lr.top_maps, dtype=np.float32))
         _save_npy(d / "iou.npy", np.asarray(lr.iou, dtype=np.float64)[:, label_ids].astype(np.float32))
     write_json_atomic(out / "summary.json", summary_json(res))

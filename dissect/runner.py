@@ -154,7 +154,10 @@ def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunS
     from dissect.datasets import resolve_dataset, synthetic_source
 
     if isinstance(dataset, BrodenDataset):
-        return dataset
+        if dataset.images != config.images:  # the option decides which rows are dissected
+            log.info("images=%r: dissecting those rows of the dataset passed (built with images=%r)",
+                     config.images, dataset.images)
+        return dataset.with_images(config.images)
     synthetic, reuse = synthetic_source(loaded, settings.synthetic_per_class, settings.synthetic_size)
     root = resolve_dataset(dataset, settings.cache_dir, settings.download, settings.mirrors, synthetic,
                            settings.quiet, synthetic_reuse=reuse)
@@ -168,7 +171,7 @@ def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunS
     distributed.barrier(ctx)
     cache: Any = "off" if settings.decoded_cache == "off" else (settings.cache_dir or "auto")
     return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache,
-                         allow_outside_links=links)
+                         allow_outside_links=links, images=config.images)
 
 
 def dissect_model(model: Any, dataset: Any, layers: list[str] | None = None,

@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from broden.errors import InputError
+from dissect.config import UPSAMPLE_MODES  # declared beside the --upsample option
 from dissect.pil_resample import pil_mask_pixels
 
 __all__ = ["UPSAMPLE_MODES", "check_upsample_mode", "upsample", "mask_chunks", "threshold_masks",
            "mask_pixels"]
 
-# "torch": F.interpolate's float32 arithmetic; "pil": Pillow's, bit for bit (the reference's)
-UPSAMPLE_MODES = ("torch", "pil")
 
 # Bilinear output is a convex combination of 4 inputs; float32 rounding can push
 # it above the largest input by a few ulps of max|x|. Pairs are only pruned when

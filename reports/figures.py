@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 from matplotlib.figure import Figure
 
 from broden._fileio import atomic_path
-from reports.results import is_detector
+from reports.results import is_detector, shown_label
 
 __all__ = ["save_figure", "detector_counts", "detectors_bar_chart", "group_bubble_plot",
            "compare_bar_chart", "CATEGORY_COLORS"]
@@ -37,7 +37,7 @@ def detector_counts(units: Sequence[Mapping[str, Any]], categories: Sequence[str
                     rule: tuple[float, str]) -> list[tuple[str, str, int]]:
     """(category, label, number of detector units) by top label, grouped by category in
     `categories` order, labels by count descending then name (the reference bar chart's order)."""
-    counts = Counter((u.get("category") or "", u.get("label") or "") for u in units
+    counts = Counter((u.get("category") or "", shown_label(u.get("label"))) for u in units
                      if u.get("iou") is not None and is_detector(float(u["iou"]), rule))
     rank = {c: i for i, c in enumerate(list(categories) + sorted({c for c, _ in counts} - set(categories)))}
     ordered = sorted(counts.items(), key=lambda kv: (rank[kv[0][0]], -kv[1], kv[0][1]))

@@ -16,7 +16,8 @@ import jinja2
 
 from broden._fileio import write_json_atomic, write_text_atomic
 from broden.errors import InputError
-from reports.results import LayerResults, RunResults, detector_rule, is_detector, read_run, safe_name
+from reports.results import (LayerResults, RunResults, detector_rule, is_detector, read_run, safe_name,
+                             shown_label)
 
 __all__ = ["render_report", "template_env"]
 
@@ -84,10 +85,11 @@ def _unit_cards(layer: LayerResults, rule: tuple[float, str], strips: Mapping[in
     cards = []
     for u in layer.units["units"]:
         iou = u.get("iou")
-        per_cat = sorted(((c, v) for c, v in (u.get("per_category") or {}).items()),
+        per_cat = sorted(((c, {**v, "label": shown_label(v.get("label"))})
+                          for c, v in (u.get("per_category") or {}).items()),
                          key=lambda cv: -(cv[1].get("iou") or 0.0))
         cards.append({
-            "unit": int(u["unit"]), "label": u.get("label") or "", "category": u.get("category") or "",
+            "unit": int(u["unit"]), "label": shown_label(u.get("label")), "category": u.get("category") or "",
             "iou": iou, "threshold": u.get("threshold"), "group": u.get("group"),
             "detector": iou is not None and is_detector(float(iou), rule),
             "per_category": per_cat, "strip": strips.get(int(u["unit"])),

@@ -19,11 +19,14 @@ from dissect.config import DETECTOR_RULES, DissectConfig, passes_rule
 from dissect.results import VERSION as RESULTS_VERSION, read_summary
 
 __all__ = ["RunResults", "LayerResults", "read_run", "detector_rule", "is_detector", "safe_name",
-           "UNIQUE_DEFINITIONS", "DEFAULT_DETECTOR_THRESHOLD", "DEFAULT_DETECTOR_RULE"]
+           "UNIQUE_DEFINITIONS", "DEFAULT_DETECTOR_THRESHOLD", "DEFAULT_DETECTOR_RULE", "NO_LABEL", "shown_label"]
 
 # Lite's report counts a unit as a detector at IoU >= 0.04 (netdissect.md section 2, step 7).
 # the dissection's own defaults, for runs whose summary lacks the options
 DEFAULT_DETECTOR_THRESHOLD = DissectConfig().iou_threshold
+# How a unit or category without a label name (label.csv has none for it, as for id 0 in Lite's
+# files) is shown: an empty name would leave an empty heading and an empty bar-chart tick.
+NO_LABEL = "(none)"
 DEFAULT_DETECTOR_RULE = DissectConfig().detector_rule
 UNIQUE_DEFINITIONS = {
     "paper": "per category, distinct best labels among units scoring > threshold in that "
@@ -132,3 +135,8 @@ def safe_name(name: str) -> str:
     """A file-name-safe version of a layer name (`features.10` stays, `a/b` -> `a_b`)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name)
     return cleaned if cleaned.strip(".") else "layer"
+
+
+def shown_label(name: Any) -> str:
+    """A label name for display: NO_LABEL when empty or missing."""
+    return str(name) if name not in (None, "") else NO_LABEL

@@ -52,9 +52,9 @@ class _Marker:
 
 def test_normalizations_match_the_contract():
     assert NORMALIZATIONS["imagenet"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    lite = NORMALIZATIONS["lite"]
-    assert lite["mean"] == pytest.approx([124.69 / 255, 118.69 / 255, 109.54 / 255])
-    assert lite["std"] == pytest.approx([57.12 / 255] * 3)
+    lite = NORMALIZATIONS["lite"]  # NetDissect-Lite's constants exactly (feature_operation.py, settings)
+    assert [m * 255 for m in lite["mean"]] == [124.6901, 118.6897, 109.5388]
+    assert [s * 255 for s in lite["std"]] == [255 * 0.224] * 3
     assert NORMALIZATIONS["none"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
 
 

@@ -66,10 +66,30 @@ def test_tally_csv_is_lites_format(tmp_path):
         "unit,category,label,score,color-label,color-truth,color-activation,color-intersect,color-iou,"
         "object-label,object-truth,object-activation,object-intersect,object-iou,"
         "scene-label,scene-truth,scene-activation,scene-intersect,scene-iou\r\n"
-        f"1,color,red,{red!r},red,100.0,100.0,80.0,{red!r},car,40.0,90.0,10.0,{car!r},-,0.0,0.0,0.0,0.0\r\n"
-        f"2,scene,kitchen,{kit!r},-,0.0,0.0,0.0,0.0,-,0.0,0.0,0.0,0.0,kitchen,256.0,64.0,20.0,{kit!r}\r\n"
-        "3,scene,-,0.0,-,0.0,0.0,0.0,0.0,-,0.0,0.0,0.0,0.0,-,0.0,0.0,0.0,0.0\r\n")
+        f"1,color,red,{red!r},red,100.0,100.0,80.0,{red!r},car,40.0,90.0,10.0,{car!r},,0.0,0.0,0.0,0.0\r\n"
+        # a category without an overlapping label: Lite's id 0, named '' (label.csv has no 0), with the
+        # activation of the last selected category (Lite's primary category of id 0): scene's 64
+        f"2,scene,kitchen,{kit!r},,0.0,64.0,0.0,0.0,,0.0,64.0,0.0,0.0,kitchen,256.0,64.0,20.0,{kit!r}\r\n"
+        "3,scene,,0.0,,0.0,0.0,0.0,0.0,,0.0,0.0,0.0,0.0,,0.0,0.0,0.0,0.0\r\n")
     assert raw.decode() == expected
+
+
+def test_tally_csv_names_label_zero_when_label_csv_does():
+    res = make_result()
+    res.dataset.zero_named = True  # label.csv has a row for 0, named '-' here: Lite writes its name
+    text = results_mod.tally_csv_text(res.layers[0], res.dataset)
+    assert text.splitlines()[-1] == "3,scene,-,0.0,-,0.0,0.0,0.0,0.0,-,0.0,0.0,0.0,0.0,-,0.0,0.0,0.0,0.0"
+
+
+def test_tally_csv_ties_and_units_json_keep_dash():
+    res = make_result()
+    lr = res.layers[0]
+    # units 0 and 2 tie at 0: the higher unit first (a stable sort reversed), deterministic
+    lr.labels.top_score[0] = 0.0
+    rows = [line.split(",")[0] for line in results_mod.tally_csv_text(lr, res.dataset).splitlines()[1:]]
+    assert rows == ["2", "3", "1"]
+    units = results_mod.units_json(lr, res.dataset, 2)["units"]
+    assert units[2]["label"] == "-" and units[2]["per_category"]["object"]["label"] == "-"  # unchanged there
 
 
 def test_units_json_and_arrays(tmp_path):

@@ -24,7 +24,9 @@ def register(subparsers: Any) -> None:
     """Add the `run` parser."""
     p = subparsers.add_parser(
         "run", help="dissect a model: label every unit of the chosen layers with Broden concepts",
-        description="Network Dissection of MODEL (a cgl checkpoint, a state_dict with --arch, a TorchScript "
+        description="Network Dissection of MODEL (a cgl checkpoint, a state_dict with --arch, a training "
+                    "script's checkpoint naming its architecture (NetDissect-Lite's and the Places365 zoo, "
+                    "torchvision's and timm's train.py: no --arch needed), a TorchScript "
                     "archive with --arch, or a pickled module with --trust-pickle). TorchScript modules "
                     "refuse forward hooks, so a TorchScript archive needs --arch NAME: its weights are "
                     "loaded into the eager NAME model, which is dissected. Writes DIR/summary.json, and per layer "
