@@ -311,7 +311,7 @@ def _epoch_means(sums: StepMetrics, batches: int, dist: DistInfo) -> dict[str, A
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device, num_classes: int,
              dist: DistInfo | None = None, max_batches: int | None = None,
              quiet: bool = True) -> dict[str, float | None]:
     """Top-1, top-5 (None when num_classes < 5) and mean cross-entropy, summed over DDP ranks."""

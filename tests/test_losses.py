@@ -469,6 +469,7 @@ def test_group_loss_chunking_changes_nothing(form, monkeypatch):
     psi = _rand(2, 9, 3, 3, seed=25)
     pairs = sample_pairs(spec, torch.Generator().manual_seed(26))
     results = []
+    monkeypatch.setattr(losses, "_THREADED_CHUNK_SCALE", 1)  # the same blocks whatever the thread count
     for budget in (1 << 30, 1):  # one chunk; then one pair per chunk
         monkeypatch.setitem(losses._PAIR_CHUNK_ELEMS, "cpu", budget)
         x = psi.clone().requires_grad_()
@@ -561,7 +562,8 @@ def test_blocking_changes_nothing(what, monkeypatch):
           "psi_bn": lambda x: soft_receptive_field_bn(x, gamma, 1.2, 0.3) * weights,
           "spatial": lambda x: spatial_loss(torch.sigmoid(x), "normalized")}[what]
     results = []
-    for budget in (1 << 30, 1, 20):  # one block; one map per block; uneven blocks of 1 map
+    monkeypatch.setattr(losses, "_THREADED_CHUNK_SCALE", 1)  # the same blocks whatever the thread count
+    for budget in (1 << 30, 1, 30):  # one block; one map per block; two maps per block, the last alone
         monkeypatch.setitem(losses._CHUNK_ELEMS, "cpu", budget)
         x = pre.clone().requires_grad_()
         value = fn(x).sum()
