@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
          help="do not compute the terms whose lambda is 0 for the log (faster)")
     g = p.add_argument_group("run")
     _add(g, "--seed", type=int, help=f"seeds init, data order, augmentation and pairs (default {d.seed})")
-    _add(g, "--workers", type=int, help=f"DataLoader workers; no effect on results (augmentation is seeded per sample) "
-                                      f"(default {d.workers})")
+    _add(g, "--workers", type=int, help=f"DataLoader workers for an ImageFolder --data; no effect on results "
+                                      f"(augmentation is seeded per sample); the synthetic set is served from memory "
+                                      f"without workers (default {d.workers})")
     _add(g, "--device", help=f"'auto', 'cpu', 'cuda', 'cuda:N' (default {d.device})")
     _add(g, "--val-every", type=int, help=f"validate every N epochs and after the last (default {d.val_every})")
     _add(g, "--max-train-batches", type=int, help="stop each epoch after N batches (smoke runs)")

@@ -77,7 +77,7 @@ class TrainConfig:
     monitor: bool = True                 # also compute terms whose lambda is 0 (no gradient, own pair generator) for the log
     amp: bool = False                    # mixed precision (autocast + GradScaler); used on CUDA only
     seed: int = 0                        # seeds init, data order, augmentation, dropout and pair sampling
-    workers: int = 2                     # DataLoader worker processes (no effect on results: per-sample seeded augmentation)
+    workers: int = 2                     # DataLoader worker processes for ImageFolder data (no effect on results: per-sample seeded augmentation); the synthetic set is served from memory without workers
     device: str = "auto"                 # 'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...
     val_every: int = 1                   # validate every N epochs (and always after the last)
     max_train_batches: int | None = None  # stop each epoch after N batches (tests, smoke runs)
