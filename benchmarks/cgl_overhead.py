@@ -2,7 +2,12 @@
 
 Same model, batch, device and code path (cgl_train.engine.train_step, the
 function training runs); the two modes' steps alternate so that machine noise
-hits both alike. Reports the median over --steps timed steps after --warmup.
+hits both alike. Reports the median over --steps timed steps after --warmup,
+in wall time and in this process's CPU time (steadier on a shared machine:
+time spent descheduled does not count), with the load average before and after.
+On the CPU the process is set up as `cgl_train.engine.train` sets it up
+(cgl_train.cpu.configure_cpu: thread count and allocator), unless --threads
+overrides the thread count or --default-allocator keeps glibc's defaults.
 
     python benchmarks/cgl_overhead.py                       # tiny_cnn, CPU, batch 32, 64 px
     python benchmarks/cgl_overhead.py --arch alexnet --batch 128 --device cuda   # the GPU target (< 1.3x)
@@ -10,6 +15,8 @@ hits both alike. Reports the median over --steps timed steps after --warmup.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -20,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cgl_train.config import TrainConfig  # noqa: E402
+from cgl_train.cpu import choose_threads, keep_freed_memory  # noqa: E402
 from cgl_train.engine import Trainer, build_trainer, train_step  # noqa: E402
 from dissect.devices import resolve_device  # noqa: E402
 from cgl_train.groups import GroupActivations  # noqa: E402
@@ -43,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's); 1 is steadier on a shared, oversubscribed CPU")
+                   help="torch CPU threads (default: what training picks, cgl_train.cpu.choose_threads)")
+    p.add_argument("--default-allocator", action="store_true",
+                   help="keep glibc's malloc settings (default: tuned as training tunes them)")
     return p.parse_args(argv)
 
 
@@ -52,20 +62,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, acts: GroupActivations | None) -> float:
+def _timed_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
+                acts: GroupActivations | None) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one train_step."""
     _sync(trainer.device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     train_step(trainer, x, y, acts)
     _sync(trainer.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _setup_cpu(args: argparse.Namespace, device: torch.device) -> str:
+    """Threads and allocator as training sets them (or as the flags say); a description."""
+    if device.type != "cpu":
+        return ""
+    torch.set_num_threads(args.threads if args.threads is not None else choose_threads())
+    tuned = False if args.default_allocator else keep_freed_memory()
+    return f", allocator {'tuned (cgl_train.cpu)' if tuned else 'default'}"
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run both modes, print the medians and their ratio."""
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    setup = _setup_cpu(args, device)
     size = args.size or DEFAULT_INPUT_SIZE[args.arch]
     classes = args.num_classes or (2 if args.arch == "tiny_cnn" else 1000)
     common = dict(arch=args.arch, groups=args.groups, amp=args.amp, seed=args.seed, monitor=False,
@@ -79,31 +103,30 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, size, size, generator=g).to(device)  # (N, 3, H, W)
     y = torch.randint(0, classes, (args.batch,), generator=g).to(device)  # (N,)
     trainers = {name: build_trainer(cfg, classes, size, device) for name, cfg in modes.items()}
-    acts = {name: (GroupActivations(t.net, t.layer_groups, copy=False).__enter__()
-                   if t.objective.needs_activations() else None) for name, t in trainers.items()}
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    try:
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in modes}
+    load_before = _load()
+    with contextlib.ExitStack() as stack:
+        acts = {name: (stack.enter_context(GroupActivations(t.net, t.layer_groups, copy=False))
+                       if t.objective.needs_activations() else None) for name, t in trainers.items()}
         for i in range(args.warmup + args.steps):
             for name, t in trainers.items():  # alternate, so drifts in machine load hit both
                 dt = _timed_step(t, x, y, acts[name])
                 if i >= args.warmup:
                     times[name].append(dt)
-    finally:
-        for a in acts.values():
-            if a is not None:
-                a.__exit__(None, None, None)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    base = med["weight decay"]
+    wall = {name: statistics.median(w for w, _ in v) for name, v in times.items()}
+    cpu = {name: statistics.median(c for _, c in v) for name, v in times.items()}
+    base = "weight decay"
     layers = trainers["R_bn + L_g + L_s"].layer_groups
     print(f"arch {args.arch}, batch {args.batch}, {size} px, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"amp {trainers['weight decay'].use_amp}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"amp {trainers[base].use_amp}, torch {torch.__version__}, threads {torch.get_num_threads()}{setup}")
     print(f"grouped layers: {len(layers)} ({', '.join(lg.name for lg in layers)}), G = {args.groups}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"{'mode':<20}{'median ms/step':>16}{'min':>10}{'max':>10}{'ratio':>8}")
+          f"median of {args.steps} steps after {args.warmup} warm-up; load average {load_before} -> {_load()}")
+    print(f"{'mode':<20}{'wall ms/step':>14}{'min':>9}{'max':>9}{'ratio':>8}{'cpu ms/step':>14}{'ratio':>8}")
     for name, v in times.items():
-        print(f"{name:<20}{med[name] * 1e3:>16.1f}{min(v) * 1e3:>10.1f}{max(v) * 1e3:>10.1f}"
-              f"{med[name] / base:>8.2f}")
+        walls = [w for w, _ in v]
+        print(f"{name:<20}{wall[name] * 1e3:>14.1f}{min(walls) * 1e3:>9.1f}{max(walls) * 1e3:>9.1f}"
+              f"{wall[name] / wall[base]:>8.2f}{cpu[name] * 1e3:>14.1f}{cpu[name] / cpu[base]:>8.2f}")
     return 0
 
 

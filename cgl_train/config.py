@@ -202,8 +202,9 @@ class TrainConfig(CGLOptions):
                            "the log; --no-monitor skips them (faster)", group="groups")
     seed: int = option(0, "seeds init, data order, augmentation, dropout and pair sampling", results=True,
                        group="run")
-    workers: int = option(2, "DataLoader worker processes; no effect on results (augmentation is seeded per "
-                          "sample)", low=0, group="run")
+    workers: int = option(2, "DataLoader worker processes for an ImageFolder --data; no effect on results "
+                          "(augmentation is seeded per sample); the synthetic set is served from memory without "
+                          "workers", low=0, group="run")
     device: str = option("auto", "'auto' (cuda when present), 'cpu', 'cuda', 'cuda:N'", group="run")
     val_every: int = option(1, "validate every N epochs (and always after the last)", low=1, group="run")
     max_train_batches: int | None = option(None, "stop each epoch after N batches (tests, smoke runs)", low=1,

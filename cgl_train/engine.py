@@ -21,6 +21,14 @@ Choices (recorded in every checkpoint through the config):
   torch RNG (dropout) is reseeded from (seed, epoch, rank) at each epoch and
   is not touched by data loading; the pair generator's state travels in the
   checkpoint. So `--resume` continues a run exactly (bit for bit on CPU).
+- A dataset with a `batch(indices, device)` method (the synthetic shapes, held in
+  memory as uint8, no augmentation) is served by `BatchLoader`: the sampler's
+  indices, cut into batches, one index_select and normalisation each; no
+  DataLoader, no workers (`workers` is then unused). The batches equal the
+  DataLoader's bit for bit (tests/test_train.py).
+- On the CPU, `train` picks the intra-op thread count and tunes the allocator
+  once (cgl_train.cpu.configure_cpu: never more threads than torch's default or
+  OMP_NUM_THREADS, split between the job's local processes).
 - `--resume` may change only RESUME_MAY_DIFFER, and `epochs` only under a
   schedule that does not depend on it (config.check_resumable).
 - log.jsonl: a first header line `{"header": true, "seed", "config",
@@ -32,6 +40,7 @@ Choices (recorded in every checkpoint through the config):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,7 +48,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,6 +60,7 @@ from torch.utils.data.distributed import DistributedSampler
 from broden.errors import InputError
 from dissect.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cgl_train.config import TrainConfig, check_resumable
+from cgl_train.cpu import configure_cpu
 from cgl_train.data import DataBundle, build_datasets
 from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, init_from_env,
                                    per_rank_batch, shard_indices, shutdown, wrap_ddp)
@@ -62,14 +72,37 @@ from broden._fileio import write_json_atomic, write_text_atomic
 from broden._progress import progress
 from dissect.provenance import software_versions
 
-__all__ = ["TrainResult", "Trainer", "Loaders", "SeededSamples", "sample_seed", "seed_worker",
-           "lr_at", "build_trainer", "build_loaders", "train_step",
-           "train_one_epoch", "evaluate", "train", "save_untrained", "plateau_reached", "read_log", "log_header",
-           "TERM_NAMES"]
+__all__ = ["TrainResult", "Trainer", "Loaders", "BatchLoader", "StepMetrics", "SeededSamples", "sample_seed",
+           "seed_worker", "lr_at", "build_trainer", "build_loaders", "train_step", "train_one_epoch", "evaluate",
+           "train", "save_untrained", "plateau_reached", "read_log", "log_header", "TERM_NAMES"]
 
 log = logging.getLogger(__name__)
 
 TERM_NAMES = ("task", "r_bn", "l_g", "l_s", "total")
+
+
+@dataclass
+class StepMetrics:
+    """Training metrics of one step, or summed over steps, as tensors on the training device.
+
+    `terms`: each of TERM_NAMES -> float64 0-dim (NaN: not computed this step);
+    `correct` (top-1 hits) and `count` (images): int64 0-dim. Adding two needs no host sync.
+    """
+
+    terms: dict[str, torch.Tensor]
+    correct: torch.Tensor
+    count: torch.Tensor
+
+    def __add__(self, other: "StepMetrics") -> "StepMetrics":
+        return StepMetrics({k: v + other.terms[k] for k, v in self.terms.items()},
+                           self.correct + other.correct, self.count + other.count)
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "StepMetrics":
+        """The sum of no steps."""
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        return cls({k: zero for k in TERM_NAMES}, count, count)
 
 
 @dataclass
@@ -157,10 +190,9 @@ def build_trainer(config: TrainConfig, num_classes: int, input_size: int, device
 
 
 def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
-               acts: GroupActivations | None) -> torch.Tensor:
-    """One optimizer step on a batch; returns float64 (7,): task, r_bn, l_g, l_s, total, correct, count.
+               acts: GroupActivations | None) -> StepMetrics:
+    """One optimizer step on a batch; returns its metrics (terms not computed, lambda 0 and no monitoring: NaN).
 
-    Terms that were not computed (lambda 0 and monitoring off) are NaN.
     `acts` must wrap `trainer.net` when the objective needs activations.
     """
     cfg, opt = trainer.config, trainer.optimizer
@@ -190,20 +222,25 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
         trainer.objective.proximal_step(opt.param_groups[0]["lr"])
     if acts is not None:
         acts.clear()
-    with torch.no_grad():
-        nan = torch.full((), float("nan"), device=trainer.device, dtype=torch.float64)
-        values = [task.detach().double()]
-        lam = {"r_bn": cfg.lambda_bn, "l_g": cfg.lambda_g, "l_s": cfg.lambda_s}
-        total = task.detach().double()
-        for name in ("r_bn", "l_g", "l_s"):
-            v = terms[name].detach().double() if name in terms else nan
-            values.append(v)
-            if lam[name] > 0:
-                total = total + lam[name] * v
-        values.append(total)
-        values.append((logits.argmax(dim=1) == labels).sum().double())
-        values.append(torch.tensor(float(labels.numel()), device=trainer.device, dtype=torch.float64))
-        return torch.stack(values)
+    return _step_metrics(trainer, task, terms, logits, labels)
+
+
+@torch.no_grad()
+def _step_metrics(trainer: Trainer, task: torch.Tensor, terms: dict[str, torch.Tensor], logits: torch.Tensor,
+                  labels: torch.Tensor) -> StepMetrics:
+    cfg = trainer.config
+    nan = torch.full((), float("nan"), device=trainer.device, dtype=torch.float64)
+    lam = {"r_bn": cfg.lambda_bn, "l_g": cfg.lambda_g, "l_s": cfg.lambda_s}
+    values = {"task": task.detach().double()}
+    total = values["task"]
+    for name in ("r_bn", "l_g", "l_s"):
+        values[name] = terms[name].detach().double() if name in terms else nan
+        if lam[name] > 0:
+            total = total + lam[name] * values[name]
+    values["total"] = total  # eq. 8, in float64, whatever way R_bn is applied
+    correct = (logits.argmax(dim=1) == labels).sum()  # int64
+    count = torch.full((), labels.numel(), dtype=torch.int64, device=trainer.device)
+    return StepMetrics(values, correct, count)
 
 
 def _bar_kwargs(trainer: Trainer, desc: str, total: int | None) -> dict[str, Any]:
@@ -213,7 +250,7 @@ def _bar_kwargs(trainer: Trainer, desc: str, total: int | None) -> dict[str, Any
     return kw
 
 
-def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int) -> dict[str, Any]:
+def train_one_epoch(trainer: Trainer, loader: Iterable[Any], epoch: int) -> dict[str, Any]:
     """One pass over `loader` (at most max_train_batches); returns the epoch's mean terms and accuracy."""
     cfg = trainer.config
     lr = lr_at(cfg, epoch)
@@ -222,40 +259,40 @@ def train_one_epoch(trainer: Trainer, loader: DataLoader, epoch: int) -> dict[st
     trainer.net.train()
     trainer.objective.train()
     limit = cfg.max_train_batches
-    total = min(len(loader), limit) if limit else len(loader)
-    sums = torch.zeros(7, dtype=torch.float64, device=trainer.device)
+    total = min(len(loader), limit) if limit else len(loader)  # type: ignore[arg-type]
+    sums = StepMetrics.zeros(trainer.device)
     batches = 0
-    needs = trainer.objective.needs_activations()
-    acts = GroupActivations(trainer.net, trainer.layer_groups, copy=False) if needs else None
     start = time.perf_counter()
-    if acts is not None:
-        acts.__enter__()
-    try:
+    capture = (GroupActivations(trainer.net, trainer.layer_groups, copy=False)
+               if trainer.objective.needs_activations() else contextlib.nullcontext())
+    with capture as acts:
         bar = progress(loader, **_bar_kwargs(trainer, f"epoch {epoch + 1}/{cfg.epochs} train", total))
         for images, labels in bar:
             if limit is not None and batches >= limit:
                 break
-            sums += train_step(trainer, images, labels, acts)
+            sums = sums + train_step(trainer, images, labels, acts)
             batches += 1
         bar.close()
-    finally:
-        if acts is not None:
-            acts.__exit__(None, None, None)
-    counts = torch.tensor([batches], dtype=torch.float64, device=trainer.device)
-    all_reduce_sum(sums, trainer.dist)
-    all_reduce_sum(counts, trainer.dist)
-    steps = max(float(counts.item()), 1.0)  # batches summed over ranks
-    values = sums.tolist()
-    result: dict[str, Any] = {name: (None if math.isnan(values[i]) else values[i] / steps)
-                              for i, name in enumerate(TERM_NAMES)}
-    result["train_top1"] = values[5] / values[6] if values[6] else None
-    result["lr"] = lr
-    result["train_time"] = time.perf_counter() - start
+    return {**_epoch_means(sums, batches, trainer.dist), "lr": lr, "train_time": time.perf_counter() - start}
+
+
+def _epoch_means(sums: StepMetrics, batches: int, dist: DistInfo) -> dict[str, Any]:
+    """Per-step means of the terms and the top-1 accuracy, summed over DDP ranks (one host sync)."""
+    terms = torch.stack([sums.terms[name] for name in TERM_NAMES])  # (5,) float64
+    counts = torch.stack([sums.correct, sums.count,
+                          torch.full_like(sums.count, batches)])  # (3,) int64: hits, images, batches
+    all_reduce_sum(terms, dist)
+    all_reduce_sum(counts, dist)
+    values = terms.tolist()
+    correct, count, steps = counts.tolist()
+    result: dict[str, Any] = {name: (None if math.isnan(v) else v / max(steps, 1))
+                              for name, v in zip(TERM_NAMES, values)}
+    result["train_top1"] = correct / count if count else None
     return result
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device, num_classes: int,
              dist: DistInfo | None = None, max_batches: int | None = None,
              quiet: bool = True) -> dict[str, float | None]:
     """Top-1, top-5 (None when num_classes < 5) and mean cross-entropy, summed over DDP ranks."""
@@ -347,12 +384,42 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(s)
 
 
+class BatchLoader:
+    """Batches of an in-memory dataset in an index order: `dataset.batch(indices, device)` each, no workers.
+
+    `order` is a sampler or a sequence of dataset indices, read afresh at every
+    iteration (a DistributedSampler then gives its epoch's permutation); batches
+    are consecutive `batch_size` runs of it, the last one shorter: what a
+    DataLoader with that sampler and drop_last=False yields.
+    """
+
+    def __init__(self, dataset: Any, order: Iterable[int], batch_size: int,
+                 device: torch.device | None = None) -> None:
+        self.dataset = dataset
+        self.order = order
+        self.batch_size = int(batch_size)
+        self.device = device
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = torch.as_tensor(list(self.order), dtype=torch.int64)  # (len,)
+        for indices_batch in indices.split(self.batch_size):
+            yield self.dataset.batch(indices_batch, self.device)
+
+
+def _in_memory(dataset: Dataset) -> bool:
+    """True for datasets that serve whole batches (a `batch(indices, device)` method, no augmentation)."""
+    return callable(getattr(dataset, "batch", None))
+
+
 @dataclass
 class Loaders:
     """The training and validation loaders of one process, and what `set_epoch` reseeds."""
 
-    train: DataLoader
-    val: DataLoader
+    train: DataLoader | BatchLoader
+    val: DataLoader | BatchLoader
     sampler: DistributedSampler
     samples: SeededSamples
     generator: torch.Generator
@@ -368,7 +435,10 @@ class Loaders:
 
 def build_loaders(config: TrainConfig, data: DataBundle, dist: DistInfo | None = None,
                   device: torch.device | None = None) -> Loaders:
-    """Loaders whose batches depend on (seed, epoch, rank, world size) only, not on `workers`."""
+    """Loaders whose batches depend on (seed, epoch, rank, world size) only, not on `workers`.
+
+    In-memory datasets (see `_in_memory`) get BatchLoaders, which put their batches on `device`.
+    """
     dist = dist or DistInfo()
     batch = per_rank_batch(config.batch_size, dist)
     samples = SeededSamples(data.train, config.seed)
@@ -377,14 +447,20 @@ def build_loaders(config: TrainConfig, data: DataBundle, dist: DistInfo | None =
                                  seed=config.seed, drop_last=False)
     # the loader draws its workers' base seed from this generator, not from the global RNG
     generator = torch.Generator().manual_seed(_epoch_seed(config.seed, 0, dist.rank))
+    shard = shard_indices(len(data.val), dist)
+    train_loader: DataLoader | BatchLoader
+    val_loader: DataLoader | BatchLoader
+    if _in_memory(data.train) and _in_memory(data.val):
+        train_loader = BatchLoader(data.train, sampler, batch, device)
+        val_loader = BatchLoader(data.val, shard, batch, device)
+        return Loaders(train_loader, val_loader, sampler, samples, generator, config.seed, dist.rank)
     pin = device is not None and device.type == "cuda"
     train_loader = DataLoader(samples, batch_size=batch, sampler=sampler, num_workers=config.workers,
                               pin_memory=pin, drop_last=False, generator=generator,
                               worker_init_fn=seed_worker)
-    val_set = Subset(data.val, shard_indices(len(data.val), dist))
-    val_loader = DataLoader(val_set, batch_size=batch, shuffle=False, num_workers=config.workers,
-                            pin_memory=pin, generator=torch.Generator().manual_seed(config.seed),
-                            worker_init_fn=seed_worker)
+    val_loader = DataLoader(Subset(data.val, shard), batch_size=batch, shuffle=False,
+                            num_workers=config.workers, pin_memory=pin,
+                            generator=torch.Generator().manual_seed(config.seed), worker_init_fn=seed_worker)
     return Loaders(train_loader, val_loader, sampler, samples, generator, config.seed, dist.rank)
 
 
@@ -470,6 +546,8 @@ def save_untrained(config: TrainConfig) -> Path:
     config.validate()
     out = Path(config.out)
     device = resolve_device(config.device)
+    if device.type == "cpu":
+        configure_cpu()
     data = build_datasets(config, progress=not config.quiet)
     trainer = build_trainer(config, data.num_classes, data.input_size, device)
     loaders = build_loaders(config, data, DistInfo(), device)
@@ -510,6 +588,8 @@ def _train_locked(config: TrainConfig, out: Path) -> TrainResult:
     dist = init_from_env(parse_device(config.device))
     try:
         device = resolve_device(config.device, dist.local_rank if dist.enabled else 0)
+        if device.type == "cpu":
+            configure_cpu()
         return _train(config, out, latest, best_path, device, dist)
     finally:
         shutdown(dist)

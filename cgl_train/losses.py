@@ -4,9 +4,16 @@ Every function is vectorised over groups, pairs and maps, and numerically safe:
 no NaN/inf in values or gradients for all-zero maps, a single image, or a group
 of one filter. Reductions run in float32 at least, so AMP half-precision maps
 do not overflow.
+
+Speed (benchmarks/cgl_overhead.py): psi, L_g and L_s are autograd Functions with
+closed-form backwards that keep only their inputs (and psi), and run on blocks
+of maps sized to stay in cache (`_CHUNK_ELEMS`, `_PAIR_CHUNK_ELEMS`; one block
+per layer on a GPU). L_g forms the pair differences with embedding_bag (a
+weighted sum of two rows), never a (P, N, H*W) gather.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -40,17 +47,162 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, torch.where(pos, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
 
+# ---------------------------------------------------------------- chunks that stay in cache
+
+# A chain of torch ops over whole maps streams them through memory once per op; run on blocks of
+# rows of about this many elements, each block stays in cache between the ops (psi and L_s measured
+# about a quarter faster on one CPU thread). On a GPU one block covers a layer.
+_CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 28}
+_DEFAULT_CHUNK_ELEMS = 1 << 24
+# With several intra-op threads every op is a fork/join of the thread pool, which on a busy
+# (oversubscribed) machine waits for a descheduled thread far longer than a block's op takes:
+# CPU blocks are then this many times larger, a few per layer (with 2 threads, blocks 4 or 32
+# times smaller made the CGL step 4 to 20 times slower on a loaded 2-core machine).
+_THREADED_CHUNK_SCALE = 32
+
+
+def _chunk_budget(table: dict[str, int], device: torch.device) -> int:
+    """Elements per block on `device` from a budget table (larger blocks with several CPU threads)."""
+    budget = table.get(device.type, _DEFAULT_CHUNK_ELEMS)
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        budget *= _THREADED_CHUNK_SCALE
+    return budget
+
+
+def _row_chunks(rows: int, row_elems: int, device: torch.device) -> list[tuple[int, int]]:
+    """(start, stop) blocks of `rows` rows of `row_elems` elements, each within the cache budget."""
+    step = max(1, _chunk_budget(_CHUNK_ELEMS, device) // max(1, row_elems))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _map_rows(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*C, H*W) rows, one per (image, channel) map (a view when contiguous)."""
+    return x.reshape(x.shape[0] * x.shape[1], -1)
+
+
+def _per_row(values: torch.Tensor, images: int) -> torch.Tensor:
+    """A per-channel (C,) tensor repeated for every image: (N*C, 1), aligned with _map_rows."""
+    return values.reshape(1, -1).expand(images, -1).reshape(-1, 1)
+
+
 # ---------------------------------------------------------------- soft receptive field
 
-def _sigmoid_affine(x: torch.Tensor, scale: torch.Tensor | float, shift: torch.Tensor | float) -> torch.Tensor:
-    """sigmoid(x * scale + shift) in two passes over x (addcmul, then sigmoid) instead of four.
+def _channel_moments(rows: torch.Tensor, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and population variance (C,) of map rows (N*C, S), in one read.
 
-    scale is per channel (1, C, 1, 1) (or a scalar); x (N, C, H, W).
+    Each map's mean and centred sum of squares (computed in cache), combined over
+    images by the parallel-variance formula: no large mean cancels, and no
+    Welford loop (torch.var measured several times slower on the CPU).
     """
-    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-    shift = torch.as_tensor(shift, dtype=x.dtype, device=x.device)
-    # addcmul's backward needs only its inputs, so the in-place sigmoid is safe for autograd
-    return torch.addcmul(shift, x, scale).sigmoid_()
+    maps, size = rows.shape
+    mean_r = rows.new_empty(maps)
+    m2_r = rows.new_empty(maps)
+    for r0, r1 in _row_chunks(maps, size, rows.device):
+        block = rows[r0:r1]
+        mean = block.mean(dim=1, keepdim=True)
+        mean_r[r0:r1] = mean.squeeze(1)
+        m2_r[r0:r1] = (block - mean).square_().sum(dim=1)
+    mean_nc = mean_r.view(images, -1)  # (N, C)
+    mean = mean_nc.mean(dim=0)  # equal-size maps: the mean of the means
+    var = (m2_r.view(images, -1).sum(dim=0) + size * (mean_nc - mean).square().sum(dim=0)) / (images * size)
+    return mean, var
+
+
+def _sigmoid_affine_rows(rows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """sigmoid(rows * scale + shift) for rows (R, S), scale (R, 1), shift a scalar, block by block."""
+    out = torch.empty_like(rows)
+    for r0, r1 in _row_chunks(rows.shape[0], rows.shape[1], rows.device):
+        torch.mul(rows[r0:r1], scale[r0:r1], out=out[r0:r1]).add_(shift).sigmoid_()
+    return out
+
+
+def _sigmoid_grad_rows(grad: torch.Tensor, psi: torch.Tensor, rows: torch.Tensor,
+                       need_shift: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """t = grad * psi * (1 - psi), sum_j t * rows and sum_j t per row (R,), block by block."""
+    t = torch.empty_like(psi)
+    t_x = rows.new_empty(rows.shape[0])
+    t_sum = rows.new_empty(rows.shape[0]) if need_shift else None
+    for r0, r1 in _row_chunks(rows.shape[0], rows.shape[1], rows.device):
+        block = torch.ops.aten.sigmoid_backward.grad_input(grad[r0:r1], psi[r0:r1], grad_input=t[r0:r1])
+        t_x[r0:r1] = (block * rows[r0:r1]).sum(dim=1)
+        if t_sum is not None:
+            t_sum[r0:r1] = block.sum(dim=1)
+    return t, t_x, t_sum
+
+
+def _as_scalar(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if value.numel() != 1:
+        raise InputError(f"P1 and P2 of psi must be scalars, got shape {tuple(value.shape)}")
+    return value
+
+
+class _SoftFieldStd(torch.autograd.Function):
+    """psi = sigmoid(p1 * x / (S + eps) + p2), S the per-channel population std of x (N, C, H, W).
+
+    The backward is the closed form of autograd's through S (not detached):
+    with t = grad * psi (1 - psi), a = p1 / (S + eps) and T = sum t * x per channel,
+        d/dx = t a + k (x - mean),  k = -T a / ((S + eps) S count)  (0 where S = 0),
+    d/dp1 = sum T / (S + eps), d/dp2 = sum t. Both directions work block by block
+    (two reads of the maps forward, three backward); saves x and psi only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, eps: float) -> torch.Tensor:
+        images = x.shape[0]
+        rows = _map_rows(x)  # (N*C, S)
+        mean, var = _channel_moments(rows, images)  # (C,), (C,)
+        std = _safe_sqrt(var)
+        scale = p1 / (std + eps)  # (C,)
+        psi = _sigmoid_affine_rows(rows, _per_row(scale, images), p2).view_as(x)
+        ctx.save_for_backward(x, psi, mean, std, scale)
+        ctx.eps, ctx.shapes = eps, (p1.shape, p2.shape)
+        return psi
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, psi, mean, std, scale = ctx.saved_tensors
+        need_x, need_p1, need_p2 = ctx.needs_input_grad[:3]
+        images = x.shape[0]
+        rows = _map_rows(x)
+        t, t_x, t_sum = _sigmoid_grad_rows(_map_rows(grad), _map_rows(psi), rows, need_p2)
+        total = t_x.view(images, -1).sum(dim=0)  # T (C,): dL/d scale
+        grad_p1 = (total / (std + ctx.eps)).sum().reshape(ctx.shapes[0]) if need_p1 else None
+        grad_p2 = t_sum.sum().reshape(ctx.shapes[1]) if need_p2 else None
+        if not need_x:
+            return None, grad_p1, grad_p2, None
+        k = _safe_div(-total * scale / (std + ctx.eps), std * rows.numel() / mean.numel())  # dL/d var * 2/count
+        scale_r, k_r, shift_r = _per_row(scale, images), _per_row(k, images), _per_row(k * mean, images)
+        for r0, r1 in _row_chunks(rows.shape[0], rows.shape[1], rows.device):
+            t[r0:r1].mul_(scale_r[r0:r1]).addcmul_(rows[r0:r1], k_r[r0:r1]).sub_(shift_r[r0:r1])
+        return t.view_as(x), grad_p1, grad_p2, None
+
+
+class _SigmoidAffine(torch.autograd.Function):
+    """psi = sigmoid(x * scale + shift): x (N, C, H, W), scale (C,), shift a scalar tensor.
+
+    Block by block in both directions; saves x, scale and psi only.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        psi = _sigmoid_affine_rows(_map_rows(x), _per_row(scale, x.shape[0]), shift).view_as(x)
+        ctx.save_for_backward(x, scale, psi)
+        ctx.shift_shape = shift.shape
+        return psi
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale, psi = ctx.saved_tensors
+        need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
+        images = x.shape[0]
+        t, t_x, t_sum = _sigmoid_grad_rows(_map_rows(grad), _map_rows(psi), _map_rows(x), need_shift)
+        grad_scale = t_x.view(images, -1).sum(dim=0) if need_scale else None
+        grad_shift = t_sum.sum().reshape(ctx.shift_shape) if need_shift else None
+        grad_x = t.mul_(_per_row(scale, images)).view_as(x) if need_x else None
+        return grad_x, grad_scale, grad_shift
 
 
 def soft_receptive_field(pre: torch.Tensor, p1: torch.Tensor | float, p2: torch.Tensor | float,
@@ -64,9 +216,7 @@ def soft_receptive_field(pre: torch.Tensor, p1: torch.Tensor | float, p2: torch.
     if pre.dim() != 4:
         raise InputError(f"soft_receptive_field: expected a (N, C, H, W) map, got shape {tuple(pre.shape)}")
     pre = _upcast(pre)
-    var = pre.var(dim=(0, 2, 3), unbiased=False, keepdim=True)  # (1, C, 1, 1)
-    std = _safe_sqrt(var) + eps
-    return _sigmoid_affine(pre, p1 / std, p2)
+    return _SoftFieldStd.apply(pre, _as_scalar(p1, pre), _as_scalar(p2, pre), float(eps))
 
 
 def soft_receptive_field_bn(bn_out: torch.Tensor, gamma: torch.Tensor, p1: torch.Tensor | float,
@@ -84,7 +234,8 @@ def soft_receptive_field_bn(bn_out: torch.Tensor, gamma: torch.Tensor, p1: torch
     gamma = _upcast(gamma)
     sign = torch.where(gamma < 0, -torch.ones_like(gamma), torch.ones_like(gamma))
     safe_gamma = torch.where(gamma.abs() < eps, sign * eps, gamma)
-    return _sigmoid_affine(bn_out, p1 / safe_gamma.view(1, -1, 1, 1), p2)
+    scale = _as_scalar(p1, bn_out) / safe_gamma  # (C,)
+    return _SigmoidAffine.apply(bn_out, scale, _as_scalar(p2, bn_out))
 
 
 class ReceptiveFieldScale(nn.Module):
@@ -146,76 +297,198 @@ def sample_pairs(spec: GroupSpec, generator: torch.Generator, pairs_per_filter: 
     return torch.stack([i + offset, j + offset], dim=-1)
 
 
-# Pairs are processed in chunks of about this many map elements per gathered side: on the CPU a
+# Pairs are processed in chunks of about this many elements of pair differences: on the CPU a
 # chunk then stays in cache, on a GPU one or two chunks cover a layer (few kernel launches).
-_PAIR_CHUNK_ELEMS = {"cpu": 1 << 20, "cuda": 1 << 26}
-_DEFAULT_CHUNK_ELEMS = 1 << 24
+_PAIR_CHUNK_ELEMS = {"cpu": 1 << 19, "cuda": 1 << 26}
 
 
 def _pair_chunk(device: torch.device, row_elems: int) -> int:
-    """Number of pairs per chunk for rows of `row_elems` elements on `device` (at least 1)."""
-    budget = _PAIR_CHUNK_ELEMS.get(device.type, _DEFAULT_CHUNK_ELEMS)
-    return max(1, budget // max(1, row_elems))
+    """Number of rows of `row_elems` elements per chunk on `device` (at least 1)."""
+    return max(1, _chunk_budget(_PAIR_CHUNK_ELEMS, device) // max(1, row_elems))
+
+
+@dataclass
+class _PairPlan:
+    """Index tables that let embedding_bag form pair differences and gather their gradients.
+
+    The maps are viewed as a table of N*C rows (image n, channel c) of S = H*W
+    values. Difference row b = n*P + p is rows[n*C + left_p] - rows[n*C + right_p]
+    (a bag of two rows weighted +1, -1). Gradient row n*C + c is the bag of the
+    difference rows of image n whose pair contains c, weighted by +-dL/d diff
+    (entries sorted by channel; a channel in no pair gets an empty bag: 0).
+    The backward runs on chunks of `units`: (image, group) blocks when every
+    pair lies in its group (a block's differences touch only its own rows),
+    else whole images.
+    """
+
+    images: int
+    channels: int
+    pairs: int
+    diff_index: torch.Tensor  # (N*P*2,): table rows of each difference's two terms
+    diff_weight: torch.Tensor  # (2 * longest chunk,): +1, -1, ...
+    diff_offsets: torch.Tensor  # (longest chunk,): 0, 2, 4, ...
+    entry_pair: torch.Tensor  # (2P,): pair of each gradient entry, sorted by channel
+    entry_sign: torch.Tensor  # (2P,): +1 (left) or -1 (right)
+    channel_first: torch.Tensor  # (C,): first entry of each channel within an image
+    channel_start: list[int]  # (C + 1,): the same, then 2P, on the host (chunk bounds)
+    unit_rows: list[int]  # channel offset of each unit within an image, then C
+    chunk_rows: int  # difference rows per forward chunk
+    chunk_units: int  # units per backward chunk
+
+    @property
+    def units_per_image(self) -> int:
+        """Backward units per image: 1 (whole images) or G ((image, group) blocks)."""
+        return len(self.unit_rows) - 1
+
+    def unit_row(self, unit: int) -> int:
+        """First gradient row (n*C + c) of backward unit `unit` (N * units: one past the last row)."""
+        image, k = divmod(unit, self.units_per_image)
+        return image * self.channels + self.unit_rows[k]
+
+    def entry_of(self, row: int) -> int:
+        """First gradient entry of gradient row `row` (n*C + c); N*C: one past the last entry."""
+        image, channel = divmod(row, self.channels)
+        return image * 2 * self.pairs + self.channel_start[channel]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a CPU-built tensor to `device` without a host sync: a pinned source, non_blocking."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _pair_plan(left: torch.Tensor, right: torch.Tensor, images: int, channels: int, row_elems: int,
+               like: torch.Tensor, blocks: list[int] | None) -> _PairPlan:
+    """The tables for CPU pairs (left, right) (P,) and maps like `like`; `blocks`: group starts, or None."""
+    pairs = left.shape[0]
+    base = (torch.arange(images, dtype=torch.int64) * channels).view(images, 1)  # (N, 1)
+    diff_index = torch.stack([left + base, right + base], dim=-1).reshape(-1)  # (N*P*2,)
+    channel = torch.cat([left, right])  # (2P,)
+    order = torch.argsort(channel, stable=True)
+    entry_pair = torch.cat([torch.arange(pairs), torch.arange(pairs)])[order]
+    ones = torch.ones(pairs, dtype=like.dtype)
+    entry_sign = torch.cat([ones, -ones])[order]
+    counts = torch.bincount(channel, minlength=channels)
+    channel_first = torch.cumsum(counts, 0) - counts  # (C,)
+    unit_rows = (blocks or [0]) + [channels]
+    unit_pairs = pairs // (len(unit_rows) - 1)
+    chunk_units = max(1, _pair_chunk(like.device, unit_pairs * row_elems))
+    # forward chunks: rows of differences within budget; a backward chunk may need more (>= 1 unit)
+    chunk = min(_pair_chunk(like.device, row_elems), images * pairs)
+    longest = min(max(chunk, chunk_units * unit_pairs), images * pairs)
+    weight = torch.tensor([1.0, -1.0], dtype=like.dtype).repeat(longest)
+    offsets = torch.arange(0, 2 * longest, 2, dtype=torch.int64)
+    moved = [_to_device(x, like.device) for x in (diff_index, weight, offsets, entry_pair, entry_sign, channel_first)]
+    return _PairPlan(images, channels, pairs, *moved, channel_start=[*channel_first.tolist(), 2 * pairs],
+                     unit_rows=unit_rows, chunk_rows=chunk, chunk_units=chunk_units)
+
+
+def _row_l1(rows: torch.Tensor) -> torch.Tensor:
+    """sum |rows| per row (R,), block by block (abs + sum: linalg.vector_norm(ord=1) is slower on the CPU)."""
+    out = rows.new_empty(rows.shape[0])
+    for r0, r1 in _row_chunks(rows.shape[0], rows.shape[1], rows.device):
+        out[r0:r1] = rows[r0:r1].abs().sum(dim=1)
+    return out
+
+
+def _bag_sum(table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor,
+             weight: torch.Tensor) -> torch.Tensor:
+    """Row b = sum of weight[k] * table[index[k]] over k in offsets[b] .. offsets[b+1]-1 (an empty bag is 0)."""
+    # torch.embedding_bag without F.embedding_bag's argument checks (called per chunk); mode 0 = sum
+    return torch.embedding_bag(table, index, offsets, False, 0, False, weight)[0]
+
+
+def _pair_differences(table: torch.Tensor, plan: _PairPlan, start: int, stop: int) -> torch.Tensor:
+    """Difference rows start..stop-1 (see _PairPlan): (stop - start, S)."""
+    k = stop - start
+    return _bag_sum(table, plan.diff_index[2 * start:2 * stop], plan.diff_offsets[:k], plan.diff_weight[:2 * k])
+
+
+def _gradient_bags(plan: _PairPlan, grad_diff: torch.Tensor, per_image: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every image: each gradient entry's difference row and weight (N * 2P,), and the row starts (N*C + 1,)."""
+    n, device = plan.images, grad_diff.device
+    gd = grad_diff if per_image else grad_diff.view(-1, 1).expand(plan.pairs, n)  # (P, N)
+    weight = (gd.t()[:, plan.entry_pair] * plan.entry_sign).reshape(-1)  # (N * 2P,)
+    image = torch.arange(n, device=device).view(n, 1)
+    entry_row = (image * plan.pairs + plan.entry_pair).reshape(-1)  # (N * 2P,)
+    starts = (image * 2 * plan.pairs + plan.channel_first).reshape(-1)  # (N*C,)
+    return entry_row, weight, torch.cat([starts, torch.full((1,), n * 2 * plan.pairs, device=device)])
 
 
 class _PairL1(torch.autograd.Function):
-    """L1 norms of channels and of differences of channel pairs, without storing the (P, N, S) differences.
+    """L1 norms of grouped channels and of differences of channel pairs, without storing the differences.
 
-    forward(rows (C, N, S), left (P,), right (P,), per_image) -> (diff, norms):
-    diff = sum |rows[left] - rows[right]| and norms = sum |rows|, over (N, S)
-    (shapes (P,), (C,)) or over S only when per_image (shapes (P, N), (C, N)).
-    The backward recomputes sign(rows[left] - rows[right]) chunk by chunk and
-    scatters it with index_add_ along the contiguous first dim (fast on CPU and
-    GPU), so the autograd graph holds only `rows`. Chunks of pairs bound the
-    temporaries (and keep them in cache on CPU). The gathers use advanced
-    indexing: on CPU, index_select measured slower, worst with several threads.
-    sign(0) = 0, as abs's backward.
+    forward(maps (N, C, S), grouped, per_image, plan) -> (diff, norms):
+    diff = sum |maps[:, left] - maps[:, right]| for the plan's pairs and norms =
+    sum |maps[:, :grouped]|, over (N, S) (shapes (P,), (Cg,)) or over S only when
+    per_image (shapes (P, N), (Cg, N)). Differences are formed by embedding_bag,
+    chunk by chunk, in cache; the backward recomputes their signs chunk by chunk
+    and gathers them per channel with a second embedding_bag (no scatter), so
+    the autograd graph holds only `maps`. sign(0) = 0, as abs's backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, rows: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
-                per_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs, n = left.shape[0], rows.shape[1]
-        sum_dims = (2,) if per_image else (1, 2)
-        norms = torch.linalg.vector_norm(rows, ord=1, dim=sum_dims)  # (C,) or (C, N)
-        diff = rows.new_empty((pairs, n) if per_image else (pairs,))  # (P,) or (P, N)
-        step = _pair_chunk(rows.device, rows[0].numel())
-        for k in range(0, pairs, step):
-            a = rows[left[k:k + step]]  # (p, N, S)
-            diff[k:k + step] = torch.linalg.vector_norm(a.sub_(rows[right[k:k + step]]), ord=1, dim=sum_dims)
-        ctx.save_for_backward(rows, left, right)
-        ctx.per_image = per_image
-        return diff, norms
+    def forward(ctx: Any, maps: torch.Tensor, grouped: int, per_image: bool,
+                plan: _PairPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, s = maps.shape
+        # detached: embedding_bag then takes its forward-only path (no bookkeeping for a backward)
+        table = maps.detach().view(n * c, s)
+        norms = _row_l1(table).view(n, c)[:, :grouped]  # (N, Cg)
+        norms = norms if per_image else norms.sum(dim=0)  # (N, Cg) or (Cg,)
+        rows = n * plan.pairs
+        diff = maps.new_empty(rows)
+        for start in range(0, rows, plan.chunk_rows):
+            stop = min(start + plan.chunk_rows, rows)
+            diff[start:stop] = _pair_differences(table, plan, start, stop).abs_().sum(dim=1)
+        diff = diff.view(n, plan.pairs)
+        ctx.save_for_backward(maps)
+        ctx.per_image, ctx.plan, ctx.grouped = per_image, plan, grouped
+        if per_image:
+            return diff.t(), norms.t().contiguous()  # (P, N), (Cg, N)
+        return diff.sum(dim=0), norms
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_diff: torch.Tensor | None,
                  grad_norms: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None, None]:
-        rows, left, right = ctx.saved_tensors
+        (maps,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        # the gradient of one reduced value broadcast over the dims it summed
-        expand = (lambda g: g.unsqueeze(-1)) if ctx.per_image else (lambda g: g.view(-1, 1, 1))
-        if grad_norms is not None:
-            grad = rows.sign().mul_(expand(grad_norms))  # (C, N, S)
-        else:
-            grad = torch.zeros_like(rows)
-        if grad_diff is not None:
-            step = _pair_chunk(rows.device, rows[0].numel())
-            for k in range(0, left.shape[0], step):
-                lk, rk = left[k:k + step], right[k:k + step]
-                s = rows[lk]  # (p, N, S)
-                s.sub_(rows[rk]).sign_().mul_(expand(grad_diff[k:k + step]))
-                grad.index_add_(0, lk, s)
-                grad.index_add_(0, rk, s, alpha=-1)
-        return grad, None, None, None
+        plan, n, c, s = ctx.plan, *maps.shape
+        table = maps.detach().view(n * c, s)
+        if grad_diff is None:
+            grad_diff = maps.new_zeros((plan.pairs, n) if ctx.per_image else (plan.pairs,))
+        entry_row, entry_weight, row_start = _gradient_bags(plan, grad_diff, ctx.per_image)
+        norm_weight = _norm_weights(grad_norms, n, c, ctx.grouped, ctx.per_image, maps)
+        grad = torch.empty_like(table)
+        unit_pairs = plan.pairs // plan.units_per_image
+        units = n * plan.units_per_image
+        for u0 in range(0, units, plan.chunk_units):
+            u1 = min(u0 + plan.chunk_units, units)
+            d0 = u0 * unit_pairs  # the chunk's difference rows: d0 .. u1 * unit_pairs - 1
+            r0, r1 = plan.unit_row(u0), plan.unit_row(u1)  # its gradient rows
+            e0, e1 = plan.entry_of(r0), plan.entry_of(r1)  # their entries
+            signs = _pair_differences(table, plan, d0, u1 * unit_pairs).sign_()
+            rows = _bag_sum(signs, entry_row[e0:e1] - d0, row_start[r0:r1] - e0, entry_weight[e0:e1])
+            grad[r0:r1] = rows.addcmul_(table[r0:r1].sign(), norm_weight[r0:r1])
+        return grad.view(n, c, s), None, None, None
 
 
-def _pairs_to(pairs: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move the (CPU-drawn) pairs to `device` without a host sync: a pinned source, non_blocking."""
-    if device.type == "cuda" and pairs.device.type == "cpu":
-        return pairs.pin_memory().to(device, non_blocking=True)
-    return pairs.to(device)
+def _norm_weights(grad_norms: torch.Tensor | None, n: int, c: int, grouped: int, per_image: bool,
+                  like: torch.Tensor) -> torch.Tensor:
+    """dL/d norm of every (image, channel) row (N*C, 1); free channels (and no gradient) 0."""
+    weight = like.new_zeros(n, c)
+    if grad_norms is not None:
+        weight[:, :grouped] = grad_norms.t() if per_image else grad_norms
+    return weight.view(-1, 1)
+
+
+def _within_groups(pairs: torch.Tensor, spec: GroupSpec) -> bool:
+    """True when every pair of group g lies in group g's channels (always so for sample_pairs)."""
+    group = torch.arange(spec.groups, dtype=pairs.dtype).view(-1, 1, 1)
+    return bool(((pairs // spec.size) == group).all())
 
 
 def group_activation_loss(psi: torch.Tensor, spec: GroupSpec, pairs: torch.Tensor,
@@ -224,7 +497,8 @@ def group_activation_loss(psi: torch.Tensor, spec: GroupSpec, pairs: torch.Tenso
 
     form="paper": the L1 norms run over the minibatch and space together (one
     ratio per pair); form="per_image": one ratio per image, then the mean over
-    images (the authors' code). psi (N, C, H, W); pairs (G, r, 2) channel indices.
+    images (the authors' code). psi (N, C, H, W); pairs (G, r, 2) channel indices,
+    best on the CPU as sample_pairs draws them (their index tables are built there).
     """
     if form not in GROUP_FORMS:
         raise InputError(f"group form must be one of {GROUP_FORMS}, got {form!r}")
@@ -236,12 +510,15 @@ def group_activation_loss(psi: torch.Tensor, spec: GroupSpec, pairs: torch.Tenso
     groups, r = pairs.shape[0], pairs.shape[1]
     if r == 0:
         return psi.sum() * 0.0  # no pairs (groups of one filter): zero, still on the graph
-    n = psi.shape[0]
-    flat = _pairs_to(pairs, psi.device).reshape(-1, 2)  # (G*r, 2)
-    left, right = flat[:, 0].contiguous(), flat[:, 1].contiguous()
-    # channel-major rows, so that gathering a channel reads (and its gradient writes) one contiguous block
-    rows = psi[:, : spec.grouped].transpose(0, 1).reshape(spec.grouped, n, -1)  # (Cg, N, H*W)
-    diff, norms = _PairL1.apply(rows, left, right, form == "per_image")  # (P,)|(P, N), (Cg,)|(Cg, N)
+    n, c = psi.shape[0], psi.shape[1]
+    maps = psi.contiguous().view(n, c, -1)  # (N, C, S)
+    cpu_pairs = pairs.cpu()
+    # (image, group) chunks in the backward need every pair inside its group; else whole images
+    blocks = [g * spec.size for g in range(groups)] if _within_groups(cpu_pairs, spec) else None
+    flat = cpu_pairs.reshape(-1, 2)  # (G*r, 2)
+    plan = _pair_plan(flat[:, 0].contiguous(), flat[:, 1].contiguous(), n, c, maps.shape[2], psi, blocks)
+    diff, norms = _PairL1.apply(maps, spec.grouped, form == "per_image", plan)  # (P,)|(P, N), (Cg,)|(Cg, N)
+    left, right = _to_device(flat, psi.device).unbind(dim=1)
     den = norms.index_select(0, left) + norms.index_select(0, right) + diff
     dist = _safe_div(2 * diff, den)  # (P,) or (P, N)
     if form == "per_image":
@@ -251,50 +528,87 @@ def group_activation_loss(psi: torch.Tensor, spec: GroupSpec, pairs: torch.Tenso
 
 # ---------------------------------------------------------------- spatial loss
 
+def _spread_block(maps: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(spread, mass) (k,) and the offsets dy (k, H), dx (k, W) from the centroid, of maps (k, H, W)."""
+    row_mass = maps.sum(dim=2)  # (k, H)
+    mass = row_mass.sum(dim=1)  # (k,)
+    cy = _safe_div(row_mass @ rows, mass)
+    cx = _safe_div(maps.sum(dim=1) @ cols, mass)
+    dy = rows - cy.unsqueeze(-1)  # (k, H)
+    dx = cols - cx.unsqueeze(-1)  # (k, W)
+    spread = _safe_div(_distance(dy, dx).mul_(maps).sum(dim=(1, 2)), mass)
+    return spread, mass, dy, dx
+
+
+def _spread_grad_block(maps: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, inv_mass: torch.Tensor,
+                       spread: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out <- t * d spread / d maps (k, H, W), from the forward's per-map vectors (see _SpatialSpread)."""
+    dist = _distance(dy, dx)  # (k, H, W), recomputed rather than stored
+    # psi / d: where d = 0 the quotient is inf or nan; those terms count 0 (zero-safe sqrt)
+    q = torch.div(maps, dist).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    ay = -(q.sum(dim=2) * dy).sum(dim=1) * inv_mass  # (k,): v_y / mass
+    ax = -(q.sum(dim=1) * dx).sum(dim=1) * inv_mass  # (k,): v_x / mass
+    row_term = t.unsqueeze(-1) * (ay.unsqueeze(-1) * dy - spread.unsqueeze(-1))  # (k, H)
+    col_term = (t * ax).unsqueeze(-1) * dx  # (k, W)
+    grad = torch.mul(dist, t.view(-1, 1, 1), out=out)
+    grad += row_term.unsqueeze(-1)
+    grad += col_term.unsqueeze(-2)
+    return grad
+
+
 class _SpatialSpread(torch.autograd.Function):
     """spread (N, C) = sum_j psi_j |j - c|_2 / sum_j psi_j, c = sum_j j psi_j / sum_j psi_j, per map.
 
     forward(psi (N, C, H, W), rows (H,), cols (W,)). The centroid comes from
-    separable row and column sums; the only full-size temporaries are the
-    distance map d and psi * d. The backward is the closed form
+    separable row and column sums. The backward is the closed form
         d spread / d psi_j = (d_j - spread + v . (j - c) / mass) / mass,
         v = sum_k psi_k (c - j_k) / d_k  (terms with d_k = 0 count 0, as sqrt's zero-safe gradient),
-    whose linear part in j is again separable, so no autograd graph of
-    full-size temporaries is kept. A map of zero mass has spread 0 and gradient 0.
+    whose linear part in j is again separable. Both directions run on blocks
+    of maps that stay in cache; the distance maps d are recomputed in the
+    backward rather than stored, so only psi and per-map vectors are kept.
+    A map of zero mass has spread 0 and gradient 0.
     """
 
     @staticmethod
     def forward(ctx: Any, psi: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        row_mass = psi.sum(dim=3)  # (N, C, H)
-        col_mass = psi.sum(dim=2)  # (N, C, W)
-        mass = row_mass.sum(dim=2)  # (N, C)
-        cy = _safe_div(row_mass @ rows, mass)  # (N, C)
-        cx = _safe_div(col_mass @ cols, mass)  # (N, C)
-        dy = rows - cy.unsqueeze(-1)  # (N, C, H)
-        dx = cols - cx.unsqueeze(-1)  # (N, C, W)
-        dist = torch.add((dy * dy).unsqueeze(-1), (dx * dx).unsqueeze(-2)).sqrt_()  # (N, C, H, W)
-        spread = _safe_div((psi * dist).sum(dim=(2, 3)), mass)  # (N, C)
-        ctx.save_for_backward(psi, dist, mass, dy, dx, spread)
-        return spread
+        n, c, h, w = psi.shape
+        maps = psi.reshape(n * c, h, w)
+        spread, mass = psi.new_empty(n * c), psi.new_empty(n * c)
+        dy, dx = psi.new_empty(n * c, h), psi.new_empty(n * c, w)
+        for r0, r1 in _row_chunks(n * c, h * w, psi.device):
+            spread[r0:r1], mass[r0:r1], dy[r0:r1], dx[r0:r1] = _spread_block(maps[r0:r1], rows, cols)
+        ctx.save_for_backward(psi, mass, dy, dx, spread)
+        return spread.view(n, c)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        psi, dist, mass, dy, dx, spread = ctx.saved_tensors
+        psi, mass, dy, dx, spread = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        inv_mass = _safe_div(torch.ones_like(mass), mass)  # (N, C), 0 for an empty map
-        # psi / d: where d = 0 the quotient is inf or nan; those terms count 0 (zero-safe sqrt)
-        w = torch.div(psi, dist).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (N, C, H, W)
-        ay = -(w.sum(dim=3) * dy).sum(dim=2) * inv_mass  # (N, C): v_y / mass
-        ax = -(w.sum(dim=2) * dx).sum(dim=2) * inv_mass  # (N, C): v_x / mass
-        t = grad * inv_mass  # (N, C)
-        row_term = t.unsqueeze(-1) * (ay.unsqueeze(-1) * dy - spread.unsqueeze(-1))  # (N, C, H)
-        col_term = (t * ax).unsqueeze(-1) * dx  # (N, C, W)
-        out = dist.mul(t[..., None, None])  # (N, C, H, W)
-        out += row_term.unsqueeze(-1)
-        out += col_term.unsqueeze(-2)
-        return out, None, None
+        n, c, h, w = psi.shape
+        maps = psi.reshape(n * c, h, w)
+        out = torch.empty_like(maps)
+        inv_mass = _safe_div(torch.ones_like(mass), mass)  # (N*C,), 0 for an empty map
+        t = grad.reshape(-1) * inv_mass  # (N*C,)
+        for r0, r1 in _row_chunks(n * c, h * w, psi.device):
+            r = slice(r0, r1)
+            _spread_grad_block(maps[r], dy[r], dx[r], inv_mass[r], spread[r], t[r], out[r])
+        return out.view_as(psi), None, None
+
+
+def _distance(dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """|j - c|_2 maps (k, H, W) from the row and column offsets dy (k, H), dx (k, W)."""
+    return torch.add((dy * dy).unsqueeze(-1), (dx * dx).unsqueeze(-2)).sqrt_()
+
+
+def _coordinates(h: int, w: int, coords: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row (H,) and column (W,) coordinates of L_s: pixels, or divided by max(H, W) when normalized."""
+    scale = float(max(h, w)) if coords == "normalized" else 1.0
+    rows = torch.arange(h, device=like.device, dtype=like.dtype) / scale
+    cols = torch.arange(w, device=like.device, dtype=like.dtype) / scale
+    return rows, cols
 
 
 def spatial_loss(psi: torch.Tensor, coords: str = "pixel") -> torch.Tensor:
@@ -309,10 +623,7 @@ def spatial_loss(psi: torch.Tensor, coords: str = "pixel") -> torch.Tensor:
     if psi.dim() != 4:
         raise InputError(f"spatial_loss: expected a (N, C, H, W) map, got shape {tuple(psi.shape)}")
     psi = _upcast(psi)
-    h, w = psi.shape[2], psi.shape[3]
-    scale = float(max(h, w)) if coords == "normalized" else 1.0
-    rows = torch.arange(h, device=psi.device, dtype=psi.dtype) / scale  # (H,)
-    cols = torch.arange(w, device=psi.device, dtype=psi.dtype) / scale  # (W,)
+    rows, cols = _coordinates(psi.shape[2], psi.shape[3], coords, psi)
     return _SpatialSpread.apply(psi, rows, cols).mean()
 
 

@@ -493,6 +493,7 @@ def test_group_loss_chunking_changes_nothing(form, monkeypatch):
     psi = _rand(2, 9, 3, 3, seed=25)
     pairs = sample_pairs(spec, torch.Generator().manual_seed(26))
     results = []
+    monkeypatch.setattr(losses, "_THREADED_CHUNK_SCALE", 1)  # the same blocks whatever the thread count
     for budget in (1 << 30, 1):  # one chunk; then one pair per chunk
         monkeypatch.setitem(losses._PAIR_CHUNK_ELEMS, "cpu", budget)
         x = psi.clone().requires_grad_()
@@ -538,3 +539,88 @@ def test_psi_bn_gradient_matches_formula():
     (torch.sigmoid(1.5 * (b2 / g2.view(1, 3, 1, 1)) - 0.5) * weights).sum().backward()
     torch.testing.assert_close(bn_out.grad, b2.grad)
     torch.testing.assert_close(gamma.grad, g2.grad)
+
+
+# ---------------------------------------------------------------- the blocked (cache-sized) implementations
+
+def test_psi_gradients_in_every_input_match_autograd_of_the_formula():
+    pre = _randn(3, 4, 2, 3, seed=31).requires_grad_()
+    p1 = torch.tensor(1.3, dtype=D64, requires_grad=True)
+    p2 = torch.tensor(-0.4, dtype=D64, requires_grad=True)
+    weights = _rand(3, 4, 2, 3, seed=32)
+    (soft_receptive_field(pre, p1, p2, eps=1e-3) * weights).sum().backward()
+    refs = [t.detach().clone().requires_grad_() for t in (pre, p1, p2)]
+    std = refs[0].var(dim=(0, 2, 3), unbiased=False, keepdim=True).sqrt() + 1e-3
+    (torch.sigmoid(refs[1] * refs[0] / std + refs[2]) * weights).sum().backward()
+    for got, ref in zip((pre, p1, p2), refs):
+        torch.testing.assert_close(got.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    gamma = torch.tensor([0.5, -2.0, 1.5, 0.7], dtype=D64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, a, b: soft_receptive_field(x, a, b), (pre, p1, p2))
+    assert torch.autograd.gradcheck(lambda x, g, a, b: soft_receptive_field_bn(x, g, a, b), (pre, gamma, p1, p2))
+    # a constant channel (S = 0): finite values and gradients, psi = sigmoid(p1 x / eps + p2)
+    flat = pre.detach().clone()
+    flat[:, 1] = 0.25
+    flat.requires_grad_()
+    psi = soft_receptive_field(flat, 1.0, 0.0, eps=1e-3)
+    torch.testing.assert_close(psi[:, 1], torch.sigmoid(torch.full_like(psi[:, 1], 250.0)))
+    psi.sum().backward()
+    assert torch.isfinite(flat.grad).all()
+
+
+def test_psi_std_keeps_its_precision_under_a_large_mean():
+    # float32 maps with mean 1e4 and std 1: a sum-of-squares formula would lose every digit
+    pre = (torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(33)) + 1e4).float()
+    psi = soft_receptive_field(pre, 1.0, -1e4, eps=0.0)
+    ref = torch.sigmoid(pre.double() / pre.double().std(dim=(0, 2, 3), unbiased=False, keepdim=True) - 1e4)
+    torch.testing.assert_close(psi.double(), ref, rtol=0, atol=2e-3)
+    assert psi.std() > 0.1  # the maps are not saturated: the comparison says something
+
+
+@pytest.mark.parametrize("what", ["psi", "psi_bn", "spatial"])
+def test_blocking_changes_nothing(what, monkeypatch):
+    import cgl_train.losses as losses
+    pre = _randn(3, 5, 4, 3, seed=34)
+    gamma = torch.tensor([0.5, -2.0, 1.5, 0.7, 1.1], dtype=D64)
+    weights = _rand(3, 5, 4, 3, seed=35)
+    fn = {"psi": lambda x: soft_receptive_field(x, 1.2, 0.3) * weights,
+          "psi_bn": lambda x: soft_receptive_field_bn(x, gamma, 1.2, 0.3) * weights,
+          "spatial": lambda x: spatial_loss(torch.sigmoid(x), "normalized")}[what]
+    results = []
+    monkeypatch.setattr(losses, "_THREADED_CHUNK_SCALE", 1)  # the same blocks whatever the thread count
+    for budget in (1 << 30, 1, 30):  # one block; one map per block; two maps per block, the last alone
+        monkeypatch.setitem(losses._CHUNK_ELEMS, "cpu", budget)
+        x = pre.clone().requires_grad_()
+        value = fn(x).sum()
+        value.backward()
+        results.append((value.detach(), x.grad))
+    for value, grad in results[1:]:
+        torch.testing.assert_close(value, results[0][0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("form", ["paper", "per_image"])
+def test_group_loss_with_pairs_outside_their_groups_matches_naive(form):
+    # the backward then works image by image instead of (image, group) block by block
+    spec = GroupSpec(channels=7, groups=2)
+    psi = _rand(3, 7, 2, 3, seed=36).requires_grad_()
+    pairs = torch.tensor([[[0, 4], [5, 1], [2, 2]], [[3, 0], [2, 1], [4, 5]]])  # (2, 3, 2): across groups, i == j
+    group_activation_loss(psi, spec, pairs, form).backward()
+    ref = psi.detach().clone().requires_grad_()
+    naive = naive_group_loss_torch(ref, pairs, form)
+    naive.backward()
+    assert group_activation_loss(psi.detach(), spec, pairs, form).item() == pytest.approx(naive.item(), rel=1e-12)
+    torch.testing.assert_close(psi.grad, ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_spatial_loss_of_saturated_float32_maps_has_finite_gradients():
+    # psi ~ 1 on one pixel and ~1e-30 elsewhere: the centroid sits on the pixel, offsets underflow
+    logits = torch.full((2, 3, 6, 5), -69.0)
+    logits[:, :, 0, 2] = 20.0
+    psi = torch.sigmoid(logits).requires_grad_()
+    loss = spatial_loss(psi)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(psi.grad).all()
+    # as for a one-hot map: dL/dpsi_j = |j - c| / (number of maps), c = (0, 2), the pixel's own term 0
+    ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(5.0), indexing="ij")
+    expected = torch.sqrt(ys ** 2 + (xs - 2) ** 2) / 6
+    torch.testing.assert_close(psi.grad, expected.expand_as(psi.grad), rtol=1e-5, atol=1e-6)

@@ -20,7 +20,8 @@ from dissect.checkpoint import load_checkpoint
 from cgl_train.cli import main
 from cgl_train.config import TrainConfig, parse_layer_ints
 from cgl_train.data import IMAGENET_NORMALIZATION, SyntheticShapes, build_datasets
-from cgl_train.engine import build_loaders, build_trainer, evaluate, lr_at, read_log, train, train_step
+from cgl_train.engine import (TERM_NAMES, BatchLoader, StepMetrics, build_loaders, build_trainer, evaluate,
+                              lr_at, read_log, train, train_one_epoch, train_step)
 from cgl_train.groups import GroupActivations
 from cgl_train.losses import cgl_terms, sample_pairs
 from cgl_train.models import build_model
@@ -84,7 +85,8 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_full_objective(shapes, tmp_path)
         for _ in range(15):
             values = train_step(trainer, x, y, acts)
     after = objective()
-    assert torch.isfinite(values).all()
+    assert all(torch.isfinite(v) for v in values.terms.values())
+    assert values.count.item() == 12 and 0 <= values.correct.item() <= 12
     assert after < before
 
 
@@ -118,8 +120,9 @@ def test_weight_decay_skips_exactly_what_r_bn_covers(shapes, tmp_path):
     for n in names:
         assert torch.allclose(got[n], expected[n], atol=1e-6), n
     # terms not computed (lambda 0, monitoring off) are NaN; task and r_bn are the values above
-    assert math.isnan(values[2]) and math.isnan(values[3])
-    assert values[1].item() == pytest.approx(float(r_bn.detach()), rel=1e-5)
+    assert math.isnan(values.terms["l_g"]) and math.isnan(values.terms["l_s"])
+    assert values.terms["r_bn"].item() == pytest.approx(float(r_bn.detach()), rel=1e-5)
+    assert values.terms["total"].item() == pytest.approx(float(loss.detach()), rel=1e-5)
 
 
 def test_proximal_mode_zeroes_groups_below_the_threshold_and_spares_free_filters(shapes, tmp_path):
@@ -390,6 +393,89 @@ def test_synthetic_items_are_normalised_images_with_their_labels(shapes):
         assert x.dtype == torch.float32 and torch.allclose(x, expected, atol=1e-6)
         assert y == int(row[column])
     assert len(SyntheticShapes(shapes, "train", "classes45").class_names) == 45
+
+
+def _per_item_batches(shapes: Path, cfg: TrainConfig, epoch: int, split: str = "train"):
+    """Today's per-item path, independently: PNGs decoded by PIL one by one, a DataLoader over them."""
+    table = load_classes(shapes)
+    rows = table[table["split"] == split]
+
+    class PilItems(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, i: int):
+            arr = np.asarray(Image.open(shapes / "images" / rows.iloc[i]["image"]).convert("RGB"))
+            img = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+            return (img.float() / 255.0 - 0.5) / 0.5, int(rows.iloc[i]["binary"])
+
+    items = PilItems()
+    if split == "val":
+        return list(DataLoader(items, batch_size=cfg.batch_size, shuffle=False))
+    sampler = torch.utils.data.distributed.DistributedSampler(items, num_replicas=1, rank=0, shuffle=True,
+                                                              seed=cfg.seed, drop_last=False)
+    sampler.set_epoch(epoch)
+    return list(DataLoader(items, batch_size=cfg.batch_size, sampler=sampler, drop_last=False))
+
+
+def test_in_memory_batches_equal_the_per_item_path_bit_for_bit(shapes, tmp_path):
+    cfg = config(shapes, tmp_path, batch_size=8, seed=3)  # 36 images: 4 batches of 8, then 4
+    data = build_datasets(cfg, progress=False)
+    assert data.train.images.dtype == torch.uint8 and data.train.images.shape == (36, 3, 32, 32)
+    loaders = build_loaders(cfg, data)
+    assert isinstance(loaders.train, BatchLoader) and len(loaders.train) == 5
+    orders = []
+    for epoch in (0, 1, 2):
+        loaders.set_epoch(epoch)
+        fast = list(loaders.train)
+        slow = _per_item_batches(shapes, cfg, epoch)
+        assert [len(y) for _, y in fast] == [len(y) for _, y in slow] == [8, 8, 8, 8, 4]
+        for (xa, ya), (xb, yb) in zip(fast, slow, strict=True):
+            assert xa.dtype == xb.dtype == torch.float32 and torch.equal(xa, xb)
+            assert ya.dtype == yb.dtype == torch.int64 and torch.equal(ya, yb)
+        orders.append(torch.cat([x.flatten(1).sum(1) for x, _ in fast]))
+    assert not torch.equal(orders[0], orders[1])  # a new permutation every epoch
+    val = list(loaders.val)
+    for (xa, ya), (xb, yb) in zip(val, _per_item_batches(shapes, cfg, 0, "val"), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # an item is the same normalised image as its batch row
+    x0, y0 = data.train[5]
+    assert torch.equal(x0, data.train.batch(torch.tensor([5]))[0][0]) and y0 == int(data.train.labels[5])
+
+
+def test_one_epoch_gives_the_same_weights_from_memory_and_from_the_per_item_loader(shapes, tmp_path):
+    cfg = config(shapes, tmp_path, batch_size=8, lambda_bn=1e-3, lambda_g=1e-2, lambda_s=1e-3, lr=0.05)
+    data = build_datasets(cfg, progress=False)
+    loaders = build_loaders(cfg, data)
+    loaders.set_epoch(0)
+    results = []
+    for loader in (loaders.train, _per_item_batches(shapes, cfg, 0)):
+        trainer = build_trainer(cfg, data.num_classes, data.input_size, CPU)
+        torch.manual_seed(0)
+        entry = train_one_epoch(trainer, loader, 0)
+        results.append((entry, {k: v.clone() for k, v in trainer.net.state_dict().items()}))
+        # the epoch's hooks are gone with its `with` block
+        assert all(not m._forward_hooks for m in trainer.net.modules())
+    (ea, wa), (eb, wb) = results
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert {k: v for k, v in ea.items() if k != "train_time"} == {k: v for k, v in eb.items() if k != "train_time"}
+    start = build_trainer(cfg, data.num_classes, data.input_size, CPU).net.state_dict()
+    assert not torch.equal(start["conv1.weight"], wa["conv1.weight"])  # it trained
+
+
+def test_step_metrics_sum_without_leaving_the_device(shapes, tmp_path):
+    cfg = config(shapes, tmp_path, lambda_bn=1e-2, monitor=False)
+    trainer = build_trainer(cfg, num_classes=2, input_size=32, device=CPU)
+    x, y = batch(shapes, 6)
+    a, b = train_step(trainer, x, y, None), train_step(trainer, x, y, None)
+    both = a + b
+    assert both.count.dtype == torch.int64 and both.count.item() == 12
+    assert both.correct.item() == a.correct.item() + b.correct.item()
+    assert both.terms["r_bn"].dtype == torch.float64
+    assert both.terms["r_bn"].item() == a.terms["r_bn"].item() + b.terms["r_bn"].item()
+    assert math.isnan(both.terms["l_g"]) and set(both.terms) == set(TERM_NAMES)
+    zero = StepMetrics.zeros(CPU) + a
+    assert all(torch.equal(zero.terms[k], a.terms[k]) or math.isnan(a.terms[k]) for k in TERM_NAMES)
 
 
 def test_image_folder_root(tmp_path):
