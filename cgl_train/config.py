@@ -18,7 +18,7 @@ from broden.errors import InputError
 from dissect.options import Options, option
 
 __all__ = ["TrainConfig", "CGLOptions", "LR_SCHEDULES", "LABELINGS", "GROUP_FORMS", "SPATIAL_COORDS",
-           "BLOCK_NORM_MODES", "LAYER_REDUCTIONS", "RESUME_MAY_DIFFER", "EPOCH_DEPENDENT_SCHEDULES", "FLAG_GROUPS",
+           "BLOCK_NORM_MODES", "LAYER_REDUCTIONS", "SYNTHETIC_NORMALIZATIONS", "RESUME_MAY_DIFFER", "EPOCH_DEPENDENT_SCHEDULES", "FLAG_GROUPS",
            "resume_conflicts", "check_resumable", "parse_layer_ints"]
 
 LR_SCHEDULES = ("cosine", "step", "constant")
@@ -27,6 +27,7 @@ GROUP_FORMS = ("paper", "per_image")
 SPATIAL_COORDS = ("pixel", "normalized")
 BLOCK_NORM_MODES = ("penalty", "proximal")
 LAYER_REDUCTIONS = ("mean", "sum")
+SYNTHETIC_NORMALIZATIONS = ("train_stats", "half")
 # Fields that may change when a run is resumed without changing what the run computes.
 # `epochs` extends the run, allowed only when the LR schedule does not depend on it (see
 # check_resumable); `workers` is safe because every sample's augmentation is seeded by
@@ -160,6 +161,10 @@ class TrainConfig(CGLOptions):
     synthetic_val_fraction: float = option(0.2, "synthetic validation share (paper: 80/20)", low=0.0, high=1.0,
                                            open_bounds=True, expected="a number strictly between 0 and 1",
                                            results=True, group="data")
+    synthetic_normalization: str = option(
+        "train_stats", "input normalisation of the synthetic set: 'train_stats' (per-channel mean and std of the "
+        "training split's pixels) or 'half' (mean 0.5, std 0.5: 0..255 to -1..1); recorded in the checkpoint, "
+        "which the dissection applies", choices=SYNTHETIC_NORMALIZATIONS, results=True, group="data")
     input_size: int | None = option(None, "model input size (default: synthetic size, 224 for ImageFolder)",
                                     low=1, expected="a positive integer or null", results=True, group="data")
     epochs: int = option(30, "passes over the training set (paper silent; our choice)", low=1, results=True,

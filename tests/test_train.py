@@ -39,9 +39,26 @@ def shapes(tmp_path_factory) -> Path:
 def config(shapes: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data="synthetic", synthetic_dir=str(shapes), synthetic_per_class=1, synthetic_size=32,
                 out=str(out), arch_kwargs={"width1": 8, "width2": 16}, groups=4, epochs=1, batch_size=12,
-                workers=0, quiet=True)
+                workers=0, quiet=True, synthetic_normalization="half")
     base.update(kw)
     return TrainConfig(**base)
+
+
+def test_train_stats_normalisation_is_the_training_splits_pixel_statistics(shapes, tmp_path):
+    from cgl_train.data import build_datasets
+
+    cfg = config(shapes, tmp_path, synthetic_normalization="train_stats")
+    data = build_datasets(cfg, progress=False)
+    table = load_classes(shapes)
+    pixels = np.stack([np.asarray(Image.open(shapes / "images" / p).convert("RGB"), dtype=np.float64) / 255
+                       for p in table[table["split"] == "train"]["image"]])  # (N, H, W, 3)
+    assert data.normalization["mean"] == pytest.approx(pixels.mean(axis=(0, 1, 2)).tolist(), rel=1e-12)
+    assert data.normalization["std"] == pytest.approx(pixels.std(axis=(0, 1, 2)).tolist(), rel=1e-12)
+    assert data.val.normalization == data.normalization  # validation uses the training split's numbers
+    x, _ = data.train[0]
+    assert abs(float(x.mean())) < 1.0  # roughly centred, where 'half' leaves white at +1
+    result = train(cfg)
+    assert load_checkpoint(result.latest)["normalization"] == data.normalization  # what dissections apply
 
 
 def image_folder(root: Path, classes: int = 2, per_class: int = 3, size: tuple[int, int] = (40, 48),
