@@ -47,7 +47,7 @@ from cgl_train.experiment import BASELINE, RUN_TITLES, TRAINED, ExperimentOption
 
 GRID = {
     "weight_decay": {"lr": [0.02, 0.05, 0.1]},
-    "rbn": {"lambda_bn": [1e-3, 1e-2, 3e-2, 1e-1]},
+    "rbn": {"lambda_bn": [1e-3, 1e-2, 3e-2, 1e-1, 3e-1]},
     "rbn_lg_ls": {"lambda_g": [1e-2, 1e-1, 1.0], "lambda_s": [1e-2, 1e-1]},
 }
 # What each stage inherits from the stages before it.
@@ -129,10 +129,16 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--write-config", action="store_true", help="update cgl_train/configs/table1.json")
     ap.add_argument("--markdown", type=Path, default=REPO / "docs" / "hparam_search.md")
+    ap.add_argument("--per-class", type=int, help="override the search set's images per class (smoke runs)")
+    ap.add_argument("--epochs", type=int, help="override the largest number of epochs (smoke runs)")
     args = ap.parse_args()
 
     cfg = load_config()
-    data = cfg["data"]["search"]
+    data = dict(cfg["data"]["search"])
+    if args.per_class:
+        data["per_class"] = args.per_class
+    if args.epochs:
+        cfg["train"]["quick"] = {**cfg["train"]["quick"], "epochs": args.epochs}
     root = args.out / "data"
     generate_shapes_dataset(root, per_class=data["per_class"], size=data["size"], seed=data["seed"],
                             val_fraction=data["val_fraction"], progress=False)
