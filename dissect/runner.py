@@ -86,6 +86,8 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
         if previous is not None and previous.get("run_key") == key:
             log.info("%s already holds this dissection (same model, layers, dataset and options); reusing it",
                      out_path)
+            if ds is not dataset:
+                ds.close()
             return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
     if out_path is not None and ctx.is_main:
         from dissect.pipeline import layers_to_dissect
@@ -93,7 +95,11 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
         # before any work: a report or layer folder of an earlier run must not pass for this one's
         remove_stale_outputs(out_path, layers_to_dissect(loaded, config))
     distributed.barrier(ctx)
-    res = run_dissection(loaded, ds, config, out_path, ctx)
+    try:
+        res = run_dissection(loaded, ds, config, out_path, ctx)
+    finally:
+        if ds is not dataset:  # made here: drop its scratch store (a finished decoded cache stays)
+            ds.close()
     return RunOutcome(out_path, False, summary_json(res), res, is_main=ctx.is_main)
 
 
@@ -124,6 +130,14 @@ def _as_loaded(model: Any, loading: LoadOptions, config: DissectConfig) -> Any:
 
 
 def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunSettings, ctx: Any) -> Any:
+    """The BrodenDataset to dissect, with its decoded cache (docs/architecture.md, "data path").
+
+    --decoded-cache auto: read a fresh cache; else, on one process, the first pass writes it as it
+    decodes (persistent when the selection is every row of index.csv, a scratch store removed after
+    the run otherwise), and under torchrun rank 0 builds it first when no --split/--limit narrows the
+    selection. build: build it first (rank 0). off: decode on every pass. --force rebuilds it.
+    """
+    from broden.cache_writer import CacheSpaceError
     from broden.dataset import BrodenDataset
     from dissect import distributed
     from dissect.datasets import resolve_dataset, synthetic_source
@@ -133,13 +147,23 @@ def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunS
     synthetic, reuse = synthetic_source(loaded, settings.synthetic_per_class, settings.synthetic_size)
     root = resolve_dataset(dataset, settings.cache_dir, settings.download, settings.mirrors, synthetic,
                            settings.quiet, synthetic_reuse=reuse)
-    if settings.decoded_cache == "build" and ctx.is_main:
+    mode = settings.decoded_cache
+    whole = config.split is None and config.limit is None
+    upfront = mode == "build" or (mode == "auto" and ctx.world_size > 1 and whole)
+    if upfront and ctx.is_main:
         from broden.cache import build_cache
 
-        build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet)
+        try:
+            build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet, force=settings.force,
+                        fingerprint_mode=settings.fingerprint)
+        except CacheSpaceError as e:
+            log.warning("%s. Running without the decoded cache", e)
     distributed.barrier(ctx)
-    cache: Any = "off" if settings.decoded_cache == "off" else (settings.cache_dir or "auto")
-    return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache)
+    cache: Any = "off" if mode == "off" else (settings.cache_dir or "auto")
+    # after an upfront build the cache is fresh: rebuild only when streaming does the building
+    stream = mode == "auto" and ctx.world_size == 1
+    return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache,
+                         fingerprint=settings.fingerprint, write_cache=stream, rebuild=settings.force and stream)
 
 
 def dissect_model(model: Any, dataset: Any, layers: list[str] | None = None,
