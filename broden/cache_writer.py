@@ -11,10 +11,12 @@ store for one run, removed by `discard`; a killed process leaves a marked
 directory that the next build removes (broden.cache.remove_stale_builds).
 
 Before anything is written, the free space of the target filesystem is checked
-against what the arrays need (`CacheSpaceError` says how much).
+against what the arrays need (`CacheSpaceError` says how much), and the arrays'
+blocks are reserved (posix_fallocate).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -79,6 +81,23 @@ def cache_bytes(meta: BrodenMeta, rows: Sequence[int] | None = None) -> int:
             + planes * 2 + labels * 6 + 4096)
 
 
+def _reserve(path: Path, need: int) -> None:
+    """Allocate the blocks of a memory-mapped file now: a disk that fills up later must not turn a
+    write into the map into SIGBUS. Filesystems without the call keep the sparse file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise CacheSpaceError(f"the decoded cache needs {_gib(need)} in {path.parent.parent}, more than "
+                                  f"is free; free some space or point --cache-dir (or $DISSECT_CACHE_DIR) at a "
+                                  f"disk with room") from None
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    finally:
+        os.close(fd)
+
+
 class CacheWriter:
     """A decoded cache of index rows `rows` (slot i holds row rows[i]) being written in a marked temporary directory.
 
@@ -132,6 +151,8 @@ class CacheWriter:
                                                shape=(n, 3, h, w))
             planes = np.lib.format.open_memmap(self.tmp / "planes.npy", mode="w+", dtype=self.plane_dtype,
                                                shape=(p, sh, sw))
+            for name in ("images.npy", "planes.npy"):
+                _reserve(self.tmp / name, need)
             small = {"plane_offsets": plane_offsets, "plane_category": plane_category,
                      "image_labels": image_labels, "image_label_offsets": label_offsets,
                      "image_label_category": image_label_category}

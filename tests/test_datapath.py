@@ -345,9 +345,18 @@ def test_thread_plan_and_scoped_torch_threads():
     assert torch.get_num_threads() == before
 
 
-def test_execution_flags_are_declared_once_and_checked():
+def test_execution_flags_are_declared_once_and_checked(tmp_path, capsys):
     from broden.errors import InputError
+    from dissect.cli import main
     from dissect.config import DissectConfig, RunSettings
+
+    for flag, value in (("--threads", "-1"), ("--loader-threads", "-2")):
+        assert main(["run", str(tmp_path / "m.pth"), "--dataset", str(tmp_path), "--out", str(tmp_path / "o"),
+                     flag, value]) == 2
+        assert f"{flag} {value}" in capsys.readouterr().err  # the message names the flag
+    assert main(["run", "--help"]) == 0
+    help_text = capsys.readouterr().out
+    assert "--threads N" in help_text and "--loader-threads N" in help_text and "--fingerprint" in help_text
 
     assert DissectConfig.flags()["threads"] == "--threads"
     assert DissectConfig.flags()["loader_threads"] == "--loader-threads"
