@@ -57,9 +57,9 @@ def test_held_images_equal_torchvision_loading(folder):
     assert on_disk.train.loader is default_loader  # 0: torchvision's own per-item decoding
     store = held.train.loader.__self__
     assert isinstance(store, DecodedImages) and held.val.loader.__self__ is store
-    assert len(store) == 16 and store.nbytes == sum(3 * w * h for w, h in
-                                                    (Image.open(p).size for p, _ in held.train.samples + held.val.samples))
-    for path, _ in held.train.samples + held.val.samples:
+    files = [p for p, _ in held.train.samples + held.val.samples]
+    assert len(store) == 16 and store.nbytes == sum(3 * w * h for w, h in (Image.open(p).size for p in files))
+    for path in files:
         a, b = pil_loader(path), store.load(path)
         assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b)), path
 
