@@ -1,4 +1,5 @@
-"""Broden-format datasets: read (format), serve as tensors (dataset), decode once (cache), write (writer).
+"""Broden-format datasets: read (format), serve as tensors (dataset), decode once (cache, cache_writer),
+load ahead of compute (loader), write (writer).
 
 Public names of every submodule are importable from `broden` directly; each
 submodule is imported on first use, so `import broden` stays cheap (no torch).
@@ -19,7 +20,9 @@ _EXPORTS = {
     "BrodenDataset": "dataset", "collate": "dataset", "SPLITS": "dataset",
     "CACHE_FORMAT": "cache", "CACHE_VERSION": "cache", "DecodedCache": "cache",
     "source_fingerprint": "cache", "default_cache_dir": "cache", "build_cache": "cache",
-    "open_cache": "cache", "open_decoded": "cache",
+    "open_cache": "cache", "open_decoded": "cache", "FINGERPRINT_MODES": "cache",
+    "CacheWriter": "cache_writer", "CacheSpaceError": "cache_writer",
+    "Prefetcher": "loader", "iter_batches": "loader", "thread_plan": "loader",
 }
 # submodules whose whole __all__ is re-exported (imported only when one of their names is asked for)
 _WHOLE_MODULES = ("download", "synthetic")

@@ -7,7 +7,8 @@ image_labels.npy (Q,) int32, image_label_offsets.npy (N+1,) int64,
 image_label_category.npy (Q,) int16, and meta.json, written last.
 
 A build happens in a temporary directory beside the target and is renamed into
-place only when complete, so a directory without meta.json, or a leftover
+place only when complete (broden.cache_writer, shared by `build_cache` and by
+datasets that write the cache while their first pass decodes), so a directory without meta.json, or a leftover
 temporary one, is never read. The temporary directory is a marked one
 (broden.tmpdirs): the building process holds an exclusive flock on `<tmp>/.lock`
 and records itself in `<tmp>/owner.json` (tool, purpose, host, pid). A build
@@ -26,9 +27,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ __all__ = [
     "open_decoded",
     "remove_stale_builds",
     "STALE_AFTER_S",
+    "FINGERPRINT_MODES",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,26 +145,71 @@ def _record_files(record: ImageRecord) -> list[str]:
     return [record.image] + [p for pngs in record.layers.values() for p in pngs]
 
 
-def source_fingerprint(root: str | Path, meta: BrodenMeta | None = None) -> str:
-    """sha256 over the CSV tables' contents and the size + mtime_ns of every referenced image and PNG."""
+FINGERPRINT_MODES = ("stat", "content")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):  # hashlib releases the GIL on chunks this size: threads run in parallel
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_fingerprint(root: str | Path, meta: BrodenMeta | None = None, mode: str = "stat",
+                       progress: bool = False, workers: int | None = None) -> str:
+    """sha256 over the CSV tables' contents and, per referenced image and PNG, its size + mtime_ns
+    (mode "stat") or the sha256 of its bytes (mode "content").
+
+    "stat" costs one stat per file (seconds on the 63k images of Broden) but misses an
+    edit that keeps a file's size and mtime; "content" reads every byte, hashed by
+    `workers` threads (default: the available cores), with a progress bar when
+    `progress`. The mode is part of the hash, so the two never name the same cache;
+    "stat" fingerprints are those of earlier versions (existing caches stay valid).
+    """
+    if mode not in FINGERPRINT_MODES:
+        raise InputError(f"fingerprint: expected one of {', '.join(FINGERPRINT_MODES)}, got {mode!r}")
     root = Path(root)
     meta = meta if meta is not None else load_meta(root)
-    h = hashlib.sha256(f"{CACHE_FORMAT}:{CACHE_VERSION}\n".encode())
+    preamble = f"{CACHE_FORMAT}:{CACHE_VERSION}" + (":content" if mode == "content" else "")
+    h = hashlib.sha256(f"{preamble}\n".encode())
     tables = ["index.csv", "label.csv", "category.csv"] + sorted(p.name for p in root.glob("c_*.csv"))
     for name in tables:
         data = (root / name).read_bytes()
         h.update(f"{name}\0{len(data)}\0".encode())
         h.update(data)
     images = root / "images"
+    files = [(r, rel) for r in meta.records for rel in _record_files(r)]
+
+    def missing(r: ImageRecord, rel: str) -> BrodenFormatError:
+        return BrodenFormatError(f"{root / 'index.csv'}, line {r.line}: {rel!r} not found under {images}")
+
     lines = []
-    for r in meta.records:
-        for rel in _record_files(r):
+    if mode == "stat":
+        for r, rel in files:
             try:
                 st = os.stat(images / rel)
             except FileNotFoundError:
-                raise BrodenFormatError(f"{root / 'index.csv'}, line {r.line}: {rel!r} not found "
-                                        f"under {images}") from None
+                raise missing(r, rel) from None
             lines.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
+    else:
+        from broden._progress import progress as progress_bar
+        from broden.loader import Prefetcher, available_cores
+
+        def digest(item: tuple[ImageRecord, str]) -> str:
+            try:
+                return _file_digest(images / item[1])
+            except FileNotFoundError:
+                raise missing(*item) from None
+
+        quiet = {} if progress else {"disable": True}
+        bar = progress_bar(total=len(files), desc="hashing Broden files", unit="file", **quiet)
+        threads = workers if workers is not None else available_cores()
+        with Prefetcher(digest, files, threads=threads, depth=4 * max(threads, 1)) as hashes:
+            for (r, rel), hexdigest in zip(files, hashes):
+                lines.append(f"{rel}\0{hexdigest}\n")
+                bar.update(1)
+        bar.close()
     h.update("".join(lines).encode())
     return h.hexdigest()
 
@@ -206,13 +251,16 @@ def open_decoded(path: str | Path, root: str | Path, meta: BrodenMeta | None = N
 
 
 def open_cache(root: str | Path, cache_dir: str | Path | None = None,
-               meta: BrodenMeta | None = None) -> DecodedCache | None:
+               meta: BrodenMeta | None = None, fingerprint_mode: str = "stat",
+               fingerprint: str | None = None) -> DecodedCache | None:
     """The decoded cache of `root` under `cache_dir` (default: default_cache_dir()), or None when missing or stale.
 
     A source with missing files has no cache (None); decoding then names the missing file.
+    `fingerprint` (of `fingerprint_mode`) saves computing it again.
     """
     try:
-        fingerprint = source_fingerprint(root, meta)
+        if fingerprint is None:
+            fingerprint = source_fingerprint(root, meta, fingerprint_mode)
     except BrodenFormatError as e:
         log.debug("no cache lookup for %s: %s", root, e)
         return None
@@ -233,12 +281,6 @@ def _decode_record(meta: BrodenMeta, record: ImageRecord, known: np.ndarray) -> 
             check_label_plane(meta, record, rel, plane, known)
             planes.append(plane)
     return image, planes
-
-
-def _offsets(counts: list[int]) -> np.ndarray:
-    out = np.zeros(len(counts) + 1, dtype=np.int64)
-    np.cumsum(np.asarray(counts, dtype=np.int64), out=out[1:])
-    return out
 
 
 def _other_targets(base: Path, fingerprint: str) -> list[Path]:
@@ -265,21 +307,28 @@ def remove_stale_builds(base: str | Path, fingerprint: str, stale_after: float =
 
 def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress: bool = True,
                 force: bool = False, workers: int | None = None, meta: BrodenMeta | None = None,
-                stale_after: float = STALE_AFTER_S) -> Path:
+                stale_after: float = STALE_AFTER_S, fingerprint_mode: str = "stat",
+                fingerprint: str | None = None) -> Path:
     """Decode every image and label PNG of `root` once; return the cache directory.
 
     An up-to-date cache is reused unless `force`. Images must share one size
-    (Broden's do). `workers` threads decode in parallel (default: up to 4).
-    First removes leftover temporary builds of the same target that are stale
-    (see the module docstring; `stale_after` seconds without change).
+    (Broden's do). `workers` threads decode in parallel (default: the available
+    cores, at most 4). First removes leftover temporary builds of the same
+    target that are stale (see the module docstring; `stale_after` seconds
+    without change). `fingerprint_mode` ("stat" or "content") keys the cache
+    (`source_fingerprint`). Raises broden.cache_writer.CacheSpaceError (an
+    InputError) when the disk lacks the room, before writing anything.
     """
     from broden._progress import progress as progress_bar  # the toolkit's one tqdm helper
+    from broden.cache_writer import CacheWriter
+    from broden.loader import Prefetcher, available_cores
 
     root = Path(root)
     meta = meta if meta is not None else load_meta(root)
     if not meta.records:
         raise InputError(f"{root / 'index.csv'}: no images to cache")
-    fingerprint = source_fingerprint(root, meta)
+    if fingerprint is None:
+        fingerprint = source_fingerprint(root, meta, fingerprint_mode, progress=progress)
     base = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "decoded"
     target = base / fingerprint
     if base.is_dir():
@@ -288,75 +337,22 @@ def build_cache(root: str | Path, cache_dir: str | Path | None = None, progress:
         log.info("decoded cache %s is up to date", target)
         return target
 
-    (h, w), (sh, sw) = check_uniform_sizes(meta, None, "the decoded cache")
-    cat_index = {c: i for i, c in enumerate(meta.categories)}
-    plane_counts = [sum(len(r.layers.get(c, [])) for c in meta.categories) for r in meta.records]
-    label_lists = [[(cat_index[c], n) for c in meta.categories for n in r.image_labels.get(c, [])]
-                   for r in meta.records]
-    plane_offsets = _offsets(plane_counts)
-    label_offsets = _offsets([len(x) for x in label_lists])
-    plane_category = np.asarray([cat_index[c] for r in meta.records for c in meta.categories
-                                 for _ in r.layers.get(c, [])], dtype=np.int16)
-    flat_labels = [x for xs in label_lists for x in xs]
-    image_label_category = np.asarray([c for c, _ in flat_labels], dtype=np.int16)
-    image_labels = np.asarray([n for _, n in flat_labels], dtype=np.int32)
-    # int16 holds every id up to 32767; beyond that the contract says int32
-    plane_dtype = np.int16 if meta.num_labels - 1 <= 32767 else np.int32
+    check_uniform_sizes(meta, None, "the decoded cache")
     known = known_id_table(meta)
-    n, p = len(meta.records), int(plane_offsets[-1])
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-
-    base.mkdir(parents=True, exist_ok=True)
-    tmp, lock_fd = tmpdirs.make_marked_tempdir(base, f".tmp-{fingerprint[:16]}-{os.getpid()}-", "cache-build")
+    n = len(meta.records)
+    workers = workers if workers is not None else min(4, available_cores())
+    writer = CacheWriter(meta, range(n), base, fingerprint, fingerprint_mode)
     try:
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, h, w))
-        planes = np.lib.format.open_memmap(tmp / "planes.npy", mode="w+", dtype=plane_dtype, shape=(p, sh, sw))
         quiet = {} if progress else {"disable": True}  # else the toolkit's quiet switch decides
         bar = progress_bar(total=n, desc="decoding Broden", unit="img", **quiet)
-        chunk = max(64, 16 * max(workers, 1))  # bounded look-ahead: decoded rows never pile up in memory
-        pool = ThreadPoolExecutor(max_workers=max(workers, 1))
-        try:
-            for start in range(0, n, chunk):
-                rows = meta.records[start:start + chunk]
-                # every decode checks its file against the row's ih x iw, so all are h x w
-                for r, (image, row_planes) in zip(rows, pool.map(lambda rec: _decode_record(meta, rec, known), rows)):
-                    images[r.index] = image.transpose(2, 0, 1)
-                    if row_planes:
-                        planes[plane_offsets[r.index]:plane_offsets[r.index + 1]] = np.stack(row_planes)
-                    bar.update(1)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # a failure stops the queued decodes
+        # bounded look-ahead: decoded rows never pile up in memory; a failure stops the queued decodes
+        with Prefetcher(lambda rec: _decode_record(meta, rec, known), meta.records, threads=max(workers, 1),
+                        depth=max(64, 16 * max(workers, 1))) as decoded:
+            # every decode checks its file against the row's ih x iw, so all are h x w
+            for r, (image, row_planes) in zip(meta.records, decoded):
+                writer.write(r.index, image, row_planes)
+                bar.update(1)
         bar.close()
-        images.flush()
-        planes.flush()
-        del images, planes
-        np.save(tmp / "plane_offsets.npy", plane_offsets)
-        np.save(tmp / "plane_category.npy", plane_category)
-        np.save(tmp / "image_labels.npy", image_labels)
-        np.save(tmp / "image_label_offsets.npy", label_offsets)
-        np.save(tmp / "image_label_category.npy", image_label_category)
-        info = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "fingerprint": fingerprint,
-                "source": str(root.resolve()), "categories": meta.categories, "num_images": n,
-                "image_shape": [3, h, w], "label_shape": [sh, sw], "num_planes": p,
-                "num_image_labels": int(image_labels.size), "plane_dtype": np.dtype(plane_dtype).name}
-        # meta.json last: its presence is what marks the directory complete
-        (tmp / "meta.json").write_text(json.dumps(info, indent=1) + "\n")
-        if target.exists():  # stale, incomplete or forced: replace it
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # another process finished the same build first; keep theirs if it is good
-            if open_decoded(target, root, meta, fingerprint) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            for name in (tmpdirs.MARKER, tmpdirs.LOCK):  # bookkeeping of the build, not part of the cache
-                (target / name).unlink(missing_ok=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return writer.finish(replace=force)
     finally:
-        tmpdirs.release(lock_fd)
-    log.info("built decoded cache %s (%d images, %d planes)", target, n, p)
-    return target
+        writer.discard()

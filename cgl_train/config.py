@@ -33,7 +33,7 @@ SYNTHETIC_NORMALIZATIONS = ("train_stats", "half")
 # check_resumable); `workers` is safe because every sample's augmentation is seeded by
 # (seed, epoch, index) whatever process loads it (engine.SeededSamples); the rest are logistics
 # (`monitor` computes log-only terms from a pair generator of its own).
-RESUME_MAY_DIFFER = ("epochs", "resume", "workers", "quiet", "device", "out",
+RESUME_MAY_DIFFER = ("epochs", "resume", "workers", "image_memory_mb", "quiet", "device", "out",
                      "synthetic_dir", "val_every", "max_val_batches", "monitor")
 # Schedules whose learning rate at an epoch depends on the total `epochs` (cosine anneals to 0
 # at `epochs`): changing `epochs` on resume would not reproduce a run trained that long.
@@ -210,6 +210,10 @@ class TrainConfig(CGLOptions):
     workers: int = option(2, "DataLoader worker processes for an ImageFolder --data; no effect on results "
                           "(augmentation is seeded per sample); the synthetic set is served from memory without "
                           "workers", low=0, group="run")
+    image_memory_mb: int = option(
+        2048, "ImageFolder data: decode every image once, in parallel threads, and hold the pixels in memory "
+        "when train + val fit in this many MiB (0: decode each item as it loads); no effect on results",
+        metavar="MIB", low=0, group="run")
     device: str = option("auto", "'auto' (cuda when present), 'cpu', 'cuda', 'cuda:N'", group="run")
     val_every: int = option(1, "validate every N epochs (and always after the last)", low=1, group="run")
     max_train_batches: int | None = option(None, "stop each epoch after N batches (tests, smoke runs)", low=1,

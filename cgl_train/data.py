@@ -222,9 +222,32 @@ def _image_folder(config: TrainConfig, root: Path) -> DataBundle:
     if train.classes != val.classes:
         raise InputError(f"--data {root}: train/ and val/ have different class folders "
                          f"({len(train.classes)} vs {len(val.classes)})")
+    _decode_once(config, train, val)
     return DataBundle(train, val, len(train.classes), list(train.classes), norm, size,
                       {"kind": "imagefolder", "root": str(root),
                        "train_images": len(train), "val_images": len(val)})
+
+
+def _decode_once(config: TrainConfig, *folders: Any) -> None:
+    """Decode every image of the ImageFolders once into memory when they fit --image-memory-mb.
+
+    The folders' loader then hands out the held pixels (the same RGB image as
+    torchvision's loader), and the transforms, random ones included, still run
+    per item. Sets that do not fit keep decoding per item (in --workers processes).
+    """
+    from cgl_train.decoded import DecodedImages, decoded_sizes
+
+    budget = config.image_memory_mb * 2 ** 20
+    paths = [p for f in folders for p, _ in f.samples]
+    sizes = decoded_sizes(paths, budget) if budget else None
+    if sizes is None:
+        log.info("ImageFolder images exceed --image-memory-mb %d decoded: decoding each item as it loads "
+                 "(%d worker processes)", config.image_memory_mb, config.workers)
+        return
+    store = DecodedImages(paths, sizes, show_progress=not config.quiet)
+    log.info("holding %d decoded ImageFolder images in memory (%.1f MiB)", len(store), store.nbytes / 2 ** 20)
+    for f in folders:
+        f.loader = store.load
 
 
 def build_datasets(config: TrainConfig, progress: bool = True) -> DataBundle:

@@ -17,7 +17,8 @@ from dissect.options import Options, option
 
 __all__ = ["DissectConfig", "RESULT_FIELDS", "OPTION_FLAGS", "INTERPOLATIONS", "UNIONS", "DETECTOR_RULES",
            "KEEP_ACTIVATIONS", "NORMALIZE_NAMES", "IMAGE_RULES", "UPSAMPLE_MODES", "FLAG_GROUPS", "ARCH_HELP",
-           "DECODED_CACHE", "LoadOptions", "RunSettings", "passes_rule", "threshold_specs", "file_sha256"]
+           "DECODED_CACHE", "FINGERPRINTS", "LoadOptions", "RunSettings", "passes_rule", "threshold_specs",
+           "file_sha256"]
 
 # numpy.quantile(method=...) names we reproduce; hazen is Hyndman-Fan type 5, the reference's.
 INTERPOLATIONS = ("hazen", "linear", "lower", "higher", "nearest")
@@ -86,6 +87,13 @@ class DissectConfig(Options):
         "auto", "keep stage-1 activations for stage 2 (auto: when under --activation-budget-mb)",
         choices=KEEP_ACTIVATIONS, group="execution")
     activation_budget_mb: int = option(2048, "memory for kept activations, MiB", low=0, group="execution")
+    threads: int = option(
+        0, "torch intra-op CPU threads during the run (0: auto, the cores this process may use, "
+        "os.sched_getaffinity, that other processes leave idle when it starts; fewer on a GPU)", metavar="N",
+        low=0, group="execution")
+    loader_threads: int = option(
+        0, "threads that decode or read batches ahead of compute, in order (0: auto, one per 4 cores on "
+        "CPU, up to 8 on a GPU); any count gives the same results", metavar="N", low=0, group="execution")
     normalize: str | None = option(
         None, "input normalisation (default: the checkpoint's, else imagenet); given explicitly it wins over "
         "the checkpoint's (with a warning) and summary.json records what was used", choices=(None, *NORMALIZE_NAMES),
@@ -142,6 +150,7 @@ ARCH_HELP = ("architecture of a state_dict or TorchScript archive: a torchvision
              "cgl_train model. A bare name is looked up in torchvision first, then cgl_train; prefix it to "
              "pick the registry: 'torchvision:alexnet' or 'cgl:alexnet'")
 DECODED_CACHE = ("auto", "build", "off")
+FINGERPRINTS = ("stat", "content")  # broden.cache.FINGERPRINT_MODES
 
 
 @dataclass
@@ -167,11 +176,18 @@ class RunSettings(Options):
     download: bool = option(False, "fetch a named dataset when it is not in the cache dir", group="data")
     mirrors: list[str] = option([], "extra base URL for --download (repeatable)", flag="--mirror",
                                 metavar="URL", append=True, group="data")
-    decoded_cache: str = option("auto", "decoded image cache: auto (use one if present), build (make it "
-                                "first), off", choices=DECODED_CACHE, group="data")
+    decoded_cache: str = option(
+        "auto", "decoded image cache: auto (read it if present, else write it while the first pass decodes, "
+        "when that pass reads every image of the dataset on one process; torchrun: rank 0 builds it first), "
+        "build (build it first, in parallel threads), off (decode on every pass)", choices=DECODED_CACHE,
+        group="data")
     allow_outside_links: bool = option(
         False, "follow symbolic links in the dataset's images/ that resolve outside it (refused by default: "
         "the dataset would read files it does not contain)", group="data")
+    fingerprint: str = option(
+        "stat", "how a dataset is recognised (keys the decoded cache and reused runs): stat (size + mtime of "
+        "every file: fast on the 63k images of Broden) or content (sha256 of every file, hashed in parallel: "
+        "catches edits that keep size and mtime)", choices=FINGERPRINTS, group="data")
     synthetic_per_class: int | None = option(
         None, "--dataset synthetic: images per class (default: the checkpoint's training set when it was "
         "trained on synthetic data, else the paper's 640)", metavar="N", low=1,
@@ -179,7 +195,8 @@ class RunSettings(Options):
     synthetic_size: int | None = option(
         None, "--dataset synthetic: image size (default: the checkpoint's training set, else 64)",
         metavar="PX", low=1, expected="a positive integer or None", group="data")
-    force: bool = option(False, "recompute even if DIR holds a finished identical run", group="execution")
+    force: bool = option(False, "recompute even if DIR holds a finished identical run, and rebuild the decoded "
+                         "cache from the image files", group="execution")
     quiet: bool = option(False, "no progress bars", group="execution")
 
 

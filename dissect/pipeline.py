@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from broden.errors import InputError
+from broden.loader import iter_batches, thread_plan, torch_threads
 from dissect.config import DissectConfig
 from dissect.devices import resolve_device
 from dissect.distributed import DistContext, barrier, merge_stats, shard_range
@@ -58,18 +59,22 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
     if out is not None and ctx.is_main:
         # an older summary.json must not make a half-written directory look complete
         (Path(out) / "summary.json").unlink(missing_ok=True)
-    engine = _Engine(model, layers, dataset, config, loaded.normalization, device, ctx, state)
-    given = load_given_thresholds(config.thresholds, layers, {n: s[0] for n, s in engine.shapes.items()})
+    torch_n, loader_n = thread_plan(config.threads, config.loader_threads, device)
+    config = dataclasses.replace(config, threads=torch_n, loader_threads=loader_n)  # recorded as used
+    log.info("threads: %d torch intra-op, %d loading ahead", torch_n, loader_n)
     timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    thresholds, tops = engine.stage1(skip_quantile=set(given))  # per-unit quantile + top images
-    # given thresholds keep their dtype: float64 ones are compared in float64 by --upsample pil
-    thresholds.update({n: torch.from_numpy(g.values).to(device) for n, g in given.items()})
-    timings["thresholds"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tallies = engine.stage2(thresholds)                      # I, A, G per unit and label
-    timings["tally"] = time.perf_counter() - t
+    with torch_threads(torch_n):  # the run's budget; the caller's count comes back after
+        engine = _Engine(model, layers, dataset, config, loaded.normalization, device, ctx, state,
+                         loader_threads=loader_n)
+        given = load_given_thresholds(config.thresholds, layers, {n: s[0] for n, s in engine.shapes.items()})
+        t = time.perf_counter()
+        thresholds, tops = engine.stage1(skip_quantile=set(given))  # per-unit quantile + top images
+        # given thresholds keep their dtype: float64 ones are compared in float64 by --upsample pil
+        thresholds.update({n: torch.from_numpy(g.values).to(device) for n, g in given.items()})
+        timings["thresholds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tallies = engine.stage2(thresholds)                      # I, A, G per unit and label
+        timings["tally"] = time.perf_counter() - t
     t = time.perf_counter()
     results = [_label_layer(name, engine.shapes[name], thresholds[name], tops[name], tallies[name],
                             info, config, model, loaded.groups, dataset) for name in layers]
@@ -174,7 +179,9 @@ def dataset_info(dataset: Any) -> DatasetInfo:
     from broden.cache import source_fingerprint
 
     meta = dataset.meta
-    return DatasetInfo(root=str(meta.root), fingerprint=source_fingerprint(meta.root, meta=meta),
+    # the dataset's own (computed once, in its --fingerprint mode); any other dataset: by stat
+    fingerprint = getattr(dataset, "fingerprint", None) or source_fingerprint(meta.root, meta=meta)
+    return DatasetInfo(root=str(meta.root), fingerprint=fingerprint,
                        num_images=len(dataset), categories=list(dataset.categories),
                        all_categories=list(meta.categories), label_names=list(meta.label_names),
                        label_category=np.asarray(_label_category(dataset), dtype=np.int64),
@@ -227,6 +234,7 @@ class _Engine:
     state: RunState
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     kept: list[dict[str, torch.Tensor]] | None = None
+    loader_threads: int = 1
 
     def __post_init__(self) -> None:
         n = len(self.dataset)
@@ -247,12 +255,15 @@ class _Engine:
         return {} if self.ctx.is_main else {"disable": True}  # one bar per job, not per rank
 
     def _batches(self, begin: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(start, batch) from `begin` to the shard's end, read ahead by loader threads (same order, same contents)."""
         bs = self.config.batch_size
-        for s in range(begin, self.end, bs):
-            yield s, self.dataset.get_batch(np.arange(s, min(s + bs, self.end)))
+        ranges = [(s, min(s + bs, self.end)) for s in range(begin, self.end, bs)]
+        with iter_batches(self.dataset, ranges, self.loader_threads, pin_memory=self.device.type == "cuda") as it:
+            yield from it  # leaving the loop early (an error, a kill) stops the threads
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = preprocess(images.to(self.device), self.normalization, self.config.input_size)  # (B, 3, H, W)
+        x = preprocess(images.to(self.device, non_blocking=True), self.normalization,
+                       self.config.input_size)  # (B, 3, H, W)
         with torch.no_grad(), LayerRecorder(self.model, self.layers, stop_after_last=True) as rec:
             return rec.forward(x)
 
@@ -319,7 +330,7 @@ class _Engine:
                        unit="img", **self._bar_args())
         for s, batch in self._batches(begin):
             acts = self._forward(batch["image"])
-            index = batch["index"].to(self.device)
+            index = batch["index"].to(self.device, non_blocking=True)
             for n in self.layers:
                 if n in quant:
                     quant[n].add(acts[n])
@@ -375,8 +386,8 @@ class _Engine:
                        unit="img", **self._bar_args())
         for i, (s, batch) in enumerate(self._batches(begin)):
             acts = kept[i] if kept is not None else self._forward(batch["image"])
-            labels = batch["labels"].to(self.device)              # (B, K, sh, sw)
-            image_labels = batch["image_labels"].to(self.device)  # (B, M)
+            labels = batch["labels"].to(self.device, non_blocking=True)              # (B, K, sh, sw)
+            image_labels = batch["image_labels"].to(self.device, non_blocking=True)  # (B, M)
             b = labels.shape[0]
             prepared = tallies[self.layers[0]].prepare_labels(labels, image_labels)  # shared by all layers
             for n in self.layers:  # sparse: only output windows near a hot source pixel are computed

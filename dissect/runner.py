@@ -78,7 +78,7 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
     # the whole run, reuse check included, holds DIR: a second run there would overwrite this one's
     # files or resume from its states (only rank 0 locks; the other ranks wait for it at a barrier)
     with _out_lock(out_path, ctx):
-        return _run_in(out_path, loaded, ds, config, settings, ctx)
+        return _run_in(out_path, loaded, ds, config, settings, ctx, owned=ds is not dataset)
 
 
 def _out_lock(out_path: Path | None, ctx: Any) -> Any:
@@ -93,8 +93,10 @@ def _out_lock(out_path: Path | None, ctx: Any) -> Any:
 
 
 def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, settings: RunSettings,
-            ctx: Any) -> RunOutcome:
-    """Reuse a finished identical run in `out_path`, or compute it (the directory is locked)."""
+            ctx: Any, owned: bool) -> RunOutcome:
+    """Reuse a finished identical run in `out_path`, or compute it (the directory is locked).
+
+    `owned`: the dataset was made for this run, which closes it (drops its scratch store)."""
     from dissect import distributed
     from dissect.pipeline import layers_to_dissect, plan_key, run_dissection
     from dissect.results import missing_outputs, read_summary, remove_stale_outputs, summary_json
@@ -110,6 +112,8 @@ def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, 
             if not missing:
                 log.info("%s already holds this dissection (same model, layers, dataset and options); "
                          "reusing it", out_path)
+                if owned:
+                    ds.close()
                 return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
             # summary.json is written last, but files can go later (a cleanup, a partial copy)
             log.warning("%s: summary.json lists %s, which is missing (%d file(s) in all); recomputing the "
@@ -118,7 +122,11 @@ def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, 
         # before any work: a report or layer folder of an earlier run must not pass for this one's
         remove_stale_outputs(out_path, layers_to_dissect(loaded, config))
     distributed.barrier(ctx)
-    res = run_dissection(loaded, ds, config, out_path, ctx)
+    try:
+        res = run_dissection(loaded, ds, config, out_path, ctx)
+    finally:
+        if owned:  # a finished decoded cache stays; a scratch store goes
+            ds.close()
     return RunOutcome(out_path, False, summary_json(res), res, is_main=ctx.is_main)
 
 
@@ -149,6 +157,14 @@ def _as_loaded(model: Any, loading: LoadOptions, config: DissectConfig) -> Any:
 
 
 def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunSettings, ctx: Any) -> Any:
+    """The BrodenDataset to dissect, with its decoded cache (docs/architecture.md, "data path").
+
+    --decoded-cache auto: read a fresh cache; else, on one process, the first pass writes it as it
+    decodes (persistent when the selection is every row of index.csv, a scratch store removed after
+    the run otherwise), and under torchrun rank 0 builds it first when no --split/--limit narrows the
+    selection. build: build it first (rank 0). off: decode on every pass. --force rebuilds it.
+    """
+    from broden.cache_writer import CacheSpaceError
     from broden.dataset import BrodenDataset
     from dissect import distributed
     from dissect.datasets import resolve_dataset, synthetic_source
@@ -162,16 +178,26 @@ def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunS
     root = resolve_dataset(dataset, settings.cache_dir, settings.download, settings.mirrors, synthetic,
                            settings.quiet, synthetic_reuse=reuse)
     links = settings.allow_outside_links
-    if settings.decoded_cache == "build" and ctx.is_main:
+    mode = settings.decoded_cache
+    whole = config.split is None and config.limit is None
+    upfront = mode == "build" or (mode == "auto" and ctx.world_size > 1 and whole)
+    if upfront and ctx.is_main:
         from broden.cache import build_cache
         from broden.format import load_meta
 
-        build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet,
-                    meta=load_meta(root, allow_outside_links=True) if links else None)
+        try:
+            build_cache(root, cache_dir=settings.cache_dir, progress=not settings.quiet, force=settings.force,
+                        fingerprint_mode=settings.fingerprint,
+                        meta=load_meta(root, allow_outside_links=True) if links else None)
+        except CacheSpaceError as e:
+            log.warning("%s. Running without the decoded cache", e)
     distributed.barrier(ctx)
-    cache: Any = "off" if settings.decoded_cache == "off" else (settings.cache_dir or "auto")
+    cache: Any = "off" if mode == "off" else (settings.cache_dir or "auto")
+    # after an upfront build the cache is fresh: rebuild only when streaming does the building
+    stream = mode == "auto" and ctx.world_size == 1
     return BrodenDataset(root, categories=config.categories, split=config.split, limit=config.limit, cache=cache,
-                         allow_outside_links=links, images=config.images)
+                         allow_outside_links=links, images=config.images, fingerprint=settings.fingerprint,
+                         write_cache=stream, rebuild=settings.force and stream)
 
 
 def dissect_model(model: Any, dataset: Any, layers: list[str] | None = None,
