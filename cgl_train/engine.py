@@ -34,6 +34,9 @@ Choices (recorded in every checkpoint through the config):
 - log.jsonl: a first header line `{"header": true, "seed", "config",
   "cgl_options", "versions", "world_size", "data"}`, then one line per epoch
   (`read_log` splits them; TrainResult.history holds the epoch lines only).
+- An improving epoch saves best.pth before latest.pth; `--resume` checks best.pth against
+  latest.pth's record of it and restores or reports what a kill or a deletion left apart
+  (`_reconcile_best`; docs/contracts.md, Checkpoints).
 - Validation top-5 is null when the task has fewer than 5 classes.
 - The logged `total` is eq. 8 (task + weighted terms, whatever way R_bn is
   applied); weight decay is not part of it.
@@ -464,8 +467,18 @@ def build_loaders(config: TrainConfig, data: DataBundle, dist: DistInfo | None =
     return Loaders(train_loader, val_loader, sampler, samples, generator, config.seed, dist.rank)
 
 
+@dataclass
+class _Best:
+    """What latest.pth records of the best checkpoint: its val top-1 and epoch (None: none yet), and
+    `missing` when best.pth was lost and is written again only at the next improvement."""
+
+    top1: float | None = None
+    epoch: int | None = None
+    missing: bool = False
+
+
 def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[str, Any],
-                history: list[dict[str, Any]], best_top1: float | None) -> dict[str, Any]:
+                history: list[dict[str, Any]], best: _Best) -> dict[str, Any]:
     cfg = trainer.config
     return make_checkpoint(
         arch=cfg.arch, arch_kwargs=trainer.arch_kwargs, state_dict=trainer.net.state_dict(),
@@ -474,8 +487,9 @@ def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[st
         seed=cfg.seed, optimizer=trainer.optimizer.state_dict(), scaler=trainer.scaler.state_dict(),
         objective={k: (v.detach().cpu() if torch.is_tensor(v) else v)
                    for k, v in trainer.objective.state_dict().items()},
-        cgl_options=trainer.objective.options.to_dict(), history=history, best_top1=best_top1,
-        class_names=data.class_names, data=data.info, world_size=trainer.dist.world_size)
+        cgl_options=trainer.objective.options.to_dict(), history=history, best_top1=best.top1,
+        best_epoch=best.epoch, best_missing=best.missing, class_names=data.class_names, data=data.info,
+        world_size=trainer.dist.world_size)
 
 
 def plateau_reached(history: list[dict[str, Any]], config: TrainConfig) -> bool:
@@ -501,6 +515,64 @@ def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> N
     if done >= config.epochs:
         raise InputError(f"{path}: the run already completed {done} epoch(s) and epochs = {config.epochs}; "
                          f"nothing to resume (pass --epochs > {done} to extend a 'step' or 'constant' run)")
+
+
+def _recorded_best(ckpt: dict[str, Any]) -> _Best:
+    """The best checkpoint a latest.pth records."""
+    top1 = ckpt.get("best_top1")
+    epoch = ckpt.get("best_epoch")
+    if top1 is not None and epoch is None:  # written before best_epoch: the first epoch reaching it
+        epoch = next((h.get("epoch") for h in ckpt.get("history", []) if h.get("val_top1") == top1), None)
+    return _Best(top1, epoch, bool(ckpt.get("best_missing")))
+
+
+def _best_on_disk(best_path: Path) -> tuple[int | None, float | None] | str | None:
+    """(epoch, val top-1) of best.pth, None when there is none, or why it cannot be read."""
+    if not best_path.exists():
+        return None
+    try:
+        ckpt = load_checkpoint(best_path)
+    except InputError as e:
+        return f"cannot be read ({e})"
+    return ckpt.get("epoch"), (ckpt.get("metrics") or {}).get("val_top1")
+
+
+def _set_aside(best_path: Path) -> Path:
+    """Move a best.pth that is not the recorded best out of the way (kept: it may be worth a look)."""
+    stale = best_path.with_name("best.stale.pth")
+    best_path.replace(stale)
+    return stale
+
+
+def _reconcile_best(ckpt: dict[str, Any] | None, latest: Path, best_path: Path) -> _Best:
+    """Make best.pth agree with what latest.pth (`ckpt`; None for a new run) records, saying what differs.
+
+    A kill between the two saves of an epoch, or a deleted file, leaves them apart. A best.pth
+    that is not the recorded one is moved to best.stale.pth; a missing best that is latest.pth's
+    own epoch is rewritten from it; any other is lost: the returned record says so (`missing`)
+    and best.pth is written again at the next improvement.
+    """
+    best = _recorded_best(ckpt) if ckpt is not None else _Best()
+    found = _best_on_disk(best_path)
+    if found == ((best.epoch, best.top1) if best.top1 is not None else None):
+        return _Best(best.top1, best.epoch, False)
+    if found is None:
+        what = f"{best_path} is missing"
+    else:
+        held = found if isinstance(found, str) else f"holds epoch {found[0]} (val top-1 {found[1]})"
+        what = f"{best_path} {held}, which is not the best checkpoint {latest} records: moved it to " \
+               f"{_set_aside(best_path).name}"
+    if best.top1 is None:
+        log.warning("%s (%s)", what, "it records none yet" if ckpt is not None else "there is no latest.pth")
+        return best
+    recorded = f"{latest.name} records epoch {best.epoch} (val top-1 {best.top1}) as the best"
+    if ckpt is not None and best.epoch == ckpt["epoch"]:
+        save_checkpoint(ckpt, best_path)  # latest.pth is that epoch's checkpoint
+        log.warning("%s; %s, its own epoch: restored best.pth from latest.pth", what, recorded)
+        return _Best(best.top1, best.epoch, False)
+    log.warning("%s; %s and no copy of that checkpoint is left: best.pth is written again when validation "
+                "top-1 exceeds %s (latest.pth records best_missing until then)", what, recorded, best.top1)
+    return _Best(best.top1, best.epoch, True)
 
 
 def log_header(trainer: Trainer, data: DataBundle) -> dict[str, Any]:
@@ -554,7 +626,7 @@ def save_untrained(config: TrainConfig) -> Path:
     metrics = evaluate(trainer.net, loaders.val, device, data.num_classes, max_batches=config.max_val_batches)
     write_json_atomic(out / "config.json", config.to_dict())
     path = out / "latest.pth"
-    save_checkpoint(_checkpoint(trainer, data, 0, {**metrics, "untrained": True}, [], None), path)
+    save_checkpoint(_checkpoint(trainer, data, 0, {**metrics, "untrained": True}, [], _Best()), path)
     return path
 
 
@@ -605,8 +677,8 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         data = build_datasets(config, progress=False)
     trainer = build_trainer(config, data.num_classes, data.input_size, device, dist)
     history: list[dict[str, Any]] = []
-    best_top1: float | None = None
     start_epoch = 0
+    ckpt = None
     if config.resume:
         ckpt = load_checkpoint(latest)
         _check_resumable(ckpt, config, latest)
@@ -616,9 +688,10 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         if ckpt.get("scaler"):
             trainer.scaler.load_state_dict(ckpt["scaler"])
         history = list(ckpt.get("history", []))
-        best_top1 = ckpt.get("best_top1")
         start_epoch = int(ckpt["epoch"])
         log.info("resuming %s at epoch %d", latest, start_epoch)
+    # only rank 0 writes checkpoints, so only it looks at best.pth
+    best = _reconcile_best(ckpt, latest, best_path) if dist.is_main else _recorded_best(ckpt or {})
     if dist.is_main:
         write_json_atomic(out / "config.json", config.to_dict())
     header = log_header(trainer, data)
@@ -639,9 +712,9 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         entry["relevance"] = trainer.objective.relevances()
         entry["time"] = entry.pop("train_time")
         history.append(entry)
-        improved = entry["val_top1"] is not None and (best_top1 is None or entry["val_top1"] > best_top1)
+        improved = entry["val_top1"] is not None and (best.top1 is None or entry["val_top1"] > best.top1)
         if improved:
-            best_top1 = entry["val_top1"]
+            best = _Best(entry["val_top1"], epoch + 1)
         metrics = {k: entry.get(k) for k in ("val_top1", "val_top5", "val_loss", "train_top1")}
         metrics["train_loss"] = entry["total"]
         metrics["train_task_loss"] = entry["task"]
@@ -650,10 +723,10 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
             metrics["stopped"] = "plateau"  # recorded: a resume must not continue a finished run
         if dist.is_main:
             _write_log(out, header, history)
-            ckpt = _checkpoint(trainer, data, epoch + 1, metrics, history, best_top1)
-            save_checkpoint(ckpt, latest)
-            if improved:
+            ckpt = _checkpoint(trainer, data, epoch + 1, metrics, history, best)
+            if improved:  # first: a kill between the two saves leaves no latest.pth naming an absent best
                 save_checkpoint(ckpt, best_path)
+            save_checkpoint(ckpt, latest)
             log.info("epoch %d: task %.4f total %.4f val top-1 %s", epoch + 1, entry["task"],
                      entry["total"], entry["val_top1"])
         barrier(dist)
