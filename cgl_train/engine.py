@@ -37,6 +37,11 @@ Choices (recorded in every checkpoint through the config):
 - An improving epoch saves best.pth before latest.pth; `--resume` checks best.pth against
   latest.pth's record of it and restores or reports what a kill or a deletion left apart
   (`_reconcile_best`; docs/contracts.md, Checkpoints).
+- A step whose loss terms (any computed, monitored ones included) or, without an enabled
+  GradScaler, gradients are inf/NaN stops the run with NonFiniteTraining (cgl-train: exit 1)
+  naming the epoch, the step and what was not finite. The flags stay on the device and are
+  read once, at the epoch's end, before anything of the epoch is written. A GradScaler (AMP)
+  still skips steps with inf/NaN gradients; those are not errors.
 - Validation top-5 is null when the task has fewer than 5 classes.
 - The logged `total` is eq. 8 (task + weighted terms, whatever way R_bn is
   applied); weight decay is not part of it.
@@ -65,8 +70,9 @@ from dissect.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cgl_train.config import TrainConfig, check_resumable
 from cgl_train.cpu import configure_cpu
 from cgl_train.data import DataBundle, build_datasets
-from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, init_from_env,
-                                   per_rank_batch, shard_indices, shutdown, wrap_ddp)
+from cgl_train.distributed import (DistInfo, all_reduce_min, all_reduce_sum, average_gradients, barrier,
+                                   init_from_env, per_rank_batch, shard_indices, shutdown, wrap_ddp)
+from cgl_train.errors import NonFiniteTraining
 from cgl_train.groups import GroupActivations, LayerGroups, layer_groups_config
 from cgl_train.losses import CGLObjective
 from cgl_train.models import build_model, default_group_layers
@@ -77,11 +83,14 @@ from dissect.provenance import software_versions
 
 __all__ = ["TrainResult", "Trainer", "Loaders", "BatchLoader", "StepMetrics", "SeededSamples", "sample_seed",
            "seed_worker", "lr_at", "build_trainer", "build_loaders", "train_step", "train_one_epoch", "evaluate",
-           "train", "save_untrained", "plateau_reached", "read_log", "log_header", "TERM_NAMES"]
+           "train", "save_untrained", "plateau_reached", "read_log", "log_header", "TERM_NAMES", "CHECKED",
+           "NonFiniteTraining"]
 
 log = logging.getLogger(__name__)
 
 TERM_NAMES = ("task", "r_bn", "l_g", "l_s", "total")
+# what each step checks for inf/NaN: the loss terms it computed, and the gradients it would apply
+CHECKED = ("task", "r_bn", "l_g", "l_s", "gradients")
 
 
 @dataclass
@@ -89,16 +98,20 @@ class StepMetrics:
     """Training metrics of one step, or summed over steps, as tensors on the training device.
 
     `terms`: each of TERM_NAMES -> float64 0-dim (NaN: not computed this step);
-    `correct` (top-1 hits) and `count` (images): int64 0-dim. Adding two needs no host sync.
+    `correct` (top-1 hits) and `count` (images): int64 0-dim; `nonfinite`: bool (len(CHECKED),),
+    which of CHECKED were inf/NaN (None: not checked). Adding two needs no host sync.
     """
 
     terms: dict[str, torch.Tensor]
     correct: torch.Tensor
     count: torch.Tensor
+    nonfinite: torch.Tensor | None = None
 
     def __add__(self, other: "StepMetrics") -> "StepMetrics":
+        flags = (self.nonfinite if other.nonfinite is None else
+                 other.nonfinite if self.nonfinite is None else self.nonfinite | other.nonfinite)
         return StepMetrics({k: v + other.terms[k] for k, v in self.terms.items()},
-                           self.correct + other.correct, self.count + other.count)
+                           self.correct + other.correct, self.count + other.count, flags)
 
     @classmethod
     def zeros(cls, device: torch.device) -> "StepMetrics":
@@ -216,6 +229,9 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
             if weight.grad is not None:  # coupled L2 on the free filters, as SGD's weight_decay does
                 weight.grad[start:].add_(weight[start:], alpha=cfg.weight_decay)
     average_gradients(list(trainer.objective.parameters()), trainer.dist)
+    # an enabled scaler skips a step with inf/NaN gradients itself (not an error); without one
+    # they would reach the weights
+    grad_norm = None if trainer.scaler.is_enabled() else _max_abs_gradient(opt)
     scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
     trainer.scaler.step(opt)
     trainer.scaler.update()
@@ -225,12 +241,22 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
         trainer.objective.proximal_step(opt.param_groups[0]["lr"])
     if acts is not None:
         acts.clear()
-    return _step_metrics(trainer, task, terms, logits, labels)
+    return _step_metrics(trainer, task, terms, logits, labels, grad_norm)
+
+
+@torch.no_grad()
+def _max_abs_gradient(opt: torch.optim.Optimizer) -> torch.Tensor:
+    """The largest |gradient| over the optimizer's parameters, on the device (inf/NaN if any is).
+
+    The inf-norm, not the 2-norm: finite gradients never overflow it. One fused read, no sync.
+    """
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, float("inf"))
 
 
 @torch.no_grad()
 def _step_metrics(trainer: Trainer, task: torch.Tensor, terms: dict[str, torch.Tensor], logits: torch.Tensor,
-                  labels: torch.Tensor) -> StepMetrics:
+                  labels: torch.Tensor, grad_norm: torch.Tensor | None = None) -> StepMetrics:
     cfg = trainer.config
     nan = torch.full((), float("nan"), device=trainer.device, dtype=torch.float64)
     lam = {"r_bn": cfg.lambda_bn, "l_g": cfg.lambda_g, "l_s": cfg.lambda_s}
@@ -243,7 +269,11 @@ def _step_metrics(trainer: Trainer, task: torch.Tensor, terms: dict[str, torch.T
     values["total"] = total  # eq. 8, in float64, whatever way R_bn is applied
     correct = (logits.argmax(dim=1) == labels).sum()  # int64
     count = torch.full((), labels.numel(), dtype=torch.int64, device=trainer.device)
-    return StepMetrics(values, correct, count)
+    # terms not computed (NaN above) and unchecked gradients stand in as 0: finite
+    zero = torch.zeros((), device=trainer.device, dtype=torch.float64)
+    probe = torch.stack([values["task"], *(values[n] if n in terms else zero for n in ("r_bn", "l_g", "l_s")),
+                         zero if grad_norm is None else grad_norm.double()])  # (len(CHECKED),)
+    return StepMetrics(values, correct, count, ~torch.isfinite(probe))
 
 
 def _bar_kwargs(trainer: Trainer, desc: str, total: int | None) -> dict[str, Any]:
@@ -264,6 +294,7 @@ def train_one_epoch(trainer: Trainer, loader: Iterable[Any], epoch: int) -> dict
     limit = cfg.max_train_batches
     total = min(len(loader), limit) if limit else len(loader)  # type: ignore[arg-type]
     sums = StepMetrics.zeros(trainer.device)
+    first_bad = _FirstNonFinite(trainer.device)
     batches = 0
     start = time.perf_counter()
     capture = (GroupActivations(trainer.net, trainer.layer_groups, copy=False)
@@ -273,10 +304,50 @@ def train_one_epoch(trainer: Trainer, loader: Iterable[Any], epoch: int) -> dict
         for images, labels in bar:
             if limit is not None and batches >= limit:
                 break
-            sums = sums + train_step(trainer, images, labels, acts)
+            step = train_step(trainer, images, labels, acts)
+            first_bad.update(batches, step.nonfinite)
+            sums = sums + step
             batches += 1
         bar.close()
+    first_bad.check(epoch, batches, trainer.dist)
     return {**_epoch_means(sums, batches, trainer.dist), "lr": lr, "train_time": time.perf_counter() - start}
+
+
+class _FirstNonFinite:
+    """The first step of an epoch with an inf/NaN loss term or gradient, kept on the device.
+
+    Updated every step without a host sync; `check` reads it once, at the epoch's end, before
+    anything of the epoch is saved (so no weights updated from a non-finite step are written).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)  # -1: none yet
+        self.flags = torch.zeros(len(CHECKED), dtype=torch.bool, device=device)
+
+    def update(self, step: int, flags: torch.Tensor | None) -> None:
+        """Record 0-based `step`'s flags (bool (len(CHECKED),)) if it is the first bad one."""
+        if flags is None:
+            return
+        first = flags.any() & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.flags = torch.where(first, flags, self.flags)
+
+    def check(self, epoch: int, batches: int, dist: DistInfo) -> None:
+        """Raise NonFiniteTraining naming 0-based `epoch`, the step and what was not finite (any rank)."""
+        none = torch.iinfo(torch.int64).max
+        step = torch.where(self.step < 0, none, self.step)
+        flags = self.flags.long()
+        # the first bad step over the ranks, and the flags of every rank's first bad step
+        all_reduce_min(step, dist)
+        all_reduce_sum(flags, dist)
+        first, bad = int(step), [name for name, n in zip(CHECKED, flags.tolist()) if n]
+        if first == none:
+            return
+        terms = [name for name in bad if name != "gradients"]
+        what = [f"loss term{'s' if len(terms) > 1 else ''} {', '.join(terms)}"] if terms else []
+        what += ["the gradients"] if "gradients" in bad else []
+        raise NonFiniteTraining(f"training stopped at epoch {epoch + 1}, step {first + 1} of {batches}: not "
+                                f"finite (inf or NaN): {' and '.join(what)} (a lower --lr? bad input data?)")
 
 
 def _epoch_means(sums: StepMetrics, batches: int, dist: DistInfo) -> dict[str, Any]:
@@ -700,7 +771,11 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         loaders.set_epoch(epoch)
         torch.manual_seed(_epoch_seed(config.seed, epoch, dist.rank))
         entry: dict[str, Any] = {"epoch": epoch + 1}
-        entry.update(train_one_epoch(trainer, loaders.train, epoch))
+        try:
+            entry.update(train_one_epoch(trainer, loaders.train, epoch))
+        except NonFiniteTraining as e:  # raised before anything of this epoch is written
+            kept = f"{latest} still holds epoch {epoch}" if epoch else "no checkpoint was written"
+            raise NonFiniteTraining(f"{e}; nothing was saved for epoch {epoch + 1}: {kept}") from None
         last = epoch + 1 == config.epochs
         val: dict[str, Any] = {"val_top1": None, "val_top5": None, "val_loss": None}
         if last or (epoch + 1) % config.val_every == 0:

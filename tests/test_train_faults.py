@@ -1,13 +1,17 @@
-"""Issue 13, a fault campaign on `cgl-train`: a kill between the two checkpoint saves."""
+"""Issue 13, a fault campaign on `cgl-train`: a kill between the two checkpoint saves, non-finite
+training."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 import cgl_train.engine as engine
-from cgl_train.engine import train
+from cgl_train.cli import main
+from cgl_train.engine import build_loaders, build_trainer, train, train_one_epoch
+from cgl_train.data import build_datasets
 from dissect.checkpoint import load_checkpoint
 from test_train import config, shapes  # noqa: F401  (shapes: a module fixture)
 
@@ -146,3 +150,114 @@ def test_a_new_run_sets_aside_a_best_left_by_a_run_killed_before_its_first_lates
                for m in messages), messages
     assert result.best == out / "best.pth" and load_checkpoint(out / "best.pth")["epoch"] == 1
     assert (out / "best.stale.pth").exists()
+
+
+# ---------------------------------------------------------------- 2. non-finite training stops the run
+
+def cli_args(shapes: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", "synthetic", "--synthetic-dir", str(shapes), "--synthetic-per-class", "1",
+            "--synthetic-size", "32", "--arch-kwargs", '{"width1": 8, "width2": 16}', "--out", str(out),
+            "--batch-size", "12", "--workers", "0", "--groups", "4", "--lr-schedule", "constant", "--quiet", *extra]
+
+
+def poison_objective_at(monkeypatch, term: str, step: int) -> None:
+    """Make the objective's `term` infinite at the `step`-th training step (1-based, over the run)."""
+    real = engine.build_trainer
+    count = [0]
+
+    def build(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+
+        def hook(module, inputs, out):
+            if module.training:
+                count[0] += 1
+                if count[0] == step:
+                    return {**out, term: out[term] * float("inf")}
+            return out
+
+        trainer.objective.register_forward_hook(hook)
+        return trainer
+
+    monkeypatch.setattr(engine, "build_trainer", build)
+
+
+def test_a_non_finite_cgl_term_stops_the_run_leaving_the_last_good_checkpoint(shapes, tmp_path, monkeypatch,
+                                                                               capsys):
+    out = tmp_path / "run"
+    args = cli_args(shapes, out, "--lambda-s", "1e-2", "--epochs", "3")
+    # 36 images in batches of 12: steps 1-3 are epoch 1, step 5 is epoch 2's second batch
+    poison_objective_at(monkeypatch, "l_s", 5)
+    saved = {}
+    real_train_one_epoch = engine.train_one_epoch
+
+    def after_epoch_1(trainer, loader, epoch):
+        if epoch == 1:  # what epoch 1 left on disk
+            saved.update({name: (out / name).read_bytes() for name in ("latest.pth", "best.pth", "log.jsonl")})
+        return real_train_one_epoch(trainer, loader, epoch)
+
+    monkeypatch.setattr(engine, "train_one_epoch", after_epoch_1)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "epoch 2" in err and "step 2 of 3" in err and "l_s" in err and "task" not in err
+    assert "Traceback" not in err and str(out / "latest.pth") in err
+    assert set(saved) == {"latest.pth", "best.pth", "log.jsonl"}
+    for name, data in saved.items():
+        assert (out / name).read_bytes() == data, name  # nothing written for the bad epoch
+    assert load_checkpoint(out / "latest.pth")["epoch"] == 1
+
+
+def test_a_huge_learning_rate_stops_in_the_first_epoch_writing_no_checkpoint(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli_args(shapes, out, "--lr", "1e30", "--epochs", "2", "--momentum", "0")) == 1
+    err = capsys.readouterr().err
+    assert "epoch 1" in err and "task" in err and "not finite" in err and "Traceback" not in err
+    assert not (out / "latest.pth").exists() and not (out / "best.pth").exists()
+
+
+def test_non_finite_gradients_stop_the_epoch_naming_the_step(shapes, tmp_path):
+    cfg = config(shapes, tmp_path, lambda_bn=1e-3, lr_schedule="constant")
+    data = build_datasets(cfg, progress=False)
+    trainer = build_trainer(cfg, data.num_classes, data.input_size, torch.device("cpu"))
+    loaders = build_loaders(cfg, data)
+    loaders.set_epoch(0)
+    calls = [0]
+
+    def poison(grad):
+        calls[0] += 1
+        return grad * float("inf") if calls[0] == 2 else grad
+
+    trainer.net.conv1.weight.register_hook(poison)  # the loss stays finite at step 2, its gradient does not
+    with pytest.raises(engine.NonFiniteTraining) as e:
+        train_one_epoch(trainer, loaders.train, 0)
+    msg = str(e.value)
+    assert "epoch 1" in msg and "step 2 of 3" in msg and "gradients" in msg
+    assert "task" not in msg and "r_bn" not in msg
+
+
+def test_steps_the_grad_scaler_skips_are_not_errors_but_a_non_finite_loss_is(shapes, tmp_path, monkeypatch):
+    cfg = config(shapes, tmp_path, lr_schedule="constant")
+    data = build_datasets(cfg, progress=False)
+    loaders = build_loaders(cfg, data)
+    loaders.set_epoch(0)
+
+    def amp_like_trainer():
+        trainer = build_trainer(cfg, data.num_classes, data.input_size, torch.device("cpu"))
+        trainer.scaler = torch.amp.GradScaler("cpu", enabled=True)  # skips inf/NaN steps, as under AMP
+        return trainer
+
+    trainer = amp_like_trainer()
+    trainer.net.conv1.weight.register_hook(lambda g: g * float("inf"))
+    entry = train_one_epoch(trainer, loaders.train, 0)  # every step skipped by the scaler: no error
+    assert entry["task"] is not None and trainer.scaler.get_scale() < 65536.0
+    trainer = amp_like_trainer()
+    trainer.net.fc.register_forward_hook(lambda m, i, out: out * float("nan"))
+    with pytest.raises(engine.NonFiniteTraining, match=r"epoch 1.*step 1 .*task"):
+        train_one_epoch(trainer, loaders.train, 0)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_non_finite_lr_is_bad_input(tmp_path, capsys, value):
+    assert main(["--lr", value, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "lr" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
