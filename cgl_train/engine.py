@@ -26,6 +26,8 @@ Choices (recorded in every checkpoint through the config):
   indices, cut into batches, one index_select and normalisation each; no
   DataLoader, no workers (`workers` is then unused). The batches equal the
   DataLoader's bit for bit (tests/test_train.py).
+- DataLoader workers (ImageFolder data, `workers` > 0) exit with the training process, also
+  after a kill -9 of it (`exit_with_parent`, Linux; elsewhere torch's watchdog ends them).
 - On the CPU, `train` picks the intra-op thread count and tunes the allocator
   once (cgl_train.cpu.configure_cpu: never more threads than torch's default or
   OMP_NUM_THREADS, split between the job's local processes).
@@ -49,10 +51,15 @@ Choices (recorded in every checkpoint through the config):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
+import multiprocessing
+import os
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +89,9 @@ from broden._progress import progress
 from dissect.provenance import software_versions
 
 __all__ = ["TrainResult", "Trainer", "Loaders", "BatchLoader", "StepMetrics", "SeededSamples", "sample_seed",
-           "seed_worker", "lr_at", "build_trainer", "build_loaders", "train_step", "train_one_epoch", "evaluate",
-           "train", "save_untrained", "plateau_reached", "read_log", "log_header", "TERM_NAMES", "CHECKED",
-           "NonFiniteTraining"]
+           "seed_worker", "exit_with_parent", "lr_at", "build_trainer", "build_loaders", "train_step",
+           "train_one_epoch", "evaluate", "train", "save_untrained", "plateau_reached", "read_log", "log_header",
+           "TERM_NAMES", "CHECKED", "NonFiniteTraining"]
 
 log = logging.getLogger(__name__)
 
@@ -447,15 +454,41 @@ class SeededSamples(Dataset):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: seed random and numpy from the worker's torch seed.
+    """DataLoader worker_init_fn: exit with the parent (`exit_with_parent`); seed random and numpy
+    from the worker's torch seed.
 
     torch seeds each worker with base_seed + worker_id, base_seed drawn from the
     loader's generator; this makes anything a dataset draws outside
     SeededSamples reproducible too (per worker).
     """
+    exit_with_parent()
     s = torch.initial_seed() % (2 ** 32)
     random.seed(s)
     np.random.seed(s)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent() -> None:
+    """In a child process on Linux: have the kernel send SIGTERM when the parent dies (no-op elsewhere).
+
+    DataLoader workers are daemonic, which ends them when the parent exits normally, and they
+    poll for a dead parent only every few seconds (torch's watchdog): after a kill -9 of the
+    run they outlived it by up to that long. The death signal ends them at once. (Linux sends it
+    when the thread that started the worker ends: iterate loaders in a thread that lives as long.)
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no prctl in this libc: keep torch's watchdog only
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():  # it died before the signal was armed
+        os._exit(1)
 
 
 class BatchLoader:

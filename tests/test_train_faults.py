@@ -1,8 +1,13 @@
 """Issue 13, a fault campaign on `cgl-train`: a kill between the two checkpoint saves, non-finite
-training."""
+training, and DataLoader workers outliving a killed run."""
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,9 @@ from cgl_train.cli import main
 from cgl_train.engine import build_loaders, build_trainer, train, train_one_epoch
 from cgl_train.data import build_datasets
 from dissect.checkpoint import load_checkpoint
-from test_train import config, shapes  # noqa: F401  (shapes: a module fixture)
+from test_train import config, image_folder, shapes  # noqa: F401  (shapes: a module fixture)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Killed(BaseException):
@@ -261,3 +268,61 @@ def test_a_non_finite_lr_is_bad_input(tmp_path, capsys, value):
     err = capsys.readouterr().err
     assert "lr" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- 3. workers die with a killed run
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time) of a live process, from /proc/PID/stat; None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _children(pid: int) -> dict[int, int]:
+    """Child pid -> start time, by scanning /proc (no psutil)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[1] == pid and stat[0] != "Z":
+                found[int(entry.name)] = stat[2]
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[2] == start and stat[0] != "Z"  # a zombie has exited
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+def test_dataloader_workers_exit_with_a_killed_run(tmp_path):
+    root = image_folder(tmp_path / "imgs", classes=2, per_class=40, size=(40, 48))
+    cmd = [sys.executable, "-m", "cgl_train", "--data", str(root), "--input-size", "16", "--workers", "2",
+           "--batch-size", "2", "--epochs", "100", "--device", "cpu", "--out", str(tmp_path / "run"),
+           "--arch-kwargs", '{"width1": 8, "width2": 16}', "--groups", "4", "--quiet"]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        workers: dict[int, int] = {}
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            workers = _children(proc.pid)
+        assert len(workers) >= 2, f"no workers seen (exit code {proc.poll()})"
+        time.sleep(0.3)  # the workers are past their start-up, loading batches
+        workers = {pid: start for pid, start in workers.items() if _alive(pid, start)} or workers
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 2.0
+        while any(_alive(p, s) for p, s in workers.items()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        survivors = [p for p, s in workers.items() if _alive(p, s)]
+        assert not survivors, f"workers {survivors} outlived the killed run by 2 s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
