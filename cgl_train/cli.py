@@ -21,6 +21,7 @@ from dissect.checkpoint import CheckpointError
 from cgl_train.config import FLAG_GROUPS, RESUME_MAY_DIFFER, TrainConfig, check_resumable
 from dissect.options import add_flags
 from cgl_train.distributed import env_world_size
+from cgl_train.errors import NonFiniteTraining
 
 __all__ = ["build_parser", "config_from_args", "recorded_options", "main"]
 
@@ -148,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         how = f"cgl-train --resume --out {out}" if out else "cgl-train --resume --out DIR"
         print(f"cgl-train: interrupted; continue with {how} (from the last epoch's checkpoint)", file=sys.stderr)
         return 130
+    except NonFiniteTraining as e:  # a stated failure: its message says where; no traceback
+        print(f"cgl-train: failed: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # an unexpected failure: say what, keep the traceback in the log
         logging.getLogger("cgl_train").exception("training failed")
         print(f"cgl-train: failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -30,7 +30,7 @@ from broden.errors import InputError
 from dissect.distributed import DistContext, barrier, env_world_size, init_from_env, shutdown
 
 __all__ = ["DistInfo", "env_world_size", "init_from_env", "shutdown", "per_rank_batch",
-           "shard_indices", "all_reduce_sum", "average_gradients", "wrap_ddp", "barrier"]
+           "shard_indices", "all_reduce_sum", "all_reduce_min", "average_gradients", "wrap_ddp", "barrier"]
 
 DistInfo = DistContext  # the training code's name for it
 
@@ -52,6 +52,13 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum `t` over ranks in place (no-op for one process); returns `t`."""
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_min(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Minimum of `t` over ranks in place (no-op for one process); returns `t`."""
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
 
 

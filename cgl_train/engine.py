@@ -26,6 +26,8 @@ Choices (recorded in every checkpoint through the config):
   indices, cut into batches, one index_select and normalisation each; no
   DataLoader, no workers (`workers` is then unused). The batches equal the
   DataLoader's bit for bit (tests/test_train.py).
+- DataLoader workers (ImageFolder data, `workers` > 0) exit with the training process, also
+  after a kill -9 of it (`exit_with_parent`, Linux; elsewhere torch's watchdog ends them).
 - On the CPU, `train` picks the intra-op thread count and tunes the allocator
   once (cgl_train.cpu.configure_cpu: never more threads than torch's default or
   OMP_NUM_THREADS, split between the job's local processes).
@@ -34,6 +36,14 @@ Choices (recorded in every checkpoint through the config):
 - log.jsonl: a first header line `{"header": true, "seed", "config",
   "cgl_options", "versions", "world_size", "data"}`, then one line per epoch
   (`read_log` splits them; TrainResult.history holds the epoch lines only).
+- An improving epoch saves best.pth before latest.pth; `--resume` checks best.pth against
+  latest.pth's record of it and restores or reports what a kill or a deletion left apart
+  (`_reconcile_best`; docs/contracts.md, Checkpoints).
+- A step whose loss terms (any computed, monitored ones included) or, without an enabled
+  GradScaler, gradients are inf/NaN stops the run with NonFiniteTraining (cgl-train: exit 1)
+  naming the epoch, the step and what was not finite. The flags stay on the device and are
+  read once, at the epoch's end, before anything of the epoch is written. A GradScaler (AMP)
+  still skips steps with inf/NaN gradients; those are not errors.
 - Validation top-5 is null when the task has fewer than 5 classes.
 - The logged `total` is eq. 8 (task + weighted terms, whatever way R_bn is
   applied); weight decay is not part of it.
@@ -41,10 +51,15 @@ Choices (recorded in every checkpoint through the config):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import math
+import multiprocessing
+import os
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +77,9 @@ from dissect.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cgl_train.config import TrainConfig, check_resumable
 from cgl_train.cpu import configure_cpu
 from cgl_train.data import DataBundle, build_datasets
-from cgl_train.distributed import (DistInfo, all_reduce_sum, average_gradients, barrier, init_from_env,
-                                   per_rank_batch, shard_indices, shutdown, wrap_ddp)
+from cgl_train.distributed import (DistInfo, all_reduce_min, all_reduce_sum, average_gradients, barrier,
+                                   init_from_env, per_rank_batch, shard_indices, shutdown, wrap_ddp)
+from cgl_train.errors import NonFiniteTraining
 from cgl_train.groups import GroupActivations, LayerGroups, layer_groups_config
 from cgl_train.losses import CGLObjective
 from cgl_train.models import build_model, default_group_layers
@@ -73,12 +89,15 @@ from broden._progress import progress
 from dissect.provenance import software_versions
 
 __all__ = ["TrainResult", "Trainer", "Loaders", "BatchLoader", "StepMetrics", "SeededSamples", "sample_seed",
-           "seed_worker", "lr_at", "build_trainer", "build_loaders", "train_step", "train_one_epoch", "evaluate",
-           "train", "save_untrained", "plateau_reached", "read_log", "log_header", "TERM_NAMES"]
+           "seed_worker", "exit_with_parent", "lr_at", "build_trainer", "build_loaders", "train_step",
+           "train_one_epoch", "evaluate", "train", "save_untrained", "plateau_reached", "read_log", "log_header",
+           "TERM_NAMES", "CHECKED", "NonFiniteTraining"]
 
 log = logging.getLogger(__name__)
 
 TERM_NAMES = ("task", "r_bn", "l_g", "l_s", "total")
+# what each step checks for inf/NaN: the loss terms it computed, and the gradients it would apply
+CHECKED = ("task", "r_bn", "l_g", "l_s", "gradients")
 
 
 @dataclass
@@ -86,16 +105,20 @@ class StepMetrics:
     """Training metrics of one step, or summed over steps, as tensors on the training device.
 
     `terms`: each of TERM_NAMES -> float64 0-dim (NaN: not computed this step);
-    `correct` (top-1 hits) and `count` (images): int64 0-dim. Adding two needs no host sync.
+    `correct` (top-1 hits) and `count` (images): int64 0-dim; `nonfinite`: bool (len(CHECKED),),
+    which of CHECKED were inf/NaN (None: not checked). Adding two needs no host sync.
     """
 
     terms: dict[str, torch.Tensor]
     correct: torch.Tensor
     count: torch.Tensor
+    nonfinite: torch.Tensor | None = None
 
     def __add__(self, other: "StepMetrics") -> "StepMetrics":
+        flags = (self.nonfinite if other.nonfinite is None else
+                 other.nonfinite if self.nonfinite is None else self.nonfinite | other.nonfinite)
         return StepMetrics({k: v + other.terms[k] for k, v in self.terms.items()},
-                           self.correct + other.correct, self.count + other.count)
+                           self.correct + other.correct, self.count + other.count, flags)
 
     @classmethod
     def zeros(cls, device: torch.device) -> "StepMetrics":
@@ -213,6 +236,9 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
             if weight.grad is not None:  # coupled L2 on the free filters, as SGD's weight_decay does
                 weight.grad[start:].add_(weight[start:], alpha=cfg.weight_decay)
     average_gradients(list(trainer.objective.parameters()), trainer.dist)
+    # an enabled scaler skips a step with inf/NaN gradients itself (not an error); without one
+    # they would reach the weights
+    grad_norm = None if trainer.scaler.is_enabled() else _max_abs_gradient(opt)
     scale = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
     trainer.scaler.step(opt)
     trainer.scaler.update()
@@ -222,12 +248,22 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
         trainer.objective.proximal_step(opt.param_groups[0]["lr"])
     if acts is not None:
         acts.clear()
-    return _step_metrics(trainer, task, terms, logits, labels)
+    return _step_metrics(trainer, task, terms, logits, labels, grad_norm)
+
+
+@torch.no_grad()
+def _max_abs_gradient(opt: torch.optim.Optimizer) -> torch.Tensor:
+    """The largest |gradient| over the optimizer's parameters, on the device (inf/NaN if any is).
+
+    The inf-norm, not the 2-norm: finite gradients never overflow it. One fused read, no sync.
+    """
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, float("inf"))
 
 
 @torch.no_grad()
 def _step_metrics(trainer: Trainer, task: torch.Tensor, terms: dict[str, torch.Tensor], logits: torch.Tensor,
-                  labels: torch.Tensor) -> StepMetrics:
+                  labels: torch.Tensor, grad_norm: torch.Tensor | None = None) -> StepMetrics:
     cfg = trainer.config
     nan = torch.full((), float("nan"), device=trainer.device, dtype=torch.float64)
     lam = {"r_bn": cfg.lambda_bn, "l_g": cfg.lambda_g, "l_s": cfg.lambda_s}
@@ -240,7 +276,11 @@ def _step_metrics(trainer: Trainer, task: torch.Tensor, terms: dict[str, torch.T
     values["total"] = total  # eq. 8, in float64, whatever way R_bn is applied
     correct = (logits.argmax(dim=1) == labels).sum()  # int64
     count = torch.full((), labels.numel(), dtype=torch.int64, device=trainer.device)
-    return StepMetrics(values, correct, count)
+    # terms not computed (NaN above) and unchecked gradients stand in as 0: finite
+    zero = torch.zeros((), device=trainer.device, dtype=torch.float64)
+    probe = torch.stack([values["task"], *(values[n] if n in terms else zero for n in ("r_bn", "l_g", "l_s")),
+                         zero if grad_norm is None else grad_norm.double()])  # (len(CHECKED),)
+    return StepMetrics(values, correct, count, ~torch.isfinite(probe))
 
 
 def _bar_kwargs(trainer: Trainer, desc: str, total: int | None) -> dict[str, Any]:
@@ -261,6 +301,7 @@ def train_one_epoch(trainer: Trainer, loader: Iterable[Any], epoch: int) -> dict
     limit = cfg.max_train_batches
     total = min(len(loader), limit) if limit else len(loader)  # type: ignore[arg-type]
     sums = StepMetrics.zeros(trainer.device)
+    first_bad = _FirstNonFinite(trainer.device)
     batches = 0
     start = time.perf_counter()
     capture = (GroupActivations(trainer.net, trainer.layer_groups, copy=False)
@@ -270,10 +311,50 @@ def train_one_epoch(trainer: Trainer, loader: Iterable[Any], epoch: int) -> dict
         for images, labels in bar:
             if limit is not None and batches >= limit:
                 break
-            sums = sums + train_step(trainer, images, labels, acts)
+            step = train_step(trainer, images, labels, acts)
+            first_bad.update(batches, step.nonfinite)
+            sums = sums + step
             batches += 1
         bar.close()
+    first_bad.check(epoch, batches, trainer.dist)
     return {**_epoch_means(sums, batches, trainer.dist), "lr": lr, "train_time": time.perf_counter() - start}
+
+
+class _FirstNonFinite:
+    """The first step of an epoch with an inf/NaN loss term or gradient, kept on the device.
+
+    Updated every step without a host sync; `check` reads it once, at the epoch's end, before
+    anything of the epoch is saved (so no weights updated from a non-finite step are written).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.full((), -1, dtype=torch.int64, device=device)  # -1: none yet
+        self.flags = torch.zeros(len(CHECKED), dtype=torch.bool, device=device)
+
+    def update(self, step: int, flags: torch.Tensor | None) -> None:
+        """Record 0-based `step`'s flags (bool (len(CHECKED),)) if it is the first bad one."""
+        if flags is None:
+            return
+        first = flags.any() & (self.step < 0)
+        self.step = torch.where(first, step, self.step)
+        self.flags = torch.where(first, flags, self.flags)
+
+    def check(self, epoch: int, batches: int, dist: DistInfo) -> None:
+        """Raise NonFiniteTraining naming 0-based `epoch`, the step and what was not finite (any rank)."""
+        none = torch.iinfo(torch.int64).max
+        step = torch.where(self.step < 0, none, self.step)
+        flags = self.flags.long()
+        # the first bad step over the ranks, and the flags of every rank's first bad step
+        all_reduce_min(step, dist)
+        all_reduce_sum(flags, dist)
+        first, bad = int(step), [name for name, n in zip(CHECKED, flags.tolist()) if n]
+        if first == none:
+            return
+        terms = [name for name in bad if name != "gradients"]
+        what = [f"loss term{'s' if len(terms) > 1 else ''} {', '.join(terms)}"] if terms else []
+        what += ["the gradients"] if "gradients" in bad else []
+        raise NonFiniteTraining(f"training stopped at epoch {epoch + 1}, step {first + 1} of {batches}: not "
+                                f"finite (inf or NaN): {' and '.join(what)} (a lower --lr? bad input data?)")
 
 
 def _epoch_means(sums: StepMetrics, batches: int, dist: DistInfo) -> dict[str, Any]:
@@ -373,15 +454,41 @@ class SeededSamples(Dataset):
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: seed random and numpy from the worker's torch seed.
+    """DataLoader worker_init_fn: exit with the parent (`exit_with_parent`); seed random and numpy
+    from the worker's torch seed.
 
     torch seeds each worker with base_seed + worker_id, base_seed drawn from the
     loader's generator; this makes anything a dataset draws outside
     SeededSamples reproducible too (per worker).
     """
+    exit_with_parent()
     s = torch.initial_seed() % (2 ** 32)
     random.seed(s)
     np.random.seed(s)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_parent() -> None:
+    """In a child process on Linux: have the kernel send SIGTERM when the parent dies (no-op elsewhere).
+
+    DataLoader workers are daemonic, which ends them when the parent exits normally, and they
+    poll for a dead parent only every few seconds (torch's watchdog): after a kill -9 of the
+    run they outlived it by up to that long. The death signal ends them at once. (Linux sends it
+    when the thread that started the worker ends: iterate loaders in a thread that lives as long.)
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no prctl in this libc: keep torch's watchdog only
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():  # it died before the signal was armed
+        os._exit(1)
 
 
 class BatchLoader:
@@ -464,8 +571,18 @@ def build_loaders(config: TrainConfig, data: DataBundle, dist: DistInfo | None =
     return Loaders(train_loader, val_loader, sampler, samples, generator, config.seed, dist.rank)
 
 
+@dataclass
+class _Best:
+    """What latest.pth records of the best checkpoint: its val top-1 and epoch (None: none yet), and
+    `missing` when best.pth was lost and is written again only at the next improvement."""
+
+    top1: float | None = None
+    epoch: int | None = None
+    missing: bool = False
+
+
 def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[str, Any],
-                history: list[dict[str, Any]], best_top1: float | None) -> dict[str, Any]:
+                history: list[dict[str, Any]], best: _Best) -> dict[str, Any]:
     cfg = trainer.config
     return make_checkpoint(
         arch=cfg.arch, arch_kwargs=trainer.arch_kwargs, state_dict=trainer.net.state_dict(),
@@ -474,8 +591,9 @@ def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[st
         seed=cfg.seed, optimizer=trainer.optimizer.state_dict(), scaler=trainer.scaler.state_dict(),
         objective={k: (v.detach().cpu() if torch.is_tensor(v) else v)
                    for k, v in trainer.objective.state_dict().items()},
-        cgl_options=trainer.objective.options.to_dict(), history=history, best_top1=best_top1,
-        class_names=data.class_names, data=data.info, world_size=trainer.dist.world_size)
+        cgl_options=trainer.objective.options.to_dict(), history=history, best_top1=best.top1,
+        best_epoch=best.epoch, best_missing=best.missing, class_names=data.class_names, data=data.info,
+        world_size=trainer.dist.world_size)
 
 
 def plateau_reached(history: list[dict[str, Any]], config: TrainConfig) -> bool:
@@ -501,6 +619,64 @@ def _check_resumable(ckpt: dict[str, Any], config: TrainConfig, path: Path) -> N
     if done >= config.epochs:
         raise InputError(f"{path}: the run already completed {done} epoch(s) and epochs = {config.epochs}; "
                          f"nothing to resume (pass --epochs > {done} to extend a 'step' or 'constant' run)")
+
+
+def _recorded_best(ckpt: dict[str, Any]) -> _Best:
+    """The best checkpoint a latest.pth records."""
+    top1 = ckpt.get("best_top1")
+    epoch = ckpt.get("best_epoch")
+    if top1 is not None and epoch is None:  # written before best_epoch: the first epoch reaching it
+        epoch = next((h.get("epoch") for h in ckpt.get("history", []) if h.get("val_top1") == top1), None)
+    return _Best(top1, epoch, bool(ckpt.get("best_missing")))
+
+
+def _best_on_disk(best_path: Path) -> tuple[int | None, float | None] | str | None:
+    """(epoch, val top-1) of best.pth, None when there is none, or why it cannot be read."""
+    if not best_path.exists():
+        return None
+    try:
+        ckpt = load_checkpoint(best_path)
+    except InputError as e:
+        return f"cannot be read ({e})"
+    return ckpt.get("epoch"), (ckpt.get("metrics") or {}).get("val_top1")
+
+
+def _set_aside(best_path: Path) -> Path:
+    """Move a best.pth that is not the recorded best out of the way (kept: it may be worth a look)."""
+    stale = best_path.with_name("best.stale.pth")
+    best_path.replace(stale)
+    return stale
+
+
+def _reconcile_best(ckpt: dict[str, Any] | None, latest: Path, best_path: Path) -> _Best:
+    """Make best.pth agree with what latest.pth (`ckpt`; None for a new run) records, saying what differs.
+
+    A kill between the two saves of an epoch, or a deleted file, leaves them apart. A best.pth
+    that is not the recorded one is moved to best.stale.pth; a missing best that is latest.pth's
+    own epoch is rewritten from it; any other is lost: the returned record says so (`missing`)
+    and best.pth is written again at the next improvement.
+    """
+    best = _recorded_best(ckpt) if ckpt is not None else _Best()
+    found = _best_on_disk(best_path)
+    if found == ((best.epoch, best.top1) if best.top1 is not None else None):
+        return _Best(best.top1, best.epoch, False)
+    if found is None:
+        what = f"{best_path} is missing"
+    else:
+        held = found if isinstance(found, str) else f"holds epoch {found[0]} (val top-1 {found[1]})"
+        what = f"{best_path} {held}, which is not the best checkpoint {latest} records: moved it to " \
+               f"{_set_aside(best_path).name}"
+    if best.top1 is None:
+        log.warning("%s (%s)", what, "it records none yet" if ckpt is not None else "there is no latest.pth")
+        return best
+    recorded = f"{latest.name} records epoch {best.epoch} (val top-1 {best.top1}) as the best"
+    if ckpt is not None and best.epoch == ckpt["epoch"]:
+        save_checkpoint(ckpt, best_path)  # latest.pth is that epoch's checkpoint
+        log.warning("%s; %s, its own epoch: restored best.pth from latest.pth", what, recorded)
+        return _Best(best.top1, best.epoch, False)
+    log.warning("%s; %s and no copy of that checkpoint is left: best.pth is written again when validation "
+                "top-1 exceeds %s (latest.pth records best_missing until then)", what, recorded, best.top1)
+    return _Best(best.top1, best.epoch, True)
 
 
 def log_header(trainer: Trainer, data: DataBundle) -> dict[str, Any]:
@@ -554,7 +730,7 @@ def save_untrained(config: TrainConfig) -> Path:
     metrics = evaluate(trainer.net, loaders.val, device, data.num_classes, max_batches=config.max_val_batches)
     write_json_atomic(out / "config.json", config.to_dict())
     path = out / "latest.pth"
-    save_checkpoint(_checkpoint(trainer, data, 0, {**metrics, "untrained": True}, [], None), path)
+    save_checkpoint(_checkpoint(trainer, data, 0, {**metrics, "untrained": True}, [], _Best()), path)
     return path
 
 
@@ -605,8 +781,8 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         data = build_datasets(config, progress=False)
     trainer = build_trainer(config, data.num_classes, data.input_size, device, dist)
     history: list[dict[str, Any]] = []
-    best_top1: float | None = None
     start_epoch = 0
+    ckpt = None
     if config.resume:
         ckpt = load_checkpoint(latest)
         _check_resumable(ckpt, config, latest)
@@ -616,9 +792,10 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         if ckpt.get("scaler"):
             trainer.scaler.load_state_dict(ckpt["scaler"])
         history = list(ckpt.get("history", []))
-        best_top1 = ckpt.get("best_top1")
         start_epoch = int(ckpt["epoch"])
         log.info("resuming %s at epoch %d", latest, start_epoch)
+    # only rank 0 writes checkpoints, so only it looks at best.pth
+    best = _reconcile_best(ckpt, latest, best_path) if dist.is_main else _recorded_best(ckpt or {})
     if dist.is_main:
         write_json_atomic(out / "config.json", config.to_dict())
     header = log_header(trainer, data)
@@ -627,7 +804,11 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         loaders.set_epoch(epoch)
         torch.manual_seed(_epoch_seed(config.seed, epoch, dist.rank))
         entry: dict[str, Any] = {"epoch": epoch + 1}
-        entry.update(train_one_epoch(trainer, loaders.train, epoch))
+        try:
+            entry.update(train_one_epoch(trainer, loaders.train, epoch))
+        except NonFiniteTraining as e:  # raised before anything of this epoch is written
+            kept = f"{latest} still holds epoch {epoch}" if epoch else "no checkpoint was written"
+            raise NonFiniteTraining(f"{e}; nothing was saved for epoch {epoch + 1}: {kept}") from None
         last = epoch + 1 == config.epochs
         val: dict[str, Any] = {"val_top1": None, "val_top5": None, "val_loss": None}
         if last or (epoch + 1) % config.val_every == 0:
@@ -639,9 +820,9 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         entry["relevance"] = trainer.objective.relevances()
         entry["time"] = entry.pop("train_time")
         history.append(entry)
-        improved = entry["val_top1"] is not None and (best_top1 is None or entry["val_top1"] > best_top1)
+        improved = entry["val_top1"] is not None and (best.top1 is None or entry["val_top1"] > best.top1)
         if improved:
-            best_top1 = entry["val_top1"]
+            best = _Best(entry["val_top1"], epoch + 1)
         metrics = {k: entry.get(k) for k in ("val_top1", "val_top5", "val_loss", "train_top1")}
         metrics["train_loss"] = entry["total"]
         metrics["train_task_loss"] = entry["task"]
@@ -650,10 +831,10 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
             metrics["stopped"] = "plateau"  # recorded: a resume must not continue a finished run
         if dist.is_main:
             _write_log(out, header, history)
-            ckpt = _checkpoint(trainer, data, epoch + 1, metrics, history, best_top1)
-            save_checkpoint(ckpt, latest)
-            if improved:
+            ckpt = _checkpoint(trainer, data, epoch + 1, metrics, history, best)
+            if improved:  # first: a kill between the two saves leaves no latest.pth naming an absent best
                 save_checkpoint(ckpt, best_path)
+            save_checkpoint(ckpt, latest)
             log.info("epoch %d: task %.4f total %.4f val top-1 %s", epoch + 1, entry["task"],
                      entry["total"], entry["val_top1"])
         barrier(dist)
