@@ -684,7 +684,9 @@ def log_header(trainer: Trainer, data: DataBundle) -> dict[str, Any]:
     cfg = trainer.config
     return {"header": True, "format": "cgl-train-log", "version": 1, "seed": cfg.seed,
             "config": cfg.to_dict(), "cgl_options": trainer.objective.options.to_dict(),
-            "versions": software_versions(), "world_size": trainer.dist.world_size, "data": dict(data.info)}
+            "versions": software_versions(), "world_size": trainer.dist.world_size, "data": dict(data.info),
+            # intra-op threads change float sums (convolution backward): a rerun must use as many
+            "torch_threads": torch.get_num_threads()}
 
 
 def _write_log(out: Path, header: dict[str, Any], history: list[dict[str, Any]]) -> None:

@@ -297,6 +297,7 @@ def test_cli_run_writes_a_log_with_every_term(shapes, tmp_path, capsys):
     assert header["config"]["seed"] == 5 and header["config"]["lambda_g"] == 1e-2
     assert header["cgl_options"]["lambda_bn"] == 1e-3
     assert header["versions"]["torch"] == torch.__version__
+    assert header["torch_threads"] == torch.get_num_threads()  # float sums depend on it: recorded
     from dissect.provenance import software_versions  # the dissection's versions block, field for field
     assert header["versions"] == software_versions() and {"torchvision", "pillow"} <= set(header["versions"])
     assert header["world_size"] == 1 and header["data"]["train_images"] == 36
