@@ -95,6 +95,10 @@ class CGLOptions(Options):
                                  "by max(H, W))", choices=SPATIAL_COORDS, results=True, group="groups")
     learn_p: bool = option(False, "learn the shared P1, P2 of psi (default fixed at 1 and 0, as the authors)",
                            results=True, group="groups")
+    group_layers: str = option(
+        "grouped", "layers L_g applies to: 'grouped' (all grouped layers), 'last', or conv names 'conv1,conv2' "
+        "(the authors' toy network: conv2); R_bn always covers every grouped layer",
+        expected="'grouped', 'last' or comma-separated conv layer names", results=True, group="groups")
     spatial_layers: str = option(
         "grouped", "layers L_s applies to: 'grouped' (all, as the authors), 'last', or conv names 'conv1,conv2'",
         expected="'grouped', 'last' or comma-separated conv layer names", results=True, group="groups")
@@ -114,22 +118,30 @@ class CGLOptions(Options):
             self.validate()
 
     def _check(self, source: str | None) -> None:
-        if not self.spatial_layers.strip():
-            raise self.bad(source, "spatial_layers", "'grouped', 'last' or comma-separated conv layer names")
+        for name in ("group_layers", "spatial_layers"):
+            if not getattr(self, name).strip():
+                raise self.bad(source, name, "'grouped', 'last' or comma-separated conv layer names")
+
+    def _layer_names(self, option: str, layer_groups: Sequence[Any]) -> list[str]:
+        grouped = [lg.name for lg in layer_groups]
+        value = getattr(self, option)
+        if value == "grouped":
+            return grouped
+        if value == "last":
+            return grouped[-1:]
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        missing = [n for n in names if n not in grouped]
+        if missing:
+            raise InputError(f"CGL option {option!r}: {missing} are not grouped layers; grouped layers: {grouped}")
+        return names
+
+    def group_layer_names(self, layer_groups: Sequence[Any]) -> list[str]:
+        """The conv names L_g applies to, resolved against the grouped layers."""
+        return self._layer_names("group_layers", layer_groups)
 
     def spatial_layer_names(self, layer_groups: Sequence[Any]) -> list[str]:
         """The conv names L_s applies to, resolved against the grouped layers."""
-        grouped = [lg.name for lg in layer_groups]
-        if self.spatial_layers == "grouped":
-            return grouped
-        if self.spatial_layers == "last":
-            return grouped[-1:]
-        names = [n.strip() for n in self.spatial_layers.split(",") if n.strip()]
-        missing = [n for n in names if n not in grouped]
-        if missing:
-            raise InputError(f"CGL option 'spatial_layers': {missing} are not grouped layers; "
-                             f"grouped layers: {grouped}")
-        return names
+        return self._layer_names("spatial_layers", layer_groups)
 
     def cgl_options(self) -> "CGLOptions":
         """The CGL options alone (a TrainConfig's loss settings, for the losses and the logs)."""
@@ -188,8 +200,9 @@ class TrainConfig(CGLOptions):
     plateau_min_top1: float | None = option(
         None, "the plateau rule stops only once validation top-1 reached this (a fraction)", low=0.0, high=1.0,
         expected="a number in [0, 1] or null", results=True, group="optim")
-    amp: bool = option(False, "mixed precision (autocast + GradScaler) on CUDA (ignored on CPU)", results=True,
-                       group="optim")
+    amp: bool = option(False, "mixed precision: float16 autocast + GradScaler on CUDA; bfloat16 autocast on a "
+                       "CPU with native bfloat16 (AVX512-BF16 or AMX; elsewhere float32, with a warning); the CGL "
+                       "terms stay float32", results=True, group="optim")
     groups: int = option(5, "G per grouped layer: '5', 'conv1=5,conv2=8' or '5,conv2=8' (authors: 5)", low=1,
                          parse=_layer_ints_flag("groups", "group_overrides", "--groups"), results=True,
                          group="groups")

@@ -156,6 +156,7 @@ class Trainer:
     use_amp: bool
     free_decay: list[tuple[nn.Parameter, int]]  # (grouped conv weight, first free channel): free filters still decay
     arch_kwargs: dict[str, Any]
+    amp_dtype: torch.dtype = torch.float32  # autocast dtype when use_amp (amp_dtype_for)
 
 
 def lr_at(config: TrainConfig, epoch: int) -> float:
@@ -203,13 +204,24 @@ def build_trainer(config: TrainConfig, num_classes: int, input_size: int, device
                              monitor=config.monitor).to(device)
     groups, free_decay = _param_groups(config, net, layer_groups, objective)
     optimizer = torch.optim.SGD(groups, lr=lr_at(config, 0), momentum=config.momentum)
-    use_amp = bool(config.amp and device.type == "cuda")
-    if config.amp and not use_amp:
-        log.warning("--amp is used on CUDA only; training in float32 on %s", device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    amp_dtype = amp_dtype_for(device) if config.amp else None
+    if config.amp and amp_dtype is None:
+        log.warning("--amp: this %s has no native bfloat16; training in float32", device)
+    use_amp = amp_dtype is not None
+    # bfloat16 has float32's range: only float16 needs loss scaling
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     model = wrap_ddp(net, dist, device)
     return Trainer(config, net, model, layer_groups, objective, optimizer, scaler, device, dist, use_amp,
-                   free_decay, arch_kwargs)
+                   free_decay, arch_kwargs, amp_dtype or torch.float32)
+
+
+def amp_dtype_for(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp on `device`: float16 on CUDA, bfloat16 on a CPU that has it natively."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
@@ -222,14 +234,14 @@ def train_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor,
     images = images.to(trainer.device, non_blocking=True)  # (N, 3, H, W)
     labels = labels.to(trainer.device, non_blocking=True)  # (N,)
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=trainer.device.type, dtype=torch.float16, enabled=trainer.use_amp):
+    with torch.autocast(device_type=trainer.device.type, dtype=trainer.amp_dtype, enabled=trainer.use_amp):
         logits = trainer.model(images)  # (N, K)
     task = F.cross_entropy(logits.float(), labels)
     # the CGL terms run outside autocast: the losses upcast half maps and reduce in float32
     terms = trainer.objective(acts.captured if acts is not None else {})
     loss = task + terms["total"]
     trainer.scaler.scale(loss).backward()
-    if trainer.use_amp:
+    if trainer.scaler.is_enabled():
         trainer.scaler.unscale_(opt)
     with torch.no_grad():
         for weight, start in trainer.free_decay:

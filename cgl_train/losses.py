@@ -682,8 +682,9 @@ def cgl_terms(captured: Mapping[str, Captured], layer_groups: Sequence[LayerGrou
         modules = dict(model.named_modules())
         sums["r_bn"] = [block_norm(modules[lg.name].weight, lg.spec) for lg in layer_groups]
     spatial = set(options.spatial_layer_names(layer_groups)) if "l_s" in terms else set()
+    grouping = set(options.group_layer_names(layer_groups)) if "l_g" in terms else set()
     for lg in layer_groups:
-        need_g, need_s = "l_g" in terms, lg.name in spatial
+        need_g, need_s = lg.name in grouping, lg.name in spatial
         if not (need_g or need_s):
             continue
         psi = scale(_capture_of(captured, lg.name))  # (N, C, H, W)
@@ -734,6 +735,7 @@ class CGLObjective(nn.Module):
         # a plain reference, not a submodule: the objective's state_dict stays small
         object.__setattr__(self, "_model", model)
         options.spatial_layer_names(self.layer_groups)  # validate early
+        options.group_layer_names(self.layer_groups)
 
     def lambdas(self) -> dict[str, float]:
         """Each term's weight."""
