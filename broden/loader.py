@@ -69,8 +69,11 @@ def idle_fraction(sample_s: float = 0.1) -> float:
 
 
 def thread_plan(threads: int = 0, loader_threads: int = 0, device: str | torch.device = "cpu",
-                cores: int | None = None, idle: float | None = None) -> tuple[int, int]:
+                cores: int | None = None, idle: float | None = None, processes: int = 1) -> tuple[int, int]:
     """(torch intra-op threads, loader threads); 0 means "choose" for either.
+
+    `processes`: this job's processes on this machine; each plans with its share
+    of the cores (several ranks each taking all cores slow each other down).
 
     On CPU the model is the work: torch gets the cores this process may use
     (os.sched_getaffinity) that are idle now (`idle`: fraction, default sampled
@@ -84,6 +87,7 @@ def thread_plan(threads: int = 0, loader_threads: int = 0, device: str | torch.d
     up to 8 loader threads, one core left to drive the device, few torch threads.
     """
     cores = available_cores() if cores is None else max(1, int(cores))
+    cores = max(1, cores // max(1, int(processes)))
     kind = torch.device(device).type if not isinstance(device, torch.device) else device.type
     if kind == "cpu":
         auto_loader = max(1, cores // 4)

@@ -47,6 +47,12 @@ class DistContext:
         """Rank 0: the one that writes outputs and prints."""
         return self.rank == 0
 
+    @property
+    def local_processes(self) -> int:
+        """This job's processes on this machine: torchrun's LOCAL_WORLD_SIZE, else all of them."""
+        value = os.environ.get("LOCAL_WORLD_SIZE", "").strip() if self.active else ""
+        return int(value) if value.isdigit() and int(value) > 0 else self.world_size
+
 
 def env_world_size() -> int:
     """WORLD_SIZE from the environment (1 outside torchrun)."""

@@ -59,7 +59,7 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
     if out is not None and ctx.is_main:
         # an older summary.json must not make a half-written directory look complete
         (Path(out) / "summary.json").unlink(missing_ok=True)
-    torch_n, loader_n = thread_plan(config.threads, config.loader_threads, device)
+    torch_n, loader_n = thread_plan(config.threads, config.loader_threads, device, processes=ctx.local_processes)
     config = dataclasses.replace(config, threads=torch_n, loader_threads=loader_n)  # recorded as used
     log.info("threads: %d torch intra-op, %d loading ahead", torch_n, loader_n)
     timings: dict[str, float] = {}

@@ -337,6 +337,8 @@ def test_thread_plan_and_scoped_torch_threads():
     assert thread_plan(0, 0, "cpu", cores=16, idle=0.5) == (8, 4)
     assert thread_plan(0, 0, "cpu", cores=4, idle=0.0) == (1, 1)
     assert thread_plan(3, 2, "cpu", cores=16) == (3, 2)  # explicit counts win
+    assert thread_plan(0, 0, "cpu", cores=16, idle=1.0, processes=4) == (4, 1)  # each rank its share
+    assert thread_plan(0, 0, "cpu", cores=2, idle=1.0, processes=3) == (1, 1)
     torch_n, loader_n = thread_plan(0, 0, "cuda", cores=16)
     assert loader_n == 8 and torch_n + loader_n <= 16  # on a GPU the CPU's job is loading
     before = torch.get_num_threads()

@@ -67,14 +67,12 @@ def test_two_processes_equal_one(tmp_path):
     root = make_concept_broden(tmp_path / "broden", n=7, size=16, seed=1)  # odd: uneven shards
     ckpt = make_tiny_checkpoint(tmp_path / "tiny.pth")
     common = ["run", str(ckpt), "--dataset", str(root), "--quiet", "--batch-size", "2", "--device", "cpu",
-              "--decoded-cache", "off", "--top-k", "3", "--quantile", "0.05", "--layers", "conv1", "conv2"]
+              "--decoded-cache", "off", "--top-k", "3", "--quantile", "0.05", "--layers", "conv1", "conv2",
+              # one thread everywhere: kernels may split sums by thread count, and a forked child that starts
+              # an OpenMP pool of its own after the parent used one hangs in its first parallel kernel
+              "--threads", "1"]
     single = tmp_path / "single"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers: kernels may split sums by thread count
-    try:
-        assert main(common + ["--out", str(single)]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    assert main(common + ["--out", str(single)]) == 0
     dist_out = tmp_path / "dist"
     codes = tmp_path / "codes"
     codes.mkdir()
@@ -100,5 +98,9 @@ def test_one_context_class_for_training_and_dissection(monkeypatch):
     assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.active, ctx.enabled, ctx.owns_group) == \
         (0, 1, True, False, False, False)
     third = DistContext(rank=2, world_size=3, local_rank=0)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert third.local_processes == 3 and DistContext().local_processes == 1  # thread shares (thread_plan)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # torchrun: one rank per machine
+    assert third.local_processes == 1
     assert shard_indices(8, third) == [2, 5] and per_rank_batch(12, third) == 4
     assert third.enabled and not third.is_main
