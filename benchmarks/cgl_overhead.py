@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lambda-bn", type=float, default=1e-3)
     p.add_argument("--lambda-g", type=float, default=1e-3)
     p.add_argument("--lambda-s", type=float, default=1e-2)
-    p.add_argument("--amp", action="store_true", help="mixed precision (CUDA only)")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision as cgl-train --amp (float16 on CUDA, bfloat16 on a CPU that has it)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mode (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per mode first (default 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         "weight decay": TrainConfig(**common),
         "R_bn + L_g + L_s": TrainConfig(**common, lambda_bn=args.lambda_bn, lambda_g=args.lambda_g,
                                         lambda_s=args.lambda_s),
+        # the demo's setting (cgl_train/configs/table1.json): L_g and L_s on the last grouped layer only
+        "... L_g, L_s last": TrainConfig(**common, lambda_bn=args.lambda_bn, lambda_g=args.lambda_g,
+                                         lambda_s=args.lambda_s, group_layers="last", spatial_layers="last"),
     }
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, size, size, generator=g).to(device)  # (N, 3, H, W)
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"amp {trainers[base].use_amp}, torch {torch.__version__}, threads {torch.get_num_threads()}{setup}")
     print(f"grouped layers: {len(layers)} ({', '.join(lg.name for lg in layers)}), G = {args.groups}; "
+          f"'... L_g, L_s last': R_bn on all, L_g and L_s on {layers[-1].name} only; "
           f"median of {args.steps} steps after {args.warmup} warm-up; load average {load_before} -> {_load()}")
     print(f"{'mode':<20}{'wall ms/step':>14}{'min':>9}{'max':>9}{'ratio':>8}{'cpu ms/step':>14}{'ratio':>8}")
     for name, v in times.items():

@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from broden._fileio import write_json_atomic, write_text_atomic  # noqa: E402
-from cgl_train.experiment import BASELINE, RUN_TITLES, TRAINED, ExperimentOptions, load_config  # noqa: E402
+from cgl_train.experiment import (BASELINE, RUN_TITLES, TRAINED, ExperimentOptions, check_reusable,  # noqa: E402
+                                  load_config)
 
 GRID = {
     "weight_decay": {"lr": [0.02, 0.05, 0.1]},
@@ -84,6 +85,8 @@ def run_one(config: Any) -> dict[str, Any]:
 
     latest = Path(config.out) / "latest.pth"
     ckpt = load_checkpoint(latest) if latest.is_file() else None
+    if ckpt is not None:
+        check_reusable(ckpt, config, latest)  # a run dir of another grid holds other hyperparameters
     done = ckpt is not None and (ckpt["epoch"] >= config.epochs or (ckpt.get("metrics") or {}).get("stopped"))
     if not done:
         if ckpt is not None:

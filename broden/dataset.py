@@ -209,7 +209,7 @@ class BrodenDataset(torch.utils.data.Dataset):
         """This dataset (same categories, split, limit and cache) with rows chosen by another images rule."""
         if images == self.images:
             return self
-        other = copy.copy(self)
+        other = copy.copy(self)  # without the cache writer (__getstate__): its slots are positions in our rows
         other._select_rows(images)
         return other
 

@@ -75,7 +75,8 @@ def _layer_ints_flag(field: str, table: str, flag: str) -> Callable[[str], dict[
 
 @dataclass
 class CGLOptions(Options):
-    """Every CGL setting that changes a result; defaults are the paper's (design/cgl.md).
+    """Every CGL setting that changes a result; defaults are the paper's, or the authors' code where the
+    paper leaves it open (layer_reduction: the mean over layers; design/cgl.md).
 
     Declared once here: TrainConfig inherits these fields (so they are cgl-train flags and
     recorded options), and the losses (cgl_train.losses.CGLObjective) take this object.

@@ -605,7 +605,15 @@ def _checkpoint(trainer: Trainer, data: DataBundle, epoch: int, metrics: dict[st
                    for k, v in trainer.objective.state_dict().items()},
         cgl_options=trainer.objective.options.to_dict(), history=history, best_top1=best.top1,
         best_epoch=best.epoch, best_missing=best.missing, class_names=data.class_names, data=data.info,
-        world_size=trainer.dist.world_size)
+        world_size=trainer.dist.world_size, precision=precision(trainer))
+
+
+def precision(trainer: Trainer) -> str:
+    """The arithmetic the steps ran in: the autocast dtype under --amp (where the device has one), else float32.
+
+    Recorded beside `amp`: on a CPU without native bfloat16, --amp trains in float32.
+    """
+    return str(trainer.amp_dtype).removeprefix("torch.") if trainer.use_amp else "float32"
 
 
 def plateau_reached(history: list[dict[str, Any]], config: TrainConfig) -> bool:
@@ -697,6 +705,7 @@ def log_header(trainer: Trainer, data: DataBundle) -> dict[str, Any]:
     return {"header": True, "format": "cgl-train-log", "version": 1, "seed": cfg.seed,
             "config": cfg.to_dict(), "cgl_options": trainer.objective.options.to_dict(),
             "versions": software_versions(), "world_size": trainer.dist.world_size, "data": dict(data.info),
+            "precision": precision(trainer),
             # intra-op threads change float sums (convolution backward): a rerun must use as many
             "torch_threads": torch.get_num_threads()}
 
@@ -735,6 +744,11 @@ def save_untrained(config: TrainConfig) -> Path:
     (the seeded initial weights), at epoch 0, with its validation metrics. Returns the path."""
     config.validate()
     out = Path(config.out)
+    with _out_lock(out):
+        return _save_untrained_locked(config, out)
+
+
+def _save_untrained_locked(config: TrainConfig, out: Path) -> Path:
     device = resolve_device(config.device)
     if device.type == "cpu":
         configure_cpu()
@@ -758,9 +772,6 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _out_lock(out: Path) -> Any:
-    import contextlib
-    import os
-
     from broden._locks import locked_directory
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -844,11 +855,11 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
         if stop:
             metrics["stopped"] = "plateau"  # recorded: a resume must not continue a finished run
         if dist.is_main:
-            _write_log(out, header, history)
             ckpt = _checkpoint(trainer, data, epoch + 1, metrics, history, best)
             if improved:  # first: a kill between the two saves leaves no latest.pth naming an absent best
                 save_checkpoint(ckpt, best_path)
             save_checkpoint(ckpt, latest)
+            _write_log(out, header, history)  # last: the log never lists an epoch no checkpoint holds
             log.info("epoch %d: task %.4f total %.4f val top-1 %s", epoch + 1, entry["task"],
                      entry["total"], entry["val_top1"])
         barrier(dist)

@@ -154,6 +154,7 @@ def _train(config: Any, run: str) -> tuple[Path, dict[str, Any]]:
     latest = Path(config.out) / "latest.pth"
     if latest.exists():
         ckpt = load_checkpoint(latest)
+        check_reusable(ckpt, config, latest)
         metrics = dict(ckpt.get("metrics") or {})
         done = metrics.get("untrained") if run == CONTROL else (ckpt["epoch"] >= config.epochs or
                                                                 metrics.get("stopped"))
@@ -164,6 +165,19 @@ def _train(config: Any, run: str) -> tuple[Path, dict[str, Any]]:
             config = config.replace(resume=True)
     path = save_untrained(config) if run == CONTROL else train(config).latest
     return path, load_checkpoint(path)
+
+
+def check_reusable(ckpt: dict[str, Any], config: Any, path: Path) -> None:
+    """InputError when a checkpoint in the output directory was trained with other options than `config`:
+    reusing it would report its numbers under this configuration's name (another labeling, data or lambda)."""
+    from cgl_train.config import resume_conflicts
+
+    saved = dict(ckpt.get("train_options") or {})
+    differ = resume_conflicts(saved, config.to_dict())
+    if differ:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} here, {config.to_dict().get(k)!r} now" for k in differ)
+        raise InputError(f"{path}: this --out holds a run trained with other options ({shown}); give the "
+                         f"experiment a new --out (or delete {path.parent} to retrain it)")
 
 
 def _dissect(cfg: dict[str, Any], opts: ExperimentOptions, checkpoint: Path, data_root: Path,
@@ -269,7 +283,9 @@ def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
             log.info("dissecting %s (seed %d)", RUN_TITLES[run], seed)
             _dissect(cfg, opts, ckpt_path, data_root, dissect_dirs[(run, seed)], seed)
 
-    thresholds = list(cfg["dissect"].get("iou_thresholds", (0.04, 0.08)))
+    from dissect.aggregate import DEFAULT_THRESHOLDS
+
+    thresholds = list(cfg["dissect"].get("iou_thresholds", DEFAULT_THRESHOLDS))
     _, tables = build_tables(dissect_dirs, thresholds)
     seconds = time.time() - start
     from dissect.aggregate import markdown

@@ -28,8 +28,7 @@ from dissect.distributed import DistContext, barrier, merge_stats, shard_range
 from dissect.given_thresholds import assign_threshold_files, load_given_thresholds
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
                             layout_from_spec)
-from dissect.hooks import resolve_layers
-from dissect.hooks import LayerRecorder, layer_shapes
+from dissect.hooks import LayerRecorder, layer_shapes, resolve_layers
 from dissect.labels import label_units, layer_label_summary
 from dissect.preprocess import preprocess
 from dissect.provenance import software_versions

@@ -78,9 +78,9 @@ class LayerResult:
     activation: np.ndarray            # (U, C_all) int64 by dataset category index
     truth: np.ndarray                 # (L,) int64
     iou: np.ndarray                   # (U, L) float64 by global id (0 outside the selected categories)
-    top_indices: np.ndarray           # (U, k) int64 dataset indices (-1: fewer images than k)
-    top_scores: np.ndarray            # (U, k) float32 spatial max
-    top_maps: np.ndarray              # (U, k, h, w) float32
+    top_indices: np.ndarray           # (U, k') int64 dataset indices, k' = min(k, images seen)
+    top_scores: np.ndarray            # (U, k') float32 spatial max
+    top_maps: np.ndarray              # (U, k', h, w) float32
     labels: LayerLabels
     counts: dict[str, Any]            # labels.layer_label_summary(...)
     groups: list[dict[str, Any]] | None = None
@@ -308,12 +308,16 @@ def read_summary(out: str | Path) -> dict[str, Any]:
 
 
 def missing_outputs(out: str | Path, summary: dict[str, Any]) -> list[Path]:
-    """The layer files (LAYER_FILES of each layer summary.json lists) that are not in `out`."""
+    """The layer files (LAYER_FILES, and thresholds_given.npy where given) of summary.json's layers not in `out`."""
     out = Path(out)
     missing = []
     for entry in summary.get("layers") or []:
         folder = out / str(entry.get("dir") or entry.get("name"))
-        missing += [folder / name for name in LAYER_FILES if not (folder / name).is_file()]
+        names = list(LAYER_FILES)
+        given = entry.get("thresholds_given")
+        if isinstance(given, dict) and given.get("values"):  # a --thresholds run's exact values
+            names.append(str(given["values"]))
+        missing += [folder / name for name in names if not (folder / name).is_file()]
     return missing
 
 

@@ -77,8 +77,12 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
     out_path = Path(out) if out is not None else None
     # the whole run, reuse check included, holds DIR: a second run there would overwrite this one's
     # files or resume from its states (only rank 0 locks; the other ranks wait for it at a barrier)
-    with _out_lock(out_path, ctx):
-        return _run_in(out_path, loaded, ds, config, settings, ctx, owned=ds is not dataset)
+    try:
+        with _out_lock(out_path, ctx):
+            return _run_in(out_path, loaded, ds, config, settings, ctx)
+    finally:
+        if ds is not dataset:  # made for this run, also when the lock was refused: a scratch store goes
+            ds.close()         # (a finished decoded cache stays)
 
 
 def _out_lock(out_path: Path | None, ctx: Any) -> Any:
@@ -93,10 +97,8 @@ def _out_lock(out_path: Path | None, ctx: Any) -> Any:
 
 
 def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, settings: RunSettings,
-            ctx: Any, owned: bool) -> RunOutcome:
-    """Reuse a finished identical run in `out_path`, or compute it (the directory is locked).
-
-    `owned`: the dataset was made for this run, which closes it (drops its scratch store)."""
+            ctx: Any) -> RunOutcome:
+    """Reuse a finished identical run in `out_path`, or compute it (the directory is locked)."""
     from dissect import distributed
     from dissect.pipeline import layers_to_dissect, plan_key, run_dissection
     from dissect.results import missing_outputs, read_summary, remove_stale_outputs, summary_json
@@ -112,8 +114,6 @@ def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, 
             if not missing:
                 log.info("%s already holds this dissection (same model, layers, dataset and options); "
                          "reusing it", out_path)
-                if owned:
-                    ds.close()
                 return RunOutcome(out_path, True, previous, is_main=ctx.is_main)
             # summary.json is written last, but files can go later (a cleanup, a partial copy)
             log.warning("%s: summary.json lists %s, which is missing (%d file(s) in all); recomputing the "
@@ -122,11 +122,7 @@ def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, 
         # before any work: a report or layer folder of an earlier run must not pass for this one's
         remove_stale_outputs(out_path, layers_to_dissect(loaded, config))
     distributed.barrier(ctx)
-    try:
-        res = run_dissection(loaded, ds, config, out_path, ctx)
-    finally:
-        if owned:  # a finished decoded cache stays; a scratch store goes
-            ds.close()
+    res = run_dissection(loaded, ds, config, out_path, ctx)
     return RunOutcome(out_path, False, summary_json(res), res, is_main=ctx.is_main)
 
 

@@ -28,8 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from broden._fileio import write_text_atomic
 from broden.errors import InputError
-from dissect.aggregate import (DEFINITIONS, Cell, Groups, Paired, RunRecord, Table, default_group, group_runs,
-                               markdown, read_record, spatial_table, threshold_table)
+from dissect.aggregate import (DEFAULT_THRESHOLDS, DEFINITIONS, Cell, Groups, Paired, RunRecord, Table,
+                               default_group, group_runs, markdown, read_record, spatial_table, threshold_table)
 from dissect.config import RESULT_FIELDS
 from reports.render import template_env
 from reports.results import UNIQUE_DEFINITIONS, RunResults, read_run
@@ -40,7 +40,6 @@ __all__ = ["Comparison", "Comparability", "compare_runs", "comparability", "comp
 
 FORMATS = ("md", "csv", "html")
 CSV_COLUMNS = ["table", "run", "layer", "category", "metric", "value", "diff_vs_first", "sd", "n", "seeds"]
-DEFAULT_THRESHOLDS = (0.04, 0.08)  # Lite's report, and the CGL authors' settings for the synthetic set
 
 
 @dataclass
@@ -64,13 +63,18 @@ class Comparison:
     def run_labels(self) -> list[str]:
         """A label per run: its group, with its seed when the group has several runs."""
         sizes = {g: self.run_groups.count(g) for g in self.names}
-        return [g if sizes[g] == 1 else f"{g} (seed {r.summary['model'].get('train_seed', r.summary['seed'])})"
-                for g, r in zip(self.run_groups, self.runs)]
+        return [g if sizes[g] == 1 else f"{g} (seed {_seed_of(r.summary)})" for g, r in zip(self.run_groups, self.runs)]
 
     @property
     def seeded(self) -> bool:
         """True when some group holds several runs (seeds)."""
         return len(self.run_groups) > len(self.names)
+
+
+def _seed_of(summary: dict[str, Any]) -> int:
+    """The model's training seed where recorded (train_seed may be present and None), else the dissection's."""
+    seed = summary["model"].get("train_seed")
+    return int(summary["seed"] if seed is None else seed)
 
 
 @dataclass
@@ -417,7 +421,7 @@ def format_csv(cmp: Comparison) -> str:
 
 
 def threshold_rows(cmp: Comparison) -> list[dict[str, Any]]:
-    """CSV rows of the threshold tables: table `at_iou_<t>_<definition>`, value = mean over seeds."""
+    """CSV rows of the threshold tables: table `unique-<definition>-<t>`, value = mean over seeds."""
     rows = []
     for t in threshold_tables(cmp):
         for row in t.rows:

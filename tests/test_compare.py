@@ -240,3 +240,12 @@ def test_paired_differences_pair_by_seed(tmp_path: Path, capsys: pytest.CaptureF
     assert float(rows[("unique_per_layer", "b", "conv1", "unique_paper", "")]["diff_vs_first"]) == 0.0
     assert main(["compare", *map(str, dirs), "--names", "a,a,b,b", "--baseline", "c"]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_run_label_seed_falls_back_to_the_dissection_seed() -> None:
+    from reports.compare import _seed_of
+
+    # summary.json writes train_seed: null for models that are not cgl-train checkpoints
+    assert _seed_of({"model": {"train_seed": None}, "seed": 4}) == 4
+    assert _seed_of({"model": {"train_seed": 7}, "seed": 4}) == 7
+    assert _seed_of({"model": {}, "seed": 2}) == 2

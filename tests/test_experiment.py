@@ -127,6 +127,29 @@ def test_rerun_reuses_training_and_dissection(experiment) -> None:
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
+def test_a_run_trained_with_other_options_is_not_reused(experiment, tmp_path: Path) -> None:
+    cfg = json.loads((experiment.out.parent / "cfg.json").read_text())
+    cfg["runs"]["weight_decay"]["weight_decay"] = 0.5  # the baseline (and its control) changed
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps(cfg))
+    stamps = {p: p.stat().st_mtime_ns for p in (experiment.out / "runs").glob("*/latest.pth")}
+    opts = ExperimentOptions(out=experiment.out, config=changed, quiet=True, device="cpu", report=False, seeds=2)
+    with pytest.raises(InputError, match=r"random_init-seed0.*weight_decay: 0\.0001 here, 0\.5 now.*new --out"):
+        run_experiment(opts)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained or overwritten
+
+
+def test_precision_is_recorded_beside_amp(experiment) -> None:
+    from cgl_train.engine import amp_dtype_for
+    import torch
+
+    ckpt = torch.load(experiment.out / "runs" / "weight_decay-seed0" / "latest.pth", weights_only=True)
+    dtype = amp_dtype_for(torch.device("cpu")) if ckpt["train_options"]["amp"] else None
+    assert ckpt["precision"] == (str(dtype).removeprefix("torch.") if dtype is not None else "float32")
+    header = json.loads((experiment.out / "runs" / "weight_decay-seed0" / "log.jsonl").read_text().splitlines()[0])
+    assert header["precision"] == ckpt["precision"]
+
+
 def test_bad_config_and_options_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"data": {}, "train": {}, "runs": {"weight_decay": {}}, "dissect": {}}))

@@ -83,6 +83,19 @@ def test_cli_run_with_mixed_lists_and_a_state_dict(tiny: Path, tmp_path: Path) -
 
 # ---------------------------------------------------------------- 3. --images
 
+def test_with_images_of_a_dataset_writing_its_cache_serves_its_own_rows(tiny: Path, tmp_path: Path) -> None:
+    writing = BrodenDataset(tiny, categories=["material"], cache=tmp_path / "cache", images="all", write_cache=True)
+    first = writing.get_batch([0, 1, 2, 3])  # staged in the writer, by position in all 7 rows
+    subset = writing.with_images("annotated")  # img0, img2, img5
+    plain = BrodenDataset(tiny, categories=["material"], cache="off", images="annotated")
+    got, want = subset.get_batch([0, 1, 2]), plain.get_batch([0, 1, 2])
+    assert torch.equal(got["index"], want["index"]) and torch.equal(got["image"], want["image"])
+    assert torch.equal(got["labels"], want["labels"])
+    subset.close()  # the copy's close leaves the original's writer alone
+    assert torch.equal(writing.get_batch([0, 1, 2, 3])["image"], first["image"])
+    writing.close()
+
+
 def test_annotated_keeps_rows_with_data_in_a_selected_category(tiny: Path) -> None:
     by_name = lambda ds: [Path(ds.record(i).image).stem for i in range(len(ds))]  # noqa: E731
     material = BrodenDataset(tiny, categories=["material"], cache="off", images="annotated")
@@ -249,6 +262,10 @@ def test_given_thresholds_skip_the_quantile_and_key_the_result(tiny: Path, tmp_p
     assert built == [2]  # one TopQuantile: for 'down' only
     again = _run(tiny, tmp_path / "out", layers=["maps", "down"], thresholds=[f"maps={file}"])
     assert again.reused
+    (tmp_path / "out" / "maps" / "thresholds_given.npy").unlink()  # a damaged result is not reused
+    repaired = _run(tiny, tmp_path / "out", layers=["maps", "down"], thresholds=[f"maps={file}"])
+    assert not repaired.reused and (tmp_path / "out" / "maps" / "thresholds_given.npy").is_file()
+    built.clear()
     _save(file, [0.25, 0.75])  # same path, other values: another result
     changed = _run(tiny, tmp_path / "out", layers=["maps", "down"], thresholds=[f"maps={file}"])
     assert not changed.reused and changed.summary["run_key"] != first.summary["run_key"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `compare` subcommand."""
+    from dissect.aggregate import DEFAULT_THRESHOLDS
     from reports.compare import FORMATS
     from reports.results import UNIQUE_DEFINITIONS
 
@@ -24,8 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--definition", choices=list(UNIQUE_DEFINITIONS), default="paper",
                    help="unique-detector definition of tables 1-3 (default paper: the CGL paper's counting); "
                         "the threshold tables show both")
-    p.add_argument("--iou-thresholds", metavar="T,T", default="0.04,0.08",
-                   help="IoU thresholds of the detector tables (default 0.04,0.08: Lite's report and the CGL "
+    p.add_argument("--iou-thresholds", metavar="T,T", default=",".join(f"{t:g}" for t in DEFAULT_THRESHOLDS),
+                   help="IoU thresholds of the detector tables (default %(default)s: Lite's report and the CGL "
                         "authors' synthetic settings)")
     p.add_argument("--baseline", metavar="NAME", default=None,
                    help="the run (name) differences are against (default: the first)")
