@@ -53,7 +53,7 @@ from cgl_train.experiment import (BASELINE, RUN_TITLES, TRAINED, ExperimentOptio
 GRID = {
     "weight_decay": {"lr": [0.02, 0.05, 0.1]},
     "rbn": {"lambda_bn": [1e-3, 1e-2, 3e-2, 1e-1, 3e-1]},
-    "rbn_lg_ls": {"lambda_g": [1e-2, 1e-1, 1.0], "lambda_s": [1e-2, 1e-1]},
+    "rbn_lg_ls": {"lambda_g": [1e-2, 1e-1, 1.0, 10.0], "lambda_s": [1e-2, 1e-1, 1.0]},
 }
 # What each stage inherits from the stages before it.
 INHERIT = {"weight_decay": (), "rbn": ("lr",), "rbn_lg_ls": ("lr", "lambda_bn")}
@@ -180,12 +180,14 @@ def main() -> None:
     for run in TRAINED:
         all_results[run] = []
         inherited = {k: v for r in chosen.values() for k, v in r["params"].items() if k in INHERIT[run]}
-        for i, params in enumerate(candidates(run)):
+        for params in candidates(run):
             params = {**inherited, **params}
             opts = ExperimentOptions(out=str(args.out), device=args.device, quiet=True)
             config = _train_config({**cfg, "runs": {**cfg["runs"], run: {**cfg["runs"][run], **params}}},
                                    opts, "quick", run, args.seed, root, data)
-            config = config.replace(out=str(args.out / "runs" / f"{run}-{i}"))
+            # named by the point, so a grid grown later reuses the runs it already has
+            name = run + "".join(f"-{k}{v:g}" for k, v in params.items())
+            config = config.replace(out=str(args.out / "runs" / name))
             row = {"params": params, **run_one(config)}
             all_results[run].append(row)
             print(run, params, row["val_top1"], row["train_task_loss"], row["epochs"], f"{row['seconds']}s",
