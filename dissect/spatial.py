@@ -69,10 +69,14 @@ def _components(masks: np.ndarray, connectivity: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     tall = np.zeros((n, hh + 1, ww), dtype=bool)
     tall[:, :hh] = masks
-    labels = measure.label(tall.reshape(n * (hh + 1), ww), connectivity=connectivity, background=0)
-    ids, first = np.unique(labels.ravel(), return_index=True)
-    owner = first[ids > 0] // ((hh + 1) * ww)  # which mask each region starts in
-    return np.bincount(owner, minlength=n).astype(np.int64)
+    labels, count = measure.label(tall.reshape(n * (hh + 1), ww), connectivity=connectivity, background=0,
+                                  return_num=True)
+    flat = labels.ravel()
+    on = np.flatnonzero(flat)
+    # every pixel of a region lies in one mask, so any of them names its owner (no sort needed)
+    owner = np.zeros(count + 1, dtype=np.int64)
+    owner[flat[on]] = on // ((hh + 1) * ww)
+    return np.bincount(owner[1:], minlength=n).astype(np.int64)
 
 
 def mask_shape_stats(masks: torch.Tensor, connectivity: int = 2) -> MaskStats:
@@ -81,19 +85,20 @@ def mask_shape_stats(masks: torch.Tensor, connectivity: int = 2) -> MaskStats:
         raise InputError(f"mask connectivity {connectivity!r}: expected 1 (4-neighbour) or 2 (8-neighbour)")
     u, k, hh, ww = masks.shape
     m = masks.reshape(u * k, hh, ww)
-    comp = _components(m.cpu().numpy(), connectivity)
-    f = m.to(torch.float64)
-    area = f.sum(dim=(1, 2))  # (n,)
-    ys = torch.arange(hh, dtype=torch.float64, device=m.device).view(1, hh, 1)
-    xs = torch.arange(ww, dtype=torch.float64, device=m.device).view(1, 1, ww)
-    safe = area.clamp(min=1.0)
-    cy = (f * ys).sum(dim=(1, 2)) / safe
-    cx = (f * xs).sum(dim=(1, 2)) / safe
-    dist = torch.sqrt((ys - cy.view(-1, 1, 1)) ** 2 + (xs - cx.view(-1, 1, 1)) ** 2)  # (n, H, W)
-    spread = (f * dist).sum(dim=(1, 2)) / safe / max(hh, ww)
-    spread = torch.where(area > 0, spread, torch.full_like(spread, float("nan")))
-    return MaskStats(components=comp.reshape(u, k), spread=spread.cpu().numpy().reshape(u, k),
-                     area=area.cpu().numpy().astype(np.int64).reshape(u, k))
+    flat = m.cpu().numpy()
+    comp = _components(flat, connectivity)
+    # over the pixels that are on only (masks are sparse: a top quantile), float64 sums per mask
+    which, ys, xs = np.nonzero(flat)
+    n = u * k
+    area = np.bincount(which, minlength=n).astype(np.float64)  # (n,)
+    safe = np.maximum(area, 1.0)
+    cy = np.bincount(which, weights=ys, minlength=n) / safe
+    cx = np.bincount(which, weights=xs, minlength=n) / safe
+    dist = np.hypot(ys - cy[which], xs - cx[which])
+    spread = np.bincount(which, weights=dist, minlength=n) / safe / max(hh, ww)
+    spread = np.where(area > 0, spread, np.nan)
+    return MaskStats(components=comp.reshape(u, k), spread=spread.reshape(u, k),
+                     area=area.astype(np.int64).reshape(u, k))
 
 
 def layer_spatial_summary(components: np.ndarray, spread: np.ndarray, detector: np.ndarray) -> dict:
