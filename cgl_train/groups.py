@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from broden.errors import InputError
-from dissect.groups import GroupSpec, conv_module, find_following_bn
+from dissect.groups import GroupSpec, conv_module, find_following_bn, module_of_type
 
 __all__ = ["GroupSpec", "LayerGroups", "Captured", "GroupActivations", "find_following_bn",
            "build_layer_groups", "layer_groups_config"]
@@ -40,13 +40,7 @@ class Captured:
 
 
 def _get_bn(model: nn.Module, name: str, conv_name: str) -> nn.BatchNorm2d:
-    module = dict(model.named_modules()).get(name)
-    if not isinstance(module, nn.BatchNorm2d):
-        bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-        what = "no module" if module is None else f"a {type(module).__name__}, not a BatchNorm2d"
-        raise InputError(f"batch-norm {name!r} of grouped layer {conv_name!r}: {what} of that name; "
-                         f"valid BatchNorm2d layers: {', '.join(bns) or '(none)'}")
-    return module
+    return module_of_type(model, name, nn.BatchNorm2d, f"batch-norm {name!r} of grouped layer {conv_name!r}")
 
 
 def build_layer_groups(model: nn.Module, config: Mapping[str, Mapping[str, Any]],

@@ -28,7 +28,7 @@ from torch import nn
 from broden.errors import InputError
 from dissect.labels import LayerLabels
 
-__all__ = ["GroupSpec", "layout_from_spec", "equal_groups", "group_of_units", "conv_module",
+__all__ = ["GroupSpec", "layout_from_spec", "equal_groups", "group_of_units", "conv_module", "module_of_type",
            "find_following_bn", "following_bn", "group_norms", "group_norms_bn", "group_relevance", "concept_groups"]
 
 
@@ -137,15 +137,21 @@ def group_of_units(spec: GroupSpec) -> np.ndarray:
     return out
 
 
+def module_of_type(model: nn.Module, name: str, kind: type[nn.Module], role: str) -> Any:
+    """The module named `name` in `model`, which must be a `kind`; InputError (starting with `role`)
+    listing the modules of that kind when it is not one."""
+    module = dict(model.named_modules()).get(name)
+    if not isinstance(module, kind):
+        valid = [n for n, m in model.named_modules() if isinstance(m, kind)]
+        what = "no module" if module is None else f"a {type(module).__name__}, not a {kind.__name__}"
+        raise InputError(f"{role}: {what} of that name in {type(model).__name__}; "
+                         f"valid {kind.__name__} layers: {', '.join(valid) or '(none)'}")
+    return module
+
+
 def conv_module(model: nn.Module, name: str) -> nn.Conv2d:
     """The Conv2d named `name` in `model`; InputError listing the conv layers when it is not one."""
-    module = dict(model.named_modules()).get(name)
-    if not isinstance(module, nn.Conv2d):
-        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        what = "no module" if module is None else f"a {type(module).__name__}, not a Conv2d"
-        raise InputError(f"grouped layer {name!r}: {what} of that name in {type(model).__name__}; "
-                         f"valid conv layers: {', '.join(convs) or '(none)'}")
-    return module
+    return module_of_type(model, name, nn.Conv2d, f"grouped layer {name!r}")
 
 
 def find_following_bn(model: nn.Module, conv_name: str) -> str | None:
