@@ -20,19 +20,18 @@ import numpy as np
 
 from broden._fileio import read_json
 from broden.errors import InputError
-
-# IoU thresholds of the detector tables when none are given: NetDissect-Lite's report (0.04) and the
-# CGL authors' settings for the synthetic set (0.08)
-DEFAULT_THRESHOLDS = (0.04, 0.08)
 from dissect.config import passes_rule
 from dissect.labels import LayerLabels, layer_label_summary
 from dissect.results import read_summary
 
 __all__ = ["RunRecord", "Cell", "Paired", "read_record", "default_group", "layer_labels_from_units",
            "counts_at", "Groups", "group_runs", "cell_text", "paired_text", "DEFINITIONS", "DEFINITION_TEXT",
-           "Table", "threshold_table", "spatial_table", "markdown"]
+           "Table", "threshold_table", "spatial_table", "markdown", "DEFAULT_THRESHOLDS"]
 
 DEFINITIONS = ("paper", "top_label")
+# IoU thresholds of the detector tables when none are given: NetDissect-Lite's report (0.04) and the
+# CGL authors' settings for the synthetic set (0.08)
+DEFAULT_THRESHOLDS = (0.04, 0.08)
 
 
 @dataclass
