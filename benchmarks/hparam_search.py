@@ -106,20 +106,14 @@ def run_one(config: Any) -> dict[str, Any]:
             "weights": weight_effects(last.get("relevance") or {})}
 
 
-def choose(results: list[dict[str, Any]], baseline_top1: float | None, tolerance: float) -> dict[str, Any]:
-    """The search rule of the module docstring (baseline_top1 None: the weight-decay stage)."""
-    ok = [r for r in results if math.isfinite(r["train_task_loss"]) and r["val_top1"] is not None and r["stopped"]]
-    if not ok:
-        raise SystemExit("no candidate reached the plateau within the epochs (or all diverged): widen the grid")
-    if baseline_top1 is None:
-        return max(ok, key=lambda r: (r["val_top1"], -r["train_task_loss"]))
-    near = [r for r in ok if r["val_top1"] >= baseline_top1 - tolerance]
-    if not near:
-        return min(ok, key=lambda r: tuple(r["params"].get(k, 0.0) for k in STRENGTH))
-    # only settings whose every weaker neighbour on the grid qualifies too: one seed per point, so a
-    # strong setting that passes beyond one that failed is read as luck in an unstable region
-    safe = [r for r in near if all(any(d is n for n in near) for d in results if _weaker_or_equal(d, r))]
-    return max(safe or near, key=lambda r: (tuple(r["params"].get(k, 0.0) for k in STRENGTH), r["val_top1"]))
+def _trained(r: dict[str, Any]) -> bool:
+    """The run reached the plateau within the epochs with a finite training loss."""
+    return bool(r["stopped"]) and math.isfinite(r["train_task_loss"]) and r["val_top1"] is not None
+
+
+def _passes(r: dict[str, Any], baseline_top1: float | None, tolerance: float) -> bool:
+    """Trained, and (past the weight-decay stage) within `tolerance` of the baseline's val top-1."""
+    return _trained(r) and (baseline_top1 is None or r["val_top1"] >= baseline_top1 - tolerance)
 
 
 def _weaker_or_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -127,21 +121,39 @@ def _weaker_or_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a["params"].get(k, 0.0) <= b["params"].get(k, 0.0) for k in STRENGTH)
 
 
+def _weaker_failed(r: dict[str, Any], results: list[dict[str, Any]], baseline_top1: float | None,
+                   tolerance: float) -> bool:
+    """Some point of the grid with no lambda larger than r's does not pass: one seed per point, so a
+    strong setting that passes beyond one that failed is read as luck in an unstable region."""
+    return any(not _passes(d, baseline_top1, tolerance) for d in results if _weaker_or_equal(d, r))
+
+
+def choose(results: list[dict[str, Any]], baseline_top1: float | None, tolerance: float) -> dict[str, Any]:
+    """The search rule of the module docstring (baseline_top1 None: the weight-decay stage)."""
+    ok = [r for r in results if _trained(r)]
+    if not ok:
+        raise SystemExit("no candidate reached the plateau within the epochs (or all diverged): widen the grid")
+    if baseline_top1 is None:
+        return max(ok, key=lambda r: (r["val_top1"], -r["train_task_loss"]))
+    near = [r for r in ok if _passes(r, baseline_top1, tolerance)]
+    if not near:
+        return min(ok, key=lambda r: tuple(r["params"].get(k, 0.0) for k in STRENGTH))
+    safe = [r for r in near if not _weaker_failed(r, results, baseline_top1, tolerance)]
+    return max(safe or near, key=lambda r: (tuple(r["params"].get(k, 0.0) for k in STRENGTH), r["val_top1"]))
+
+
 def _mark(r: dict[str, Any], results: list[dict[str, Any]], chosen: dict[str, Any], baseline_top1: float | None,
           tolerance: float) -> str:
     """The table's last column: why a run was or was not chosen."""
-    def passes(x: dict[str, Any]) -> bool:
-        return (x["stopped"] and math.isfinite(x["train_task_loss"]) and x["val_top1"] is not None
-                and (baseline_top1 is None or x["val_top1"] >= baseline_top1 - tolerance))
     if r is chosen:
         return "yes"
     if not r["stopped"]:
         return "no plateau"
-    if not passes(r):
-        return "over 1 point below" if baseline_top1 is not None else ""
-    if baseline_top1 is not None and any(not passes(d) for d in results if _weaker_or_equal(d, r)):
-        return "a weaker setting failed"
-    return ""
+    if baseline_top1 is None:
+        return ""
+    if not _passes(r, baseline_top1, tolerance):
+        return f"over {100 * tolerance:g} point(s) below"
+    return "a weaker setting failed" if _weaker_failed(r, results, baseline_top1, tolerance) else ""
 
 
 def _weights_text(w: dict[str, Any]) -> str:

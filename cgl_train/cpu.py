@@ -30,6 +30,8 @@ import platform
 
 import torch
 
+from dissect.distributed import env_local_world_size
+
 __all__ = ["THREAD_ENV", "usable_cpus", "local_processes", "choose_threads", "keep_freed_memory",
            "configure_cpu"]
 
@@ -52,8 +54,7 @@ def usable_cpus() -> int:
 
 def local_processes(environ: dict[str, str] | None = None) -> int:
     """Processes of this job on this machine: torchrun's LOCAL_WORLD_SIZE, else 1."""
-    value = (os.environ if environ is None else environ).get("LOCAL_WORLD_SIZE", "")
-    return int(value) if value.strip().isdigit() and int(value) > 0 else 1
+    return env_local_world_size(environ) or 1
 
 
 def choose_threads(local_processes: int = 1, environ: dict[str, str] | None = None,

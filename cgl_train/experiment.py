@@ -172,10 +172,10 @@ def check_reusable(ckpt: dict[str, Any], config: Any, path: Path) -> None:
     reusing it would report its numbers under this configuration's name (another labeling, data or lambda)."""
     from cgl_train.config import resume_conflicts
 
-    saved = dict(ckpt.get("train_options") or {})
-    differ = resume_conflicts(saved, config.to_dict())
+    saved, now = dict(ckpt.get("train_options") or {}), config.to_dict()
+    differ = resume_conflicts(saved, now)
     if differ:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} here, {config.to_dict().get(k)!r} now" for k in differ)
+        shown = ", ".join(f"{k}: {saved.get(k)!r} here, {now.get(k)!r} now" for k in differ)
         raise InputError(f"{path}: this --out holds a run trained with other options ({shown}); give the "
                          f"experiment a new --out (or delete {path.parent} to retrain it)")
 
@@ -283,12 +283,11 @@ def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
             log.info("dissecting %s (seed %d)", RUN_TITLES[run], seed)
             _dissect(cfg, opts, ckpt_path, data_root, dissect_dirs[(run, seed)], seed)
 
-    from dissect.aggregate import DEFAULT_THRESHOLDS
+    from dissect.aggregate import DEFAULT_THRESHOLDS, markdown
 
     thresholds = list(cfg["dissect"].get("iou_thresholds", DEFAULT_THRESHOLDS))
     _, tables = build_tables(dissect_dirs, thresholds)
     seconds = time.time() - start
-    from dissect.aggregate import markdown
 
     text = _preamble(mode, data, seeds, opts, seconds, rule) + "\n" + convergence_markdown(convergence, rule) \
         + "\n" + "\n".join(markdown(t) for t in tables)

@@ -26,7 +26,7 @@ from dissect.results import read_summary
 
 __all__ = ["RunRecord", "Cell", "Paired", "read_record", "default_group", "layer_labels_from_units",
            "counts_at", "Groups", "group_runs", "cell_text", "paired_text", "DEFINITIONS", "DEFINITION_TEXT",
-           "Table", "threshold_table", "spatial_table", "markdown", "DEFAULT_THRESHOLDS"]
+           "Table", "threshold_table", "spatial_table", "markdown", "DEFAULT_THRESHOLDS", "run_seed"]
 
 DEFINITIONS = ("paper", "top_label")
 # IoU thresholds of the detector tables when none are given: NetDissect-Lite's report (0.04) and the
@@ -60,6 +60,13 @@ def default_group(name: str | Path) -> str:
     return re.sub(r"[-_.]?seed\d+$", "", name) or name
 
 
+def run_seed(summary: dict[str, Any]) -> int:
+    """A dissection's seed for grouping: the model's training seed where recorded (summary.json writes
+    train_seed: null for models that are not cgl-train checkpoints), else the dissection's own."""
+    seed = summary["model"].get("train_seed")
+    return int(summary["seed"] if seed is None else seed)
+
+
 def read_record(root: str | Path, group: str | None = None) -> RunRecord:
     """Read summary.json and every layer's units.json; the seed is the model's training seed if recorded."""
     root = Path(root)
@@ -68,8 +75,7 @@ def read_record(root: str | Path, group: str | None = None) -> RunRecord:
     for entry in summary["layers"]:
         units[entry["name"]] = read_json(root / entry["dir"] / "units.json",
                                          "the results directory is incomplete; rerun `dissect run`")
-    seed = summary["model"].get("train_seed")
-    seed = int(summary["seed"] if seed is None else seed)
+    seed = run_seed(summary)
     return RunRecord(group if group is not None else default_group(root), seed, root, summary, units)
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 
 from dissect.stats import StreamingStat
 
-__all__ = ["DistContext", "env_world_size", "init_from_env", "shutdown", "shard_range", "merge_stats", "barrier"]
+__all__ = ["DistContext", "env_local_world_size", "env_world_size", "init_from_env", "shutdown", "shard_range", "merge_stats", "barrier"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,13 @@ class DistContext:
     @property
     def local_processes(self) -> int:
         """This job's processes on this machine: torchrun's LOCAL_WORLD_SIZE, else all of them."""
-        value = os.environ.get("LOCAL_WORLD_SIZE", "").strip() if self.active else ""
-        return int(value) if value.isdigit() and int(value) > 0 else self.world_size
+        return (env_local_world_size() if self.active else None) or self.world_size
+
+
+def env_local_world_size(environ: Mapping[str, str] | None = None) -> int | None:
+    """torchrun's LOCAL_WORLD_SIZE (this job's processes on this machine), None where unset or not a count."""
+    value = (os.environ if environ is None else environ).get("LOCAL_WORLD_SIZE", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def env_world_size() -> int:

@@ -29,7 +29,8 @@ from typing import Any, Callable, Mapping, Sequence
 from broden._fileio import write_text_atomic
 from broden.errors import InputError
 from dissect.aggregate import (DEFAULT_THRESHOLDS, DEFINITIONS, Cell, Groups, Paired, RunRecord, Table,
-                               default_group, group_runs, markdown, read_record, spatial_table, threshold_table)
+                               default_group, group_runs, markdown, read_record, run_seed, spatial_table,
+                               threshold_table)
 from dissect.config import RESULT_FIELDS
 from reports.render import template_env
 from reports.results import UNIQUE_DEFINITIONS, RunResults, read_run
@@ -63,18 +64,12 @@ class Comparison:
     def run_labels(self) -> list[str]:
         """A label per run: its group, with its seed when the group has several runs."""
         sizes = {g: self.run_groups.count(g) for g in self.names}
-        return [g if sizes[g] == 1 else f"{g} (seed {_seed_of(r.summary)})" for g, r in zip(self.run_groups, self.runs)]
+        return [g if sizes[g] == 1 else f"{g} (seed {run_seed(r.summary)})" for g, r in zip(self.run_groups, self.runs)]
 
     @property
     def seeded(self) -> bool:
         """True when some group holds several runs (seeds)."""
         return len(self.run_groups) > len(self.names)
-
-
-def _seed_of(summary: dict[str, Any]) -> int:
-    """The model's training seed where recorded (train_seed may be present and None), else the dissection's."""
-    seed = summary["model"].get("train_seed")
-    return int(summary["seed"] if seed is None else seed)
 
 
 @dataclass

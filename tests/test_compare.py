@@ -243,9 +243,9 @@ def test_paired_differences_pair_by_seed(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_run_label_seed_falls_back_to_the_dissection_seed() -> None:
-    from reports.compare import _seed_of
+    from dissect.aggregate import run_seed
 
     # summary.json writes train_seed: null for models that are not cgl-train checkpoints
-    assert _seed_of({"model": {"train_seed": None}, "seed": 4}) == 4
-    assert _seed_of({"model": {"train_seed": 7}, "seed": 4}) == 7
-    assert _seed_of({"model": {}, "seed": 2}) == 2
+    assert run_seed({"model": {"train_seed": None}, "seed": 4}) == 4
+    assert run_seed({"model": {"train_seed": 7}, "seed": 4}) == 7
+    assert run_seed({"model": {}, "seed": 2}) == 2

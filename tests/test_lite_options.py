@@ -265,7 +265,6 @@ def test_given_thresholds_skip_the_quantile_and_key_the_result(tiny: Path, tmp_p
     (tmp_path / "out" / "maps" / "thresholds_given.npy").unlink()  # a damaged result is not reused
     repaired = _run(tiny, tmp_path / "out", layers=["maps", "down"], thresholds=[f"maps={file}"])
     assert not repaired.reused and (tmp_path / "out" / "maps" / "thresholds_given.npy").is_file()
-    built.clear()
     _save(file, [0.25, 0.75])  # same path, other values: another result
     changed = _run(tiny, tmp_path / "out", layers=["maps", "down"], thresholds=[f"maps={file}"])
     assert not changed.reused and changed.summary["run_key"] != first.summary["run_key"]
