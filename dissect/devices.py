@@ -1,13 +1,15 @@
 """Choose the torch device once, at the edge (`--device auto|cpu|cuda|cuda:N`)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
 from broden.errors import InputError
 
-__all__ = ["parse_device", "resolve_device"]
+__all__ = ["parse_device", "resolve_device", "float32_math"]
 
 
 def parse_device(name: str) -> torch.device:
@@ -33,3 +35,23 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
             device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     return device
+
+
+@contextlib.contextmanager
+def float32_math(device: torch.device, allow_tf32: bool = False) -> Iterator[None]:
+    """Within: CUDA convolutions and matmuls in IEEE float32 (TF32 only when `allow_tf32`); restored after.
+
+    cuDNN allows TF32 convolutions by default on Ampere and later, which moves activations, hence
+    thresholds and masks, away from the CPU's. A no-op off CUDA.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = conv
+        torch.set_float32_matmul_precision(matmul)

@@ -624,3 +624,35 @@ def test_spatial_loss_of_saturated_float32_maps_has_finite_gradients():
     ys, xs = torch.meshgrid(torch.arange(6.0), torch.arange(5.0), indexing="ij")
     expected = torch.sqrt(ys ** 2 + (xs - 2) ** 2) / 6
     torch.testing.assert_close(psi.grad, expected.expand_as(psi.grad), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("options", [
+    dict(),  # the defaults: paper L_g form, normalized L_s, mean over layers
+    dict(group_form="per_image", spatial_coords="pixel", layer_reduction="sum"),
+    dict(spatial_layers="conv2", group_layers="conv1"),
+])
+def test_cuda_equals_cpu_terms_and_gradients(options, monkeypatch):
+    """Every CGL term and every parameter gradient of the total agree between CPU and CUDA (float32, no TF32)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    out = {}
+    for dev in ("cpu", "cuda"):
+        model, layers, x = _setup()
+        model = model.to(dev)
+        objective = CGLObjective(model, layers, CGLOptions(lambda_bn=0.1, lambda_g=2.0, lambda_s=0.5, **options),
+                                 seed=4)
+        with GroupActivations(model, layers) as acts:
+            logits = model(x.to(dev))
+            terms = objective(acts.captured)
+            (terms["total"] + logits.square().mean()).backward()
+        out[dev] = ({k: v.detach().cpu() for k, v in terms.items() if torch.is_tensor(v)},
+                    {n: p.grad.detach().cpu() for n, p in model.named_parameters()})
+    torch.set_float32_matmul_precision(precision)
+    (t_cpu, g_cpu), (t_cuda, g_cuda) = out["cpu"], out["cuda"]
+    assert set(t_cpu) == set(t_cuda) and {"total", "r_bn", "l_g", "l_s"} <= set(t_cpu)
+    for k in t_cpu:
+        torch.testing.assert_close(t_cuda[k], t_cpu[k], rtol=1e-5, atol=1e-6, msg=k)
+    for n in g_cpu:
+        torch.testing.assert_close(g_cuda[n], g_cpu[n], rtol=1e-4, atol=1e-6, msg=n)
