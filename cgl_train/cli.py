@@ -39,6 +39,7 @@ EPILOG = """\
 examples:
   cgl-train --data synthetic --arch tiny_cnn --out runs/wd
   cgl-train --data synthetic --arch tiny_cnn --out runs/cgl --lambda-bn 1e-3 --lambda-g 1e-3 --lambda-s 1e-2
+  cgl-train --data shapes32 --arch tiny_cnn --out runs/s32   (shapes32 written by `dissect synth --out shapes32`)
   cgl-train --data /data/places365 --arch alexnet --out runs/alex --groups 5 --lambda-bn 5e-3 --amp
   torchrun --nproc_per_node 4 -m cgl_train --data /data/imagenet --arch vgg16 --out runs/vgg
   cgl-train --resume --out runs/cgl                 (continue a run with its recorded options)
@@ -137,9 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING if config.quiet or not rank0 else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
         from broden._progress import set_quiet
-        from cgl_train.engine import train  # late: keeps --help fast
+        from cgl_train.data import resolve_data
+        from cgl_train.engine import train, val_text  # late: keeps --help fast
 
         set_quiet(config.quiet)
+        resolve_data(config)  # --data DIR: a `dissect synth` set or an ImageFolder root, said before any work
         result = train(config)
     except (InputError, CheckpointError) as e:
         print(f"cgl-train: error: {e}", file=sys.stderr)
@@ -160,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = result.metrics
         world = env_world_size()
         print(f"trained {result.epochs_completed} epoch(s)" + (f" on {world} processes" if world > 1 else "")
-              + f"; val top-1 {m.get('val_top1')}, top-5 {m.get('val_top5')}")
+              + f"; {val_text(m)}")
         print(f"checkpoint: {result.latest}")
         if result.best is not None:
             print(f"best checkpoint: {result.best}")

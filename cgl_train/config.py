@@ -153,8 +153,9 @@ class CGLOptions(Options):
 class TrainConfig(CGLOptions):
     """Options of one training run: the CGL options (CGLOptions) and everything else about the run."""
 
-    data: str = option("synthetic", "'synthetic' (the paper's shapes, generated once) or an ImageFolder root "
-                       "with train/ and val/ class folders", results=True, group="data")
+    data: str = option("synthetic", "'synthetic' (the paper's shapes, generated once), a directory written by "
+                       "`dissect synth` (recorded as synthetic + --synthetic-dir) or an ImageFolder root with "
+                       "train/ and val/ class folders", results=True, group="data")
     arch: str = option("tiny_cnn", "tiny_cnn, alexnet, alexnet_b or vgg16", results=True, group="data")
     out: str = option("runs/cgl", "output directory: log.jsonl, config.json, latest.pth, best.pth", group="data")
     arch_kwargs: dict[str, Any] = option(

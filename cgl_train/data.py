@@ -5,6 +5,9 @@ in the checkpoint (`x = (img / 255 - mean) / std`):
 - synthetic shapes: by default the training split's per-channel mean and std
   (`--synthetic-normalization train_stats`; 'half' is mean 0.5, std 0.5, which
   maps 0..255 to -1..1); no augmentation (the paper mentions none).
+- a directory written by `dissect synth` (classes.csv + synthetic.json): the same set as
+  `--data synthetic --synthetic-dir DIR`, its parameters read from synthetic.json
+  (`resolve_data` records it so: data 'synthetic', synthetic_dir DIR).
 - ImageFolder (ImageNet / Places365 layout: root/train/<class>/*, root/val/<class>/*):
   torchvision's ImageNet mean/std; train = RandomResizedCrop(input_size) +
   horizontal flip, val = Resize(input_size * 256 / 224) + CenterCrop(input_size).
@@ -33,7 +36,8 @@ from cgl_train.config import TrainConfig
 from dissect.models import NORMALIZATIONS
 
 __all__ = ["SYNTHETIC_NORMALIZATION", "IMAGENET_NORMALIZATION", "DataBundle", "SyntheticShapes", "channel_statistics",
-           "synthetic_cache_dir", "prepare_synthetic", "build_datasets", "normalize_uint8", "decode_images"]
+           "synthetic_cache_dir", "prepare_synthetic", "build_datasets", "normalize_uint8", "decode_images",
+           "resolve_data", "is_synthetic_set", "DATA_LAYOUTS"]
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +209,7 @@ def _image_folder(config: TrainConfig, root: Path) -> DataBundle:
 
     for split in ("train", "val"):
         if not (root / split).is_dir():
-            raise InputError(f"--data {root}: expected an ImageFolder root with {split}/<class>/ "
-                             f"subfolders (ImageNet/Places365 layout), or 'synthetic'")
+            raise InputError(f"--data {root}: has no {split}/ folder; accepted: {DATA_LAYOUTS}")
     size = config.input_size or DEFAULT_IMAGEFOLDER_SIZE
     norm = {k: list(v) for k, v in IMAGENET_NORMALIZATION.items()}  # a copy: the bundle may be edited
     normalize = transforms.Normalize(norm["mean"], norm["std"])
@@ -250,12 +253,79 @@ def _decode_once(config: TrainConfig, *folders: Any) -> None:
         f.loader = store.load
 
 
+DATA_LAYOUTS = ("an ImageFolder root (train/<class>/* and val/<class>/*, the ImageNet/Places365 layout), "
+                "a synthetic set written by `dissect synth --out DIR` (classes.csv, synthetic.json), or the "
+                "word 'synthetic' (the paper's shapes, generated once)")
+# TrainConfig's fields for synthetic.json's "parameters" keys
+_SYNTHETIC_FIELDS = {"per_class": "synthetic_per_class", "size": "synthetic_size", "seed": "synthetic_seed",
+                     "val_fraction": "synthetic_val_fraction"}
+
+
+def is_synthetic_set(root: Path) -> bool:
+    """Whether `root` holds a set written by broden.synthetic (`dissect synth`): synthetic.json and classes.csv."""
+    return (root / "synthetic.json").is_file() and (root / "classes.csv").is_file()
+
+
+def _synthetic_parameters(root: Path) -> dict[str, Any]:
+    import json
+
+    path = root / "synthetic.json"
+    try:
+        params = json.loads(path.read_text())["parameters"]
+        values = {key: params[key] for key in (*_SYNTHETIC_FIELDS, "shape_size")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"--data {root}: {path} is unreadable or has no 'parameters' with "
+                         f"{', '.join((*_SYNTHETIC_FIELDS, 'shape_size'))} ({e}); regenerate it with "
+                         f"`dissect synth --out {root}`") from None
+    return values
+
+
+def resolve_data(config: TrainConfig) -> TrainConfig:
+    """`config` with --data DIR of a `dissect synth` set written as its equivalent, in place (and returned).
+
+    data becomes 'synthetic', synthetic_dir DIR, and the synthetic_* options the set's own
+    parameters (synthetic.json), so config.json and checkpoints record the set as
+    `--data synthetic --synthetic-dir DIR` would, and `dissect run --dataset synthetic` finds it.
+    A synthetic_* option set to another value than the set's is an InputError, as is a
+    --data that is neither of DATA_LAYOUTS.
+    """
+    from broden.synthetic import default_shape_size
+
+    if config.data == "synthetic":
+        return config
+    root = Path(config.data).expanduser()
+    if not root.is_dir():
+        raise InputError(f"--data {config.data!r}: not a directory; accepted: {DATA_LAYOUTS}")
+    if not is_synthetic_set(root):
+        if not (root / "train").is_dir() or not (root / "val").is_dir():
+            raise InputError(f"--data {root}: neither an ImageFolder root (no train/ and val/ folders) nor a "
+                             f"synthetic set (no classes.csv and synthetic.json); accepted: {DATA_LAYOUTS}")
+        return config
+    params = _synthetic_parameters(root)
+    defaults = TrainConfig()
+    for key, name in _SYNTHETIC_FIELDS.items():
+        value = getattr(config, name)
+        if value != getattr(defaults, name) and value != params[key]:
+            raise InputError(f"--{name.replace('_', '-')} {value}: --data {root} is a synthetic set generated "
+                             f"with {key} {params[key]} (its synthetic.json); leave the option out")
+        setattr(config, name, params[key])
+    if params["shape_size"] != default_shape_size(params["size"]):
+        raise InputError(f"--data {root}: generated with --shape-size {params['shape_size']}, and cgl-train's "
+                         f"synthetic options have no shape size (theirs: {default_shape_size(params['size'])} "
+                         f"at {params['size']} px); regenerate with the default shape size")
+    if config.synthetic_dir and Path(config.synthetic_dir).expanduser().resolve() != root.resolve():
+        raise InputError(f"--synthetic-dir {config.synthetic_dir}: --data {root} is itself a synthetic set; "
+                         f"give one of them")
+    log.info("--data %s: a synthetic set (synthetic.json), trained on as --data synthetic --synthetic-dir %s",
+             root, root)
+    config.data, config.synthetic_dir = "synthetic", str(root.resolve())
+    return config
+
+
 def build_datasets(config: TrainConfig, progress: bool = True) -> DataBundle:
-    """Datasets for `config.data`: 'synthetic' (generated on first use) or an ImageFolder root."""
+    """Datasets for `config.data`: 'synthetic' (generated on first use), a `dissect synth` directory
+    (`resolve_data` rewrites `config` in place to its --data synthetic equivalent) or an ImageFolder root."""
+    resolve_data(config)
     if config.data == "synthetic":
         return _synthetic(config, prepare_synthetic(config, progress))
-    root = Path(config.data)
-    if not root.is_dir():
-        raise InputError(f"--data {config.data!r}: not a directory; expected 'synthetic' or an "
-                         f"ImageFolder root with train/ and val/")
-    return _image_folder(config, root)
+    return _image_folder(config, Path(config.data))

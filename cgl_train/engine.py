@@ -91,7 +91,7 @@ from dissect.provenance import software_versions
 __all__ = ["TrainResult", "Trainer", "Loaders", "BatchLoader", "StepMetrics", "SeededSamples", "sample_seed",
            "seed_worker", "exit_with_parent", "lr_at", "build_trainer", "build_loaders", "train_step",
            "train_one_epoch", "evaluate", "train", "save_untrained", "plateau_reached", "read_log", "log_header",
-           "TERM_NAMES", "CHECKED", "NonFiniteTraining"]
+           "TERM_NAMES", "CHECKED", "NonFiniteTraining", "epoch_line", "val_text"]
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +416,39 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: torch.device, num_
     loss, top1, top5 = (float(v) for v in sums.tolist())
     return {"val_top1": top1 / n, "val_top5": top5 / n if num_classes >= 5 else None,
             "val_loss": loss / n, "val_images": n}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def val_text(metrics: dict[str, Any]) -> str:
+    """`val top-1 51.4 %  top-5 88.0 %  val loss 0.930` from an epoch's metrics (top-5 only when measured)."""
+    if metrics.get("val_top1") is None:
+        return "no validation"
+    parts = [f"val top-1 {_pct(metrics['val_top1'])}"]
+    if metrics.get("val_top5") is not None:  # None below 5 classes: not a field worth printing
+        parts.append(f"top-5 {_pct(metrics['val_top5'])}")
+    if metrics.get("val_loss") is not None:
+        parts.append(f"val loss {metrics['val_loss']:.3f}")
+    return "  ".join(parts)
+
+
+def epoch_line(entry: dict[str, Any], epochs: int) -> str:
+    """The printed line of a log.jsonl epoch entry: `epoch 3/12  train loss 0.412  val top-1 51.4 %  ... (12.3 s)`."""
+    parts = [f"epoch {entry['epoch']}/{epochs}"]
+    if entry.get("total") is not None:
+        loss = f"train loss {entry['total']:.3f}"
+        if entry.get("task") is not None and entry["task"] != entry["total"]:  # CGL terms in the objective
+            loss += f" (task {entry['task']:.3f})"
+        parts.append(loss)
+    if entry.get("train_top1") is not None:
+        parts.append(f"train top-1 {_pct(entry['train_top1'])}")
+    if entry.get("val_top1") is not None:
+        parts.append(val_text(entry))
+    if entry.get("time") is not None:
+        parts.append(f"({entry['time']:.1f} s)")
+    return "  ".join(parts)
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -860,8 +893,7 @@ def _train(config: TrainConfig, out: Path, latest: Path, best_path: Path, device
                 save_checkpoint(ckpt, best_path)
             save_checkpoint(ckpt, latest)
             _write_log(out, header, history)  # last: the log never lists an epoch no checkpoint holds
-            log.info("epoch %d: task %.4f total %.4f val top-1 %s", epoch + 1, entry["task"],
-                     entry["total"], entry["val_top1"])
+            log.info("%s", epoch_line(entry, config.epochs))
         barrier(dist)
         if stop:
             log.info("validation top-1 plateaued after epoch %d: stopping", epoch + 1)

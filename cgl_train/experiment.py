@@ -187,7 +187,7 @@ def _dissect(cfg: dict[str, Any], opts: ExperimentOptions, checkpoint: Path, dat
     outcome = dissect_run(checkpoint, data_root, out, layers=list(cfg["dissect"]["layers"]), seed=seed,
                           device=opts.device, batch_size=int(cfg["dissect"].get("batch_size", 64)),
                           quiet=opts.quiet)
-    return outcome.summary
+    return outcome.summary_json
 
 
 def convergence_row(run: str, seed: int, ckpt: dict[str, Any], config: Any) -> dict[str, Any]:
@@ -257,6 +257,40 @@ def _preamble(mode: str, data: dict[str, Any], seeds: list[int], opts: Experimen
             f"Table 1 used. The untrained network is the control: trained networks should differ from it.\n")
 
 
+class StepClock:
+    """Announces each step of a fixed plan as `[run k/n] what ... ETA ~m min` (log, INFO).
+
+    The ETA is the mean time of the steps finished so far times the steps left, this one
+    included; before any step has finished it is unknown. Reused steps take almost no time,
+    so a resumed experiment's ETA starts low and grows as real work begins.
+    """
+
+    def __init__(self, total: int, clock: Any = time.monotonic) -> None:
+        self.total = int(total)
+        self.done = 0
+        self._clock = clock
+        self._began: float | None = None
+        self._first: float | None = None
+
+    def start(self, what: str) -> str:
+        """Mark the previous step finished and announce step `what`; returns the line."""
+        now = self._clock()
+        if self._began is not None:
+            self.done += 1
+        else:
+            self._first = now
+        self._began = now
+        k = self.done + 1
+        if self.done and self._first is not None:
+            left = (now - self._first) / self.done * (self.total - self.done)
+            eta = f"ETA ~{max(1, round(left / 60))} min" if left >= 30 else "ETA <1 min"
+        else:
+            eta = "ETA unknown"
+        line = f"[run {k}/{self.total}] {what} ... {eta}"
+        log.info("%s", line)
+        return line
+
+
 def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
     """Run the whole experiment; see the module docstring."""
     opts.validate()
@@ -271,16 +305,17 @@ def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
     dissect_dirs: dict[tuple[str, int], Path] = {}
     convergence: list[dict[str, Any]] = []
     rule = ""
+    steps = StepClock(2 * len(RUNS) * len(seeds))  # a training (or the control's save) and a dissection each
     for seed in seeds:
         for run in RUNS:
             config = _train_config(cfg, opts, mode, run, seed, data_root, data)
             rule = rule or _plateau_rule(_train_config(cfg, opts, mode, BASELINE, seed, data_root, data))
-            log.info("%s %s (seed %d)", "saving" if run == CONTROL else "training", RUN_TITLES[run], seed)
+            steps.start(f"{'saving' if run == CONTROL else 'training'} {RUN_TITLES[run]} (seed {seed})")
             ckpt_path, ckpt = _train(config, run)
             if run != CONTROL:
                 convergence.append(convergence_row(run, seed, ckpt, config))
             dissect_dirs[(run, seed)] = out / "dissect" / f"{run}-seed{seed}"
-            log.info("dissecting %s (seed %d)", RUN_TITLES[run], seed)
+            steps.start(f"dissecting {RUN_TITLES[run]} (seed {seed})")
             _dissect(cfg, opts, ckpt_path, data_root, dissect_dirs[(run, seed)], seed)
 
     from dissect.aggregate import DEFAULT_THRESHOLDS, markdown

@@ -1,9 +1,8 @@
 """Network Dissection: label what each unit of a CNN detects, against Broden concepts.
 
     import dissect
-    outcome = dissect.run("model.pth", "data/broden1_224", out="results/r18", arch="resnet18",
-                          layers=["layer4"])
-    tables = dissect.load("results/r18")     # pandas DataFrames: per layer, per unit
+    r = dissect.run("model.pth", "data/broden1_224", out="results/r18", arch="resnet18", layers=["layer4"])
+    r = dissect.load("results/r18")   # the same object: r.summary, r.units (DataFrames), r.unit("layer4", 17)
 
 Names are imported on first use (PEP 562), so `import dissect` stays cheap.
 """
@@ -15,6 +14,7 @@ from typing import Any
 # public name -> submodule defining it
 _EXPORTS = {
     "run": "runner", "load": "runner", "dissect_model": "runner", "RunOutcome": "runner",
+    "Dissection": "views", "UnitView": "views",
     "DissectConfig": "config", "LoadOptions": "config", "RunSettings": "config",
     "load_model": "models", "model_from_module": "models", "LoadedModel": "models",
     "run_dissection": "pipeline", "DissectionResult": "results", "load_results": "results",

@@ -17,8 +17,8 @@ from dissect.options import Options, option
 
 __all__ = ["DissectConfig", "RESULT_FIELDS", "OPTION_FLAGS", "INTERPOLATIONS", "UNIONS", "DETECTOR_RULES",
            "KEEP_ACTIVATIONS", "NORMALIZE_NAMES", "IMAGE_RULES", "UPSAMPLE_MODES", "FLAG_GROUPS", "ARCH_HELP",
-           "DECODED_CACHE", "FINGERPRINTS", "LoadOptions", "RunSettings", "passes_rule", "threshold_specs",
-           "file_sha256"]
+           "INPUT_SIZE_RULES", "DECODED_CACHE", "FINGERPRINTS", "TOP_IMAGE_TIEBREAKS", "LoadOptions",
+           "RunSettings", "passes_rule", "threshold_specs", "file_sha256"]
 
 # numpy.quantile(method=...) names we reproduce; hazen is Hyndman-Fan type 5, the reference's.
 INTERPOLATIONS = ("hazen", "linear", "lower", "higher", "nearest")
@@ -29,6 +29,8 @@ NORMALIZE_NAMES = ("imagenet", "lite", "none")  # dissect.models.NORMALIZATIONS
 IMAGE_RULES = ("annotated", "all")  # broden.dataset.IMAGE_RULES (that module imports torch)
 # "torch": F.interpolate's float32 arithmetic; "pil": Pillow's BILINEAR bit for bit (the reference's)
 UPSAMPLE_MODES = ("torch", "pil")
+INPUT_SIZE_RULES = ("native", "fail")  # dissect.input_size.decide_input_size
+TOP_IMAGE_TIEBREAKS = ("area", "index")  # peak ties: larger above-threshold area first, or smaller index
 # argparse group titles of `dissect run --help`, in order
 FLAG_GROUPS = {"model": "model", "method": "method (defaults: NetDissect-Lite)", "groups": "concept groups",
                "execution": "execution (no effect on results)", "data": "data"}
@@ -79,6 +81,17 @@ class DissectConfig(Options):
         "dissected)", metavar="LAYER=FILE", append=True, results=True, group="method")
     top_k: int = option(10, "top images kept per unit for reports (highest spatial-max activation)",
                         low=1, results=True, group="method")
+    top_images_tiebreak: str = option(
+        "area", "order of top images tied at the peak activation: area (larger above-threshold mask first, "
+        "then smaller index) or index (smaller image index, the order before this option)",
+        choices=TOP_IMAGE_TIEBREAKS, results=True, group="method")
+    label_strips: str = option(
+        "on", "also keep, per unit, the top_k images with the largest intersection of its mask with its "
+        "top label (one more pass over the images)", choices=("on", "off"), results=True, group="method")
+    tf32: str = option(
+        "off", "CUDA only: TF32 convolutions and matmuls in the model's forward (faster on Ampere and later; "
+        "activations, hence thresholds and masks, move away from float32's); off: IEEE float32",
+        choices=("on", "off"), results=True, group="method")
     batch_size: int = option(64, "images per forward pass", low=1, group="execution")
     seed: int = option(0, "random seed (torch/numpy; the engine itself is deterministic)", results=True,
                        group="method")
@@ -102,6 +115,12 @@ class DissectConfig(Options):
         None, "resize images to N x N before the model (bilinear, antialiased), e.g. 32 for CIFAR nets; "
         "default: as stored", metavar="N", low=1, expected="a positive integer or None", results=True,
         group="model")
+    # not a result field: its effect is the input_size the run records (and keys on); "fail" changes nothing
+    input_size_rule: str = option(
+        "native", "when the model's native input size is known (checkpoint, --weights, timm config), "
+        "--input-size is not given and the images differ from it by more than 2x: native (resize to the "
+        "model's size and say so) or fail (exit 2 asking for --input-size); summary.json records the decision",
+        choices=INPUT_SIZE_RULES, group="model")
     layers: list[str] | None = option(
         None, "dotted module names, space- or comma-separated (default: the checkpoint's grouped layers, else "
         "every Conv2d); `dissect layers MODEL` lists them", metavar="NAME", results=True, group="model")
@@ -148,7 +167,8 @@ OPTION_FLAGS = DissectConfig.flags()
 
 ARCH_HELP = ("architecture of a state_dict or TorchScript archive: a torchvision classification model or a "
              "cgl_train model. A bare name is looked up in torchvision first, then cgl_train; prefix it to "
-             "pick the registry: 'torchvision:alexnet' or 'cgl:alexnet'")
+             "pick the registry: 'torchvision:alexnet' or 'cgl:alexnet'; 'timm:NAME' for a timm model "
+             "(a checkpoint of timm's train.py; needs the [timm] extra)")
 DECODED_CACHE = ("auto", "build", "off")
 FINGERPRINTS = ("stat", "content")  # broden.cache.FINGERPRINT_MODES
 
@@ -158,6 +178,11 @@ class LoadOptions(Options):
     """How to read a model file (`dissect run`, `dissect layers`); none changes a number once it loads."""
 
     arch: str | None = option(None, ARCH_HELP, metavar="NAME", group="model")
+    weights: str | None = option(
+        None, "torchvision's pretrained weights of --arch (e.g. IMAGENET1K_V1, DEFAULT), read offline from "
+        "$TORCH_HOME/hub/checkpoints (never downloaded); then MODEL is left out or 'torchvision:NAME'. Their "
+        "normalisation and crop size are the defaults of --normalize and --input-size",
+        metavar="NAME", group="model")
     num_classes: int | None = option(
         None, "outputs of a state_dict's classifier (default: inferred from the weights)", metavar="N", low=1,
         expected="a positive integer or None", group="model")

@@ -4,7 +4,9 @@ Forms: a cgl_train checkpoint, a bare state_dict (+ an architecture name), a
 training script's checkpoint dict that names its architecture (NetDissect-Lite's
 and MIT's Places365 zoo, torchvision's and timm's train.py: `arch_named_in`), a
 TorchScript archive, or a whole pickled module (only when the user says they
-trust the file, because unpickling runs arbitrary code).
+trust the file, because unpickling runs arbitrary code). Without a file:
+torchvision's pretrained weights from the local hub cache (dissect.pretrained,
+`load_requested`). `--arch timm:NAME` builds timm's model (dissect.timm_models).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ from dissect.checkpoint import CheckpointError, is_checkpoint, validate_checkpoi
 
 __all__ = ["NORMALIZATIONS", "DEFAULT_NORMALIZATION", "LoadedModel", "load_model", "model_from_module",
            "conv_layer_names", "default_layers", "module_type_name", "known_arches",
-           "resolve_normalization", "parse_arch", "ARCH_PREFIXES", "arch_named_in", "WEIGHT_KEYS"]
+           "resolve_normalization", "parse_arch", "ARCH_PREFIXES", "arch_named_in", "WEIGHT_KEYS",
+           "load_requested", "is_arch_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ NORMALIZATIONS: dict[str, dict[str, list[float]]] = {
 }
 DEFAULT_NORMALIZATION = "imagenet"
 
-KINDS = ("checkpoint", "state_dict", "torchscript", "pickle", "module")
+KINDS = ("checkpoint", "state_dict", "torchscript", "pickle", "module", "pretrained")
 
 
 @dataclass
@@ -58,6 +61,12 @@ class LoadedModel:
     groups: dict[str, dict[str, int]] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None
     checkpoint: dict[str, Any] | None = None
+    native_input_size: int | None = None   # the size the model was made for, when known (weights, checkpoint, timm)
+    weights: dict[str, Any] | None = None  # torchvision pretrained weights: name, file, sha256, url, transforms
+    # where normalisation and input size came from: '--normalize'/'--input-size', 'checkpoint', 'weights',
+    # 'timm config', 'default' (normalisation) or None (input size: the images' own)
+    origins: dict[str, str | None] = field(default_factory=dict)
+    input_size_decision: dict[str, Any] | None = None  # dissect.input_size.decide_input_size's record
 
     def describe(self) -> dict[str, Any]:
         """The `model` block of summary.json (docs/contracts.md)."""
@@ -66,7 +75,12 @@ class LoadedModel:
                 "fingerprint": self.fingerprint, "metrics": self.metrics,
                 "normalization": self.normalization, "input_size": self.input_size,
                 # the training seed and epochs a checkpoint records: runs of one configuration differ by it
-                "train_seed": ckpt.get("seed"), "train_epoch": ckpt.get("epoch")}
+                "train_seed": ckpt.get("seed"), "train_epoch": ckpt.get("epoch"),
+                "weights": self.weights,
+                "preprocessing": {"normalization_from": self.origins.get("normalization", "default"),
+                                  "input_size_from": self.origins.get("input_size"),
+                                  "native_input_size": self.native_input_size,
+                                  "input_size_decision": self.input_size_decision}}
 
 
 # ---------------------------------------------------------------- normalisation and sizes
@@ -131,16 +145,18 @@ def _build_tv(arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
 
 
 # --arch prefixes that pin the registry (a bare name is looked up in the preferred registry first).
-ARCH_PREFIXES = {"torchvision": "torchvision", "tv": "torchvision", "cgl": "cgl_train", "cgl_train": "cgl_train"}
+ARCH_PREFIXES = {"torchvision": "torchvision", "tv": "torchvision", "cgl": "cgl_train", "cgl_train": "cgl_train",
+                 "timm": "timm"}
 
 
 def parse_arch(arch: str) -> tuple[str, str | None]:
-    """Split 'torchvision:alexnet' / 'cgl:alexnet' into (name, registry); a bare name gives (name, None)."""
+    """Split 'torchvision:alexnet' / 'cgl:alexnet' / 'timm:resnet50' into (name, registry); a bare name gives
+    (name, None)."""
     prefix, sep, name = arch.partition(":")
     if not sep:
         return arch, None
     if prefix not in ARCH_PREFIXES or not name:
-        raise InputError(f"--arch {arch}: expected NAME, torchvision:NAME or cgl:NAME")
+        raise InputError(f"--arch {arch}: expected NAME, torchvision:NAME, cgl:NAME or timm:NAME")
     return name, ARCH_PREFIXES[prefix]
 
 
@@ -152,8 +168,12 @@ def _build_arch(arch: str, kwargs: Mapping[str, Any], source: str,
     whose names users pass with --arch (cgl_train's 'alexnet' differs only in out-of-place ReLUs).
     A 'torchvision:' or 'cgl:' prefix on `arch` uses that registry only.
     """
-    builders = {"cgl_train": (_cgl_models(), _build_cgl), "torchvision": (_torchvision_classifiers(), _build_tv)}
     arch, pinned = parse_arch(arch)
+    if pinned == "timm":  # only by name: timm is an optional extra, never searched for a bare name
+        from dissect.timm_models import build_timm
+
+        return build_timm(arch, kwargs, source)
+    builders = {"cgl_train": (_cgl_models(), _build_cgl), "torchvision": (_torchvision_classifiers(), _build_tv)}
     order = [pinned] if pinned else [prefer] + [k for k in builders if k != prefer]
     for label in order:
         names, build = builders[label]
@@ -339,6 +359,19 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
                num_classes: int | None = None, allow_script: bool = False) -> LoadedModel:
     """Load a checkpoint, state_dict (+ arch), TorchScript archive (+ arch) or (trusted) pickled module, on CPU.
 
+    See `_load_file`; the LoadedModel's `origins` say where its normalisation and input size came from.
+    """
+    loaded = _load_file(path, arch, trust_pickle, normalize, input_size, num_classes, allow_script)
+    if not loaded.origins:  # the forms that carry no preprocessing of their own
+        loaded.origins = {"normalization": "--normalize" if normalize is not None else "default",
+                          "input_size": "--input-size" if input_size is not None else None}
+    return loaded
+
+
+def _load_file(path: str | Path, arch: str | None, trust_pickle: bool, normalize: str | None,
+               input_size: int | None, num_classes: int | None, allow_script: bool) -> LoadedModel:
+    """Load a checkpoint, state_dict (+ arch), TorchScript archive (+ arch) or (trusted) pickled module, on CPU.
+
     A dict holding a state_dict (under 'state_dict', 'model' or 'net') that names its
     architecture ('arch', a string 'model', or args.model of a saved argparse Namespace)
     needs no `arch`; a given `arch` overrides the file's name (logged). `module.` prefixes
@@ -419,6 +452,18 @@ def load_model(path: str | Path, arch: str | None = None, trust_pickle: bool = F
     if num_classes is None and _infer_num_classes(state_dict) is None and isinstance(file_classes, int):
         num_classes = file_classes  # Lite's zoo records it; used only when the weights do not say
     module = _eager_from_state_dict(state_dict, arch, num_classes, source, named_by=named_by)
+    if parse_arch(arch)[1] == "timm":
+        from dissect.timm_models import timm_preprocessing
+
+        # the model's own config (and the training run's arguments) say its mean/std and input size
+        own_norm, native, origin = timm_preprocessing(module, obj)
+        size = input_size if input_size is not None else native
+        return _finish(module, "state_dict", source, arch, fingerprint,
+                       resolve_normalization(normalize if normalize is not None else own_norm), size,
+                       native_input_size=native,
+                       origins={"normalization": "--normalize" if normalize is not None else origin,
+                                "input_size": "--input-size" if input_size is not None else
+                                (origin if native is not None else None)})
     return _finish(module, "state_dict", source, arch, fingerprint, resolve_normalization(normalize), input_size)
 
 
@@ -458,8 +503,12 @@ def _from_checkpoint(ckpt: dict[str, Any], path: Path, arch: str | None, normali
     if unknown:
         raise InputError(f"{path}: field 'groups' names layers the model does not have: {', '.join(unknown)}")
     metrics = dict(ckpt["metrics"]) if ckpt.get("metrics") else None
+    native = _check_input_size(ckpt["input_size"], f"{path}: input_size")
     return _finish(module, "checkpoint", str(path), ckpt["arch"], fingerprint, norm, size,
-                   groups=groups, metrics=metrics, checkpoint=ckpt)
+                   groups=groups, metrics=metrics, checkpoint=ckpt, native_input_size=native,
+                   origins={"normalization": "--normalize" if normalize is not None else "checkpoint",
+                            "input_size": "--input-size" if input_size is not None else
+                            ("checkpoint" if native is not None else None)})
 
 
 def _finish(module: nn.Module, kind: str, source: str, arch: str | None, fingerprint: str,
@@ -484,7 +533,88 @@ def model_from_module(module: nn.Module, normalization: str | Mapping[str, Any] 
         raise InputError(f"groups: layers not in the module: {', '.join(unknown)}")
     return _finish(module, "module", "<memory>", None, _state_dict_sha256(module),
                    resolve_normalization(normalization), _check_input_size(input_size, "input_size"),
-                   groups=groups)
+                   groups=groups,
+                   origins={"normalization": "--normalize" if normalization is not None else "default",
+                            "input_size": "--input-size" if input_size is not None else None})
+
+
+def is_arch_spec(model: Any) -> bool:
+    """Whether a MODEL argument names an architecture ('torchvision:resnet18') rather than a file."""
+    if not isinstance(model, str) or Path(model).exists():
+        return False
+    prefix, sep, name = model.partition(":")
+    return bool(sep and name) and ARCH_PREFIXES.get(prefix) == "torchvision"
+
+
+def load_requested(model: str | Path | None, arch: str | None = None, weights: str | None = None,
+                   trust_pickle: bool = False, normalize: str | None = None, input_size: int | None = None,
+                   num_classes: int | None = None, allow_script: bool = False) -> LoadedModel:
+    """What MODEL and --arch/--weights ask for: a model file (`load_model`), or torchvision's pretrained
+    `weights` of `arch` read offline from the torch hub cache (dissect.pretrained), MODEL then None or
+    'torchvision:NAME'."""
+    if is_arch_spec(model):
+        named = parse_arch(str(model))[0]
+        if arch is not None and parse_arch(arch)[0] != named:
+            raise InputError(f"MODEL {model} and --arch {arch} name different architectures; give one")
+        if weights is None:
+            raise InputError(f"MODEL {model}: names an architecture, not a file; add --weights NAME for "
+                             f"torchvision's pretrained weights (e.g. --weights DEFAULT), or pass a weights file "
+                             f"as MODEL with --arch {named}")
+        arch, model = f"torchvision:{named}", None
+    if weights is None:
+        if model is None:
+            raise InputError("MODEL: missing; pass a model file (checkpoint, state_dict, TorchScript archive, "
+                             "pickled module), or --arch NAME --weights NAME for torchvision's pretrained weights")
+        return load_model(model, arch=arch, trust_pickle=trust_pickle, normalize=normalize,
+                          input_size=input_size, num_classes=num_classes, allow_script=allow_script)
+    if model is not None:
+        raise InputError(f"--weights {weights}: names torchvision's pretrained weights, read from the torch hub "
+                         f"cache, so it takes no MODEL file ({model}); drop MODEL, or drop --weights to load "
+                         f"the file")
+    if arch is None:
+        raise InputError(f"--weights {weights}: needs --arch NAME (the torchvision model, e.g. --arch resnet18)")
+    name, registry = parse_arch(arch)
+    if registry not in (None, "torchvision"):
+        raise InputError(f"--arch {arch} --weights {weights}: --weights names torchvision's pretrained weights "
+                         f"only; for a {registry} model pass its weights file as MODEL")
+    if num_classes is not None:
+        raise InputError(f"--num-classes {num_classes}: torchvision's weights {weights} fix the classifier; "
+                         f"leave --num-classes out")
+    return _load_pretrained(name, weights, normalize=normalize, input_size=_check_input_size(input_size))
+
+
+def _load_pretrained(arch: str, weights: str, normalize: str | None = None,
+                    input_size: int | None = None) -> Any:
+    """A LoadedModel of torchvision's `arch` with its pretrained `weights`, read offline from the hub cache.
+
+    Normalisation and input size default to the weights' (mean/std and crop size of
+    `weights.transforms()`); an explicit `normalize` / `input_size` wins, and the model's
+    `preprocessing` record says which came from where. No download is ever attempted.
+    """
+    from dissect.pretrained import (constructor_kwargs, read_verified, renamed_keys, resolve_weights,
+                                    weights_file, weights_transforms)
+
+    entry = resolve_weights(arch, weights)
+    path = weights_file(entry)
+    state_dict, digest = read_verified(path, entry, arch)
+    module: nn.Module = _build_arch(f"torchvision:{arch}", constructor_kwargs(arch, entry), str(path))
+    _load_weights(module, renamed_keys(arch, state_dict), arch, str(path))
+    module.eval()
+
+    transforms = weights_transforms(entry)
+    own_norm = {"mean": transforms["mean"], "std": transforms["std"]}
+    crop = transforms["crop_size"]
+    native = int(crop[0]) if crop else None
+    norm = resolve_normalization(normalize if normalize is not None else own_norm)
+    size = _check_input_size(input_size)
+    log.info("loaded torchvision %s with weights %r from %s", arch, entry, path)
+    return LoadedModel(
+        module=module, kind="pretrained", source=str(path), arch=f"torchvision:{arch}", fingerprint=digest,
+        normalization=norm, input_size=size if size is not None else native, native_input_size=native,
+        weights={"name": repr(entry), "file": str(path), "sha256": digest, "url": entry.url,
+                 "transforms": transforms},
+        origins={"normalization": "--normalize" if normalize is not None else "weights",
+                 "input_size": "--input-size" if size is not None else ("weights" if native else None)})
 
 
 # ---------------------------------------------------------------- layers

@@ -3,7 +3,10 @@
 Stage 1 makes one pass over the images for all layers (forward, per-unit
 quantile thresholds, top images); stage 2 makes a second pass (kept activations
 or a fresh forward) that upsamples, thresholds (`up > T`, strict) and tallies
-IoU counts. Both passes read contiguous index ranges with dataset.get_batch,
+IoU counts, and (--top-images-tiebreak area) ranks the top images again with
+peak ties broken by the mask area it counted. After labelling, stage 3
+(--label-strips on) ranks each unit's images by its mask's intersection with
+its label. Both passes read contiguous index ranges with dataset.get_batch,
 save their state every few batches (dissect.state) and, under torchrun, run on
 this rank's shard and merge exactly (dissect.distributed).
 """
@@ -23,12 +26,13 @@ from torch import nn
 from broden.errors import InputError
 from broden.loader import iter_batches, thread_plan, torch_threads
 from dissect.config import DissectConfig
-from dissect.devices import resolve_device
+from dissect.devices import float32_math, resolve_device
 from dissect.distributed import DistContext, barrier, merge_stats, shard_range
 from dissect.given_thresholds import assign_threshold_files, load_given_thresholds
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
                             layout_from_spec)
 from dissect.hooks import LayerRecorder, layer_shapes, resolve_layers
+from dissect.label_images import label_intersections
 from dissect.labels import label_units, layer_label_summary
 from dissect.preprocess import preprocess
 from dissect.provenance import software_versions
@@ -62,7 +66,8 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
     config = dataclasses.replace(config, threads=torch_n, loader_threads=loader_n)  # recorded as used
     log.info("threads: %d torch intra-op, %d loading ahead", torch_n, loader_n)
     timings: dict[str, float] = {}
-    with torch_threads(torch_n):  # the run's budget; the caller's count comes back after
+    # the run's thread budget (the caller's count comes back after); float32 unless --tf32 on
+    with torch_threads(torch_n), float32_math(device, config.tf32 == "on"):
         engine = _Engine(model, layers, dataset, config, loaded.normalization, device, ctx, state,
                          loader_threads=loader_n)
         given = load_given_thresholds(config.thresholds, layers, {n: s[0] for n, s in engine.shapes.items()})
@@ -72,7 +77,9 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
         thresholds.update({n: torch.from_numpy(g.values).to(device) for n, g in given.items()})
         timings["thresholds"] = time.perf_counter() - t
         t = time.perf_counter()
-        tallies = engine.stage2(thresholds)                      # I, A, G per unit and label
+        tallies, area_tops = engine.stage2(thresholds)           # I, A, G per unit and label
+        if area_tops is not None:  # peak ties broken by the mask area, known only now
+            tops = area_tops
         timings["tally"] = time.perf_counter() - t
     t = time.perf_counter()
     results = [_label_layer(name, engine.shapes[name], thresholds[name], tops[name], tallies[name],
@@ -80,6 +87,16 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
     for lr in results:
         lr.given_thresholds = given.get(lr.name)
     timings["label"] = time.perf_counter() - t
+    if config.label_strips == "on":
+        t = time.perf_counter()
+        with torch_threads(torch_n), float32_math(device, config.tf32 == "on"):
+            label_tops = engine.stage3(thresholds, {lr.name: torch.as_tensor(lr.labels.top_label)
+                                                    for lr in results})
+        for lr in results:
+            lt = label_tops[lr.name]
+            lr.label_top_indices, lr.label_top_intersections = lt["indices"], lt["intersections"]
+            lr.label_top_maps = lt["maps"]
+        timings["label_strips"] = time.perf_counter() - t
 
     res = DissectionResult(options=config.to_dict(), seed=config.seed, model=loaded.describe(),
                            dataset=info, layers=results, versions=software_versions(), timings=timings,
@@ -371,15 +388,26 @@ class _Engine:
         raise InputError(f"layer {name!r}: activations contained NaN values in unit(s) {shown}{where}; a "
                          f"quantile threshold is undefined (check the model's weights and input normalisation)")
 
-    def stage2(self, thresholds: dict[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
-        """Second pass: upsample, strict threshold and IoU tallies for every layer; merged over ranks."""
+    def stage2(self, thresholds: dict[str, torch.Tensor]
+               ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]] | None]:
+        """Second pass: upsample, strict threshold and IoU tallies for every layer; merged over ranks.
+
+        Returns (tallies, top images) per layer; the top images (None under --top-images-tiebreak
+        index) are ranked by (peak desc, above-threshold area desc, index asc), the area being the
+        mask size the tally counts.
+        """
         meta = self.dataset.meta
         label_category = torch.as_tensor(np.asarray(_label_category(self.dataset)), dtype=torch.int64,
                                          device=self.device)
         tallies = {n: IoUTally(c, label_category, len(meta.categories), self.config.union, device=self.device)
                    for n, (c, h, w) in self.shapes.items()}
-        begin = self._restore("stage2", {"tallies": tallies})
+        by_area = self.config.top_images_tiebreak == "area"
+        tops = {n: TopImages(c, self.config.top_k, device=self.device, tiebreak="area")
+                for n, (c, h, w) in self.shapes.items()} if by_area else {}
+        begin = self._restore("stage2", {"tallies": tallies, "tops": tops})
         kept = self.kept if (self.kept is not None and begin == self.start) else None
+        # the label-strip pass reads them again: freed there instead (same peak memory, held longer)
+        free_here = self.config.label_strips != "on"
         saver = _Saver(self.state, "stage2", self.config)
         bar = progress(total=self.end - self.start, initial=begin - self.start, desc="stage 2: tally",
                        unit="img", **self._bar_args())
@@ -389,20 +417,71 @@ class _Engine:
             image_labels = batch["image_labels"].to(self.device, non_blocking=True)  # (B, M)
             b = labels.shape[0]
             prepared = tallies[self.layers[0]].prepare_labels(labels, image_labels)  # shared by all layers
+            index = batch["index"].to(self.device, non_blocking=True)
             for n in self.layers:  # sparse: only output windows near a hot source pixel are computed
-                tallies[n].add_activations(acts[n], thresholds[n], prepared, upsample=self.config.upsample)
-            if kept is not None:
+                area = tallies[n].add_activations(acts[n], thresholds[n], prepared, upsample=self.config.upsample)
+                if by_area:
+                    tops[n].add(index, acts[n], areas=area)
+            if kept is not None and free_here:
                 kept[i] = {}  # free as we go
             bar.update(b)
             if s + b < self.end:  # after the last batch the results are written right away
-                saver.tick(s + b, lambda nxt: {"next": nxt, "tallies": {n: t.state_dict() for n, t in tallies.items()}})
+                saver.tick(s + b, lambda nxt: {"next": nxt, "tallies": {n: t.state_dict() for n, t in tallies.items()},
+                                               "tops": {n: t.state_dict() for n, t in tops.items()}})
         bar.close()
-        self.kept = None
+        self.kept = kept if not free_here else None
         tallies = merge_stats(tallies, self.ctx)
         out = {}
         for n, t in tallies.items():
             r = t.result()
             out[n] = {k: r[k].detach().cpu().numpy() for k in ("intersection", "activation", "truth")}
+        if not by_area:
+            return out, None
+        tops = merge_stats(tops, self.ctx)
+        return out, {n: {k: v.detach().cpu().numpy() for k, v in t.result().items()} for n, t in tops.items()}
+
+    def stage3(self, thresholds: dict[str, torch.Tensor], unit_labels: dict[str, torch.Tensor]
+               ) -> dict[str, dict[str, np.ndarray]]:
+        """Label-strip pass: per unit, the top_k images by intersection of its mask with its top label.
+
+        Reuses the kept activations when stage 2 left them, else runs a forward. Ties go to the
+        smaller image index; slots whose intersection is 0 keep a zero map (they are not shown).
+        Returns per layer {indices (U, k'), intersections (U, k') int64, maps (U, k', h, w)}.
+        """
+        tops = {n: TopImages(c, self.config.top_k, device=self.device, tiebreak="index")
+                for n, (c, h, w) in self.shapes.items()}
+        begin = self._restore("stage3", {"label_tops": tops})
+        kept = self.kept if (self.kept is not None and begin == self.start) else None
+        want = {n: unit_labels[n].to(self.device, torch.int64) for n in self.layers}
+        saver = _Saver(self.state, "stage3", self.config)
+        bar = progress(total=self.end - self.start, initial=begin - self.start, desc="stage 3: label strips",
+                       unit="img", **self._bar_args())
+        for i, (s, batch) in enumerate(self._batches(begin)):
+            acts = kept[i] if kept is not None else self._forward(batch["image"])
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            image_labels = batch["image_labels"].to(self.device, non_blocking=True)
+            index = batch["index"].to(self.device, non_blocking=True)
+            for n in self.layers:
+                inter = label_intersections(acts[n], thresholds[n], labels, image_labels, want[n],
+                                            upsample=self.config.upsample)
+                # float32 scores are exact for counts below 2**24 (a label image is far smaller)
+                tops[n].add(index, acts[n], scores=inter.float())
+            if kept is not None:
+                kept[i] = {}
+            bar.update(len(index))
+            if s + len(index) < self.end:
+                saver.tick(s + len(index), lambda nxt: {"next": nxt, "label_tops": {n: t.state_dict()
+                                                                                     for n, t in tops.items()}})
+        bar.close()
+        self.kept = None
+        tops = merge_stats(tops, self.ctx)
+        out = {}
+        for n, t in tops.items():
+            r = t.result()
+            inter = r["scores"].clamp(min=0).to(torch.int64)  # (U, k')
+            maps = torch.where((inter > 0)[:, :, None, None], r["maps"], torch.zeros_like(r["maps"]))
+            out[n] = {"indices": r["indices"].cpu().numpy(), "intersections": inter.cpu().numpy(),
+                      "maps": maps.cpu().numpy()}
         return out
 
 

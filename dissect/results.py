@@ -21,8 +21,8 @@ from dissect.labels import LayerLabels
 
 __all__ = ["FORMAT", "VERSION", "LayerResult", "DatasetInfo", "DissectionResult",
            "tally_csv_text", "units_json", "summary_json", "write_results", "layer_dirname",
-           "remove_stale_outputs", "REPORT_DIRNAME", "LAYER_FILES", "missing_outputs", "read_summary",
-           "load_results"]
+           "remove_stale_outputs", "REPORT_DIRNAME", "LAYER_FILES", "LABEL_STRIP_FILE", "missing_outputs",
+           "read_summary", "load_results", "summary_rows", "unit_rows", "read_layer_units"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ REPORT_DIRNAME = "report"
 LAYER_MARKERS = ("units.json", "tally.csv", "thresholds.npy")
 # Every file write_results puts in a layer folder.
 LAYER_FILES = ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy")
+# ... and, unless the run's options say label_strips "off", this one.
+LABEL_STRIP_FILE = "label_top_activations.npy"
 
 
 @dataclass
@@ -89,6 +91,10 @@ class LayerResult:
     mask_spread: np.ndarray | None = None      # (U,) mean spread of those masks (dissect.spatial)
     spatial: dict[str, Any] | None = None      # layer summary of the two (dissect.spatial.layer_spatial_summary)
     given_thresholds: Any = None      # dissect.given_thresholds.GivenThresholds (--thresholds) or None
+    # --label-strips on: per unit the top images by intersection with its top label (None when off)
+    label_top_indices: np.ndarray | None = None        # (U, k') int64 dataset indices
+    label_top_intersections: np.ndarray | None = None  # (U, k') int64; 0 = an empty slot, not shown
+    label_top_maps: np.ndarray | None = None           # (U, k', h, w) float32 (zeros in empty slots)
 
     def exact_thresholds(self) -> np.ndarray:
         """(U,) the thresholds the tally used: a given file's values as stored, else `thresholds`."""
@@ -185,6 +191,11 @@ def units_json(lr: LayerResult, ds: DatasetInfo, top_k: int) -> dict[str, Any]:
                           "truth": int(lr.truth[l]) if l else 0}
         tops = [{"index": int(i), "image": ds.images[int(i)], "max_activation": float(s)}
                 for i, s in zip(lr.top_indices[u].tolist(), lr.top_scores[u].tolist()) if i >= 0]
+        label_tops = None
+        if lr.label_top_indices is not None and lr.label_top_intersections is not None:
+            label_tops = [{"index": int(i), "image": ds.images[int(i)], "intersection": int(n)}
+                          for i, n in zip(lr.label_top_indices[u].tolist(), lr.label_top_intersections[u].tolist())
+                          if n > 0]
         units.append({
             "unit": u,
             "label": ds.label_names[int(lab.top_label[u])],
@@ -197,6 +208,7 @@ def units_json(lr: LayerResult, ds: DatasetInfo, top_k: int) -> dict[str, Any]:
             "mask_spread": _finite(lr.mask_spread, u),
             "per_category": per_cat,
             "top_images": tops,
+            "label_top_images": label_tops,
         })
     return {"layer": lr.name, "num_units": lab.num_units, "categories": cats, "top_k": top_k,
             "units": units}
@@ -291,6 +303,10 @@ def write_results(res: DissectionResult, out: str | Path) -> Path:
         else:
             given.unlink(missing_ok=True)  # an earlier run's file must not describe this one
         _save_npy(d / "top_activations.npy", np.asarray(lr.top_maps, dtype=np.float32))
+        if lr.label_top_maps is not None:
+            _save_npy(d / LABEL_STRIP_FILE, np.asarray(lr.label_top_maps, dtype=np.float32))
+        else:
+            (d / LABEL_STRIP_FILE).unlink(missing_ok=True)  # an earlier run's strips are not this one's
         _save_npy(d / "iou.npy", np.asarray(lr.iou, dtype=np.float64)[:, label_ids].astype(np.float32))
     write_json_atomic(out / "summary.json", summary_json(res))
     log.info("results written to %s", out)
@@ -308,12 +324,15 @@ def read_summary(out: str | Path) -> dict[str, Any]:
 
 
 def missing_outputs(out: str | Path, summary: dict[str, Any]) -> list[Path]:
-    """The layer files (LAYER_FILES, and thresholds_given.npy where given) of summary.json's layers not in `out`."""
+    """The layer files of summary.json's layers not in `out`: LAYER_FILES, thresholds_given.npy where
+    given, and LABEL_STRIP_FILE unless options.label_strips is "off" (a run written before that option
+    lacks it, so it is recomputed)."""
     out = Path(out)
     missing = []
+    strips = (summary.get("options") or {}).get("label_strips", "on") != "off"
     for entry in summary.get("layers") or []:
         folder = out / str(entry.get("dir") or entry.get("name"))
-        names = list(LAYER_FILES)
+        names = list(LAYER_FILES) + ([LABEL_STRIP_FILE] if strips else [])
         given = entry.get("thresholds_given")
         if isinstance(given, dict) and given.get("values"):  # a --thresholds run's exact values
             names.append(str(given["values"]))
@@ -321,12 +340,8 @@ def missing_outputs(out: str | Path, summary: dict[str, Any]) -> list[Path]:
     return missing
 
 
-def load_results(out: str | Path) -> dict[str, Any]:
-    """Read a results directory: {'summary': one row per layer, 'units': one row per unit of every layer}."""
-    import pandas as pd  # late: writing results does not need it
-
-    out = Path(out)
-    summary = read_summary(out)
+def summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per layer of a summary.json dict: units, detectors, unique detectors, RUD, per category."""
     rows = []
     for entry in summary["layers"]:
         row = {"layer": entry["name"], "num_units": entry["num_units"], "detectors": entry["detectors"],
@@ -335,17 +350,42 @@ def load_results(out: str | Path) -> dict[str, Any]:
                "rud_paper": entry["rud"]["paper"], "rud_top_label": entry["rud"]["top_label"]}
         row.update({f"detectors_{c}": v for c, v in entry["detectors_per_category"].items()})
         rows.append(row)
-    units = []
-    for entry in summary["layers"]:
-        path = out / entry["dir"] / "units.json"
-        if not path.is_file():
-            raise InputError(f"{path}: missing (summary.json lists layer {entry['name']!r})")
-        data = read_json(path)
-        for u in data["units"]:
-            r = {"layer": entry["name"], "unit": u["unit"], "label": u["label"], "label_id": u["label_id"],
-                 "category": u["category"], "iou": u["iou"], "threshold": u["threshold"], "group": u["group"]}
-            for c, pc in u["per_category"].items():
-                r[f"{c}-label"] = pc["label"]
-                r[f"{c}-iou"] = pc["iou"]
-            units.append(r)
-    return {"summary": pd.DataFrame(rows), "units": pd.DataFrame(units)}
+    return rows
+
+
+def unit_rows(layer: str, units: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per unit of a units.json dict: label, IoU, threshold, group, mask fields, per category."""
+    rows = []
+    for u in units["units"]:
+        r = {"layer": layer, "unit": u["unit"], "label": u["label"], "label_id": u["label_id"],
+             "category": u["category"], "iou": u["iou"], "threshold": u["threshold"], "group": u["group"],
+             "mask_components": u.get("mask_components"), "mask_spread": u.get("mask_spread")}
+        for c, pc in u["per_category"].items():
+            r[f"{c}-label"] = pc["label"]
+            r[f"{c}-iou"] = pc["iou"]
+        rows.append(r)
+    return rows
+
+
+def read_layer_units(out: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """DIR/<layer>/units.json of one summary.json layer entry; InputError when missing."""
+    path = Path(out) / str(entry.get("dir") or entry["name"]) / "units.json"
+    if not path.is_file():
+        raise InputError(f"{path}: missing (summary.json lists layer {entry['name']!r})")
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("units"), list):
+        raise InputError(f"{path}: expected a units.json object with a 'units' list")
+    return data
+
+
+def load_results(out: str | Path) -> dict[str, Any]:
+    """Read a results directory: {'summary': one row per layer, 'units': one row per unit of every layer}.
+
+    dissect.load wraps the same tables in a dissect.views.Dissection (with per-unit views).
+    """
+    import pandas as pd  # late: writing results does not need it
+
+    out = Path(out)
+    summary = read_summary(out)
+    units = [row for entry in summary["layers"] for row in unit_rows(entry["name"], read_layer_units(out, entry))]
+    return {"summary": pd.DataFrame(summary_rows(summary)), "units": pd.DataFrame(units)}

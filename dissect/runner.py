@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broden.errors import InputError
 from dissect.config import DissectConfig, LoadOptions, RunSettings
+
+if TYPE_CHECKING:
+    from dissect.views import Dissection
 
 __all__ = ["RunOutcome", "run", "load", "dissect_model", "split_options"]
 
@@ -24,13 +27,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunOutcome:
-    """What `run` did: the results directory, whether a finished run was reused, its summary."""
+    """What a run did (inside `run`, which hands it out as a dissect.views.Dissection)."""
 
     out: Path | None
     reused: bool
     summary: dict[str, Any]       # summary.json's content (also for out=None)
-    result: Any = None            # the DissectionResult, when computed now (None when reused)
+    result: Any = field(default=None, repr=False)  # the DissectionResult, when computed now (None when reused)
     is_main: bool = True          # this process is rank 0 (the one that writes and reports)
+
+    def view(self) -> Dissection:
+        """The dissect.views.Dissection of this outcome (tables, unit views; summary.json as summary_json)."""
+        from dissect.views import Dissection
+
+        return Dissection(self.summary, self.out, reused=self.reused, result=self.result, is_main=self.is_main)
 
 
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -49,12 +58,17 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 
 def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: DissectConfig | None = None,
-        **options: Any) -> RunOutcome:
+        **options: Any) -> Dissection:
     """Dissect `model` on `dataset`; write results to `out` (resumable; a finished identical run is reused).
 
+    Returns a dissect.views.Dissection: `.summary` / `.units` DataFrames, `.unit(layer, u)`, and the
+    run's record: `.out`, `.reused`, `.summary_json` (summary.json's content, also for out=None),
+    `.result` (the in-memory DissectionResult when computed now, None when reused), `.is_main`.
+
     `model`: a model file (cgl checkpoint, state_dict + arch, TorchScript + arch, trusted pickle),
-    an nn.Module or a dissect.models.LoadedModel. `dataset`: a Broden directory, a known name
-    (broden1_224, ...), 'synthetic', or a broden.dataset.BrodenDataset. `options`: any
+    an nn.Module or a dissect.models.LoadedModel; None or 'torchvision:NAME' with weights=... (and
+    arch=NAME) for torchvision's pretrained weights, read offline from $TORCH_HOME. `dataset`: a
+    Broden directory, a known name (broden1_224, ...), 'synthetic', or a broden.dataset.BrodenDataset. `options`: any
     DissectConfig, LoadOptions or RunSettings field (e.g. layers=["conv2"], arch="resnet18",
     force=True), over `config`. Under torchrun, images are sharded and rank 0 writes.
     """
@@ -78,8 +92,9 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
     # the whole run, reuse check included, holds DIR: a second run there would overwrite this one's
     # files or resume from its states (only rank 0 locks; the other ranks wait for it at a barrier)
     try:
+        loaded = _with_input_size(loaded, ds, config)  # needs the images' size: after the dataset
         with _out_lock(out_path, ctx):
-            return _run_in(out_path, loaded, ds, config, settings, ctx)
+            return _run_in(out_path, loaded, ds, config, settings, ctx).view()
     finally:
         if ds is not dataset:  # made for this run, also when the lock was refused: a scratch store goes
             ds.close()         # (a finished decoded cache stays)
@@ -126,30 +141,41 @@ def _run_in(out_path: Path | None, loaded: Any, ds: Any, config: DissectConfig, 
     return RunOutcome(out_path, False, summary_json(res), res, is_main=ctx.is_main)
 
 
-def load(out: str | Path) -> dict[str, Any]:
-    """Read a results directory as pandas DataFrames: {'summary': per layer, 'units': per unit}."""
-    from dissect.results import load_results
+def load(out: str | Path) -> Dissection:
+    """Read a results directory: a dissect.views.Dissection (`.summary`, `.units` DataFrames, `.unit(layer, u)`)."""
+    from dissect.views import Dissection
 
-    return load_results(out)
+    return Dissection.from_dir(out)
 
 
 def _as_loaded(model: Any, loading: LoadOptions, config: DissectConfig) -> Any:
     from torch import nn
 
     from dissect.hooks import resolve_layers
-    from dissect.models import LoadedModel, load_model, model_from_module
+    from dissect.models import LoadedModel, load_requested, model_from_module
 
+    if isinstance(model, (LoadedModel, nn.Module)) and loading.weights is not None:
+        raise InputError(f"weights={loading.weights!r}: names torchvision's pretrained weights to load; the "
+                         f"model passed is already built ({type(model).__name__}): pass model=None and arch=NAME")
     if isinstance(model, LoadedModel):
         loaded = model
     elif isinstance(model, nn.Module):
         loaded = model_from_module(model, normalization=config.normalize, input_size=config.input_size)
     else:
-        loaded = load_model(model, arch=loading.arch, trust_pickle=loading.trust_pickle,
-                            normalize=config.normalize, input_size=config.input_size,
-                            num_classes=loading.num_classes)
+        # a model file, or (model None or 'torchvision:NAME') torchvision's weights from the hub cache
+        loaded = load_requested(model, arch=loading.arch, weights=loading.weights,
+                                trust_pickle=loading.trust_pickle, normalize=config.normalize,
+                                input_size=config.input_size, num_classes=loading.num_classes)
     if config.layers:
         resolve_layers(loaded.module, config.layers)  # unknown names fail before any work
     return loaded
+
+
+def _with_input_size(loaded: Any, ds: Any, config: DissectConfig) -> Any:
+    """`loaded` with the input size to use and the record of why (dissect.input_size, --input-size-rule)."""
+    from dissect.input_size import data_image_size, decide_input_size
+
+    return decide_input_size(loaded, data_image_size(ds), config.input_size, config.input_size_rule)
 
 
 def _as_dataset(dataset: Any, loaded: Any, config: DissectConfig, settings: RunSettings, ctx: Any) -> Any:

@@ -7,7 +7,8 @@ resuming and sharded (multi-GPU) runs:
 - `TopQuantile`: the EXACT per-unit quantile at level 1 - top_fraction
   (the threshold T_k), from a bounded buffer of each unit's largest values.
 - `IoUTally`: exact int64 tallies G[l], I[u, l], A[u, c] and the IoU.
-- `TopImages`: per unit, the k images with the largest spatial-max activation.
+- `TopImages`: per unit, the k images with the largest spatial-max activation
+  (ties by a secondary key, the mask area, then by image index).
 
 Tensors stay on the device the object lives on; counts are int64.
 """
@@ -21,11 +22,11 @@ from typing import Any
 import torch
 
 from broden.errors import InputError
-from dissect.config import INTERPOLATIONS, UNIONS  # defined once, beside the options that take them
+from dissect.config import INTERPOLATIONS, TOP_IMAGE_TIEBREAKS, UNIONS  # defined once, beside their options
 from dissect.upsample import check_upsample_mode, mask_pixels
 
 __all__ = ["StreamingStat", "TopQuantile", "IoUTally", "LabelBatch", "TopImages", "iou_from_counts",
-           "INTERPOLATIONS", "UNIONS"]
+           "INTERPOLATIONS", "UNIONS", "TIEBREAKS"]
 
 log = logging.getLogger(__name__)
 
@@ -453,8 +454,8 @@ class _Batch:
             keys = (bu[:, None] * nc + cat)[cat >= 0]
             self.present += torch.bincount(keys, minlength=self.b * u * nc)
 
-    def finish(self) -> None:
-        """Fold the batch into the tally: G, image-level intersections and A."""
+    def finish(self) -> torch.Tensor:
+        """Fold the batch into the tally: G, image-level intersections and A; return |mask| (B, U) int64."""
         self._flush()
         t, lb, b = self.t, self.lb, self.b
         u, nl, nc = t.num_units, t.num_labels, t.num_categories
@@ -480,6 +481,7 @@ class _Batch:
             present = lb.anywhere[:, None, :]  # (B, 1, C)
         t.activation += (present.long() * counts[:, :, None]).sum(dim=0)
         t.images += b
+        return counts
 
 
 class IoUTally(StreamingStat):
@@ -595,8 +597,11 @@ class IoUTally(StreamingStat):
         return LabelBatch(self, labels, image_labels)
 
     def add_activations(self, acts: torch.Tensor, thresholds: torch.Tensor, labels: torch.Tensor | LabelBatch,
-                        image_labels: torch.Tensor | None = None, upsample: str = "torch") -> None:
+                        image_labels: torch.Tensor | None = None, upsample: str = "torch") -> torch.Tensor:
         """Tally a batch from raw maps: the same as `add(upsample(acts, size) > thresholds[u], ...)`.
+
+        Returns the above-threshold area |mask| per (image, unit), (B, U) int64, at the label
+        size: counted anyway for A, it breaks ties of the top images (TopImages tiebreak="area").
 
         acts (B, U, h, w), thresholds (U,); `labels` is the (B, K, sh, sw)
         tensor with `image_labels` (B, M), or a LabelBatch from
@@ -623,7 +628,7 @@ class IoUTally(StreamingStat):
         for rows, pix in mask_pixels(acts.to(self.device), thresholds.to(self.device), lb.size,
                                      self.chunk_elements, mode=upsample):
             batch.on_pixels(rows, pix)
-        batch.finish()
+        return batch.finish()
 
     def merge(self, other: "IoUTally") -> None:
         """Add another shard's tallies (same units, labels, categories and union)."""
@@ -664,53 +669,66 @@ class IoUTally(StreamingStat):
 
 
 _NO_IMAGE = torch.iinfo(torch.int64).max  # index of an empty slot: sorts after every real image
+TIEBREAKS = TOP_IMAGE_TIEBREAKS
 
 
 class TopImages(StreamingStat):
-    """Per unit, the k images with the largest spatial-max activation, and their raw maps.
+    """Per unit, the k images with the largest score (by default the spatial-max activation), and their raw maps.
 
-    Order: score descending, ties to the smaller image index, so any sharding
-    followed by `merge` gives the same result as one pass.
+    Order: score descending, then (tiebreak="area") a secondary key descending (the
+    caller's: the unit's above-threshold mask area in a dissection), then the smaller
+    image index. tiebreak="index" ignores the secondary key (ties straight to the
+    smaller index). Any sharding followed by `merge` gives the same result as one pass.
     """
 
-    def __init__(self, num_units: int, k: int = 10, device: Any = None) -> None:
+    def __init__(self, num_units: int, k: int = 10, device: Any = None, tiebreak: str = "index") -> None:
         if int(num_units) < 1 or int(k) < 1:
             raise InputError(f"num_units and k must be >= 1, got {num_units} and {k}")
+        if tiebreak not in TIEBREAKS:
+            raise InputError(f"tiebreak must be one of {', '.join(TIEBREAKS)}, got {tiebreak!r}")
         self.num_units = int(num_units)
         self.k = int(k)
+        self.tiebreak = tiebreak
         self.device = _device(device)
         self.scores = torch.full((self.num_units, self.k), -math.inf, device=self.device)
+        # int64 secondary key per slot (0 under tiebreak="index", where it is never compared)
+        self.areas = torch.zeros((self.num_units, self.k), dtype=torch.int64, device=self.device)
         self.indices = torch.full((self.num_units, self.k), _NO_IMAGE, dtype=torch.int64,
                                   device=self.device)
         self.maps: torch.Tensor | None = None  # (U, k, h, w) float32, shaped on the first add
 
     FORMAT = "dissect.stats.TopImages"
-    CONFIG = ("num_units", "k")
+    CONFIG = ("num_units", "k", "tiebreak")
 
     def empty_like(self) -> "TopImages":
-        """A fresh TopImages with this one's units, k and device."""
-        return TopImages(self.num_units, self.k, device=self.device)
+        """A fresh TopImages with this one's units, k, tiebreak and device."""
+        return TopImages(self.num_units, self.k, device=self.device, tiebreak=self.tiebreak)
 
     def to(self, device: Any) -> "TopImages":
         """Move the state to `device` (in place); returns self."""
         self.device = torch.device(device)
         self.scores = self.scores.to(self.device)
+        self.areas = self.areas.to(self.device)
         self.indices = self.indices.to(self.device)
         if self.maps is not None:
             self.maps = self.maps.to(self.device)
         return self
 
-    def _order(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        # (U, k) columns of the k best by (score desc, index asc), for scores/indices (U, k + n)
-        by_index = indices.argsort(dim=1, stable=True)
-        s = scores.gather(1, by_index)
-        order = s.argsort(dim=1, descending=True, stable=True)[:, :self.k]
-        return by_index.gather(1, order)
+    def _order(self, scores: torch.Tensor, areas: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        # (U, k) columns of the k best by (score desc, [area desc,] index asc): stable sorts, last key first
+        order = indices.argsort(dim=1, stable=True)
+        if self.tiebreak == "area":
+            by_area = areas.gather(1, order).argsort(dim=1, descending=True, stable=True)
+            order = order.gather(1, by_area)
+        by_score = scores.gather(1, order).argsort(dim=1, descending=True, stable=True)[:, :self.k]
+        return order.gather(1, by_score)
 
-    def _combine(self, scores: torch.Tensor, indices: torch.Tensor, maps: torch.Tensor) -> None:
-        # scores/indices (U, k + n), maps (U, k + n, h, w): keep the k best by (score desc, index asc)
-        pick = self._order(scores, indices)  # (U, k)
+    def _combine(self, scores: torch.Tensor, areas: torch.Tensor, indices: torch.Tensor,
+                 maps: torch.Tensor) -> None:
+        # scores/areas/indices (U, k + n), maps (U, k + n, h, w): keep the k best
+        pick = self._order(scores, areas, indices)  # (U, k)
         self.scores = scores.gather(1, pick)
+        self.areas = areas.gather(1, pick)
         self.indices = indices.gather(1, pick)
         u, _, h, w = maps.shape
         self.maps = maps.gather(1, pick[:, :, None, None].expand(u, self.k, h, w))
@@ -719,14 +737,26 @@ class TopImages(StreamingStat):
         # float32, as the tally saw them: reports threshold these maps with the tally's thresholds
         return torch.zeros(self.num_units, self.k, h, w, dtype=torch.float32, device=self.device)
 
-    def add(self, indices: torch.Tensor, acts: torch.Tensor) -> None:
-        """Offer a batch: indices (B,) dataset image indices, acts (B, U, h, w)."""
+    def add(self, indices: torch.Tensor, acts: torch.Tensor, areas: torch.Tensor | None = None,
+            scores: torch.Tensor | None = None) -> None:
+        """Offer a batch: indices (B,) dataset image indices, acts (B, U, h, w).
+
+        `areas` (B, U) integer: the secondary key (needed when tiebreak="area"; ignored
+        otherwise). `scores` (B, U): rank by these instead of each map's spatial max.
+        """
         if acts.dim() != 4 or acts.shape[1] != self.num_units:
             raise InputError(f"acts must be (B, {self.num_units}, h, w), got {tuple(acts.shape)}")
         if indices.dim() != 1 or indices.shape[0] != acts.shape[0] or indices.is_floating_point():
             raise InputError(f"indices must be an integer (B={acts.shape[0]},) tensor, got "
                              f"{indices.dtype} {tuple(indices.shape)}")
         b, u, h, w = acts.shape
+        for name, t in (("areas", areas), ("scores", scores)):
+            if t is not None and tuple(t.shape) != (b, u):
+                raise InputError(f"{name} must be (B={b}, U={u}), got {tuple(t.shape)}")
+        if self.tiebreak == "area" and areas is None:
+            raise InputError("TopImages(tiebreak='area').add needs areas (B, U): the secondary key")
+        if areas is not None and areas.is_floating_point():
+            raise InputError(f"areas must be integer counts, got {areas.dtype}")
         if self.maps is None:
             self.maps = self._empty_maps(h, w)
         elif tuple(self.maps.shape[2:]) != (h, w):
@@ -735,22 +765,31 @@ class TopImages(StreamingStat):
         if b == 0:
             return
         acts = acts.to(self.device)
-        new_scores = acts.float().amax(dim=(2, 3)).t()  # (U, B)
+        if scores is None:
+            new_scores = acts.float().amax(dim=(2, 3)).t()  # (U, B)
+        else:
+            new_scores = scores.to(self.device, torch.float32).t()
+        if self.tiebreak == "area":
+            new_areas = areas.to(self.device, torch.int64).t()  # (U, B)
+        else:
+            new_areas = torch.zeros(u, b, dtype=torch.int64, device=self.device)
         new_idx = indices.to(self.device, torch.int64)[None, :].expand(u, b)
-        scores = torch.cat([self.scores, new_scores], 1)
-        indices = torch.cat([self.indices, new_idx], 1)
-        pick = self._order(scores, indices)  # (U, k) columns of [kept | batch]
+        scores_all = torch.cat([self.scores, new_scores], 1)
+        areas_all = torch.cat([self.areas, new_areas], 1)
+        indices_all = torch.cat([self.indices, new_idx], 1)
+        pick = self._order(scores_all, areas_all, indices_all)  # (U, k) columns of [kept | batch]
         # gather only the k winning maps per unit: no copy of the whole batch
         old = pick < self.k
         units = torch.arange(u, device=self.device)[:, None].expand(u, self.k)
         fresh = acts[(pick - self.k).clamp(min=0), units].to(torch.float32)  # (U, k, h, w)
         kept = self.maps.gather(1, pick.clamp(max=self.k - 1)[:, :, None, None].expand(u, self.k, h, w))
         self.maps = torch.where(old[:, :, None, None], kept, fresh)
-        self.scores = scores.gather(1, pick)
-        self.indices = indices.gather(1, pick)
+        self.scores = scores_all.gather(1, pick)
+        self.areas = areas_all.gather(1, pick)
+        self.indices = indices_all.gather(1, pick)
 
     def merge(self, other: "TopImages") -> None:
-        """Fold in another shard's top images (same units and k)."""
+        """Fold in another shard's top images (same units, k and tiebreak)."""
         self._check_mergeable(other)
         if other.maps is None:
             return
@@ -759,28 +798,39 @@ class TopImages(StreamingStat):
         if self.maps.shape != other.maps.shape:
             raise InputError("cannot merge TopImages with different map sizes")
         self._combine(torch.cat([self.scores, other.scores.to(self.device)], 1),
+                      torch.cat([self.areas, other.areas.to(self.device)], 1),
                       torch.cat([self.indices, other.indices.to(self.device)], 1),
                       torch.cat([self.maps, other.maps.to(self.device)], 1))
 
     def result(self) -> dict[str, torch.Tensor]:
-        """dict(indices (U, k') int64, scores (U, k') float32, maps (U, k', h, w) float32).
+        """dict(indices (U, k') int64, scores (U, k') float32, areas (U, k') int64, maps (U, k', h, w) float32).
 
-        k' = min(k, images seen); rows sorted by score descending, ties by index.
+        k' = min(k, images seen); rows in the class's order (score desc, [area desc,] index asc).
         """
         filled = int((self.indices[0] != _NO_IMAGE).sum())
         maps = self.maps if self.maps is not None else self._empty_maps(0, 0)
         return {"indices": self.indices[:, :filled].clone(), "scores": self.scores[:, :filled].clone(),
-                "maps": maps[:, :filled].clone()}
+                "areas": self.areas[:, :filled].clone(), "maps": maps[:, :filled].clone()}
 
     def state_dict(self) -> dict[str, Any]:
-        """Scores, indices and maps (empty (U, k, 0, 0) before the first add)."""
+        """Scores, areas, indices and maps (empty (U, k, 0, 0) before the first add)."""
         maps = self.maps if self.maps is not None else self._empty_maps(0, 0)
-        return {**self._header(), "scores": self.scores.clone(), "indices": self.indices.clone(), "maps": maps.clone()}
+        return {**self._header(), "scores": self.scores.clone(), "areas": self.areas.clone(),
+                "indices": self.indices.clone(), "maps": maps.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state written by `state_dict` (num_units and k must match)."""
+        """Restore a state written by `state_dict` (num_units, k and tiebreak must match).
+
+        A state of an earlier version (no tiebreak or areas) is refused with an InputError.
+        """
         self._check_state(state)
-        self.scores = _require(state, "scores", "TopImages").to(self.device, torch.float32).clone()
-        self.indices = _require(state, "indices", "TopImages").to(self.device, torch.int64).clone()
+        shape = (self.num_units, self.k)
+        for name in ("scores", "areas", "indices"):
+            t = _require(state, name, "TopImages")
+            if tuple(t.shape) != shape:
+                raise InputError(f"TopImages state {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        self.scores = state["scores"].to(self.device, torch.float32).clone()
+        self.areas = state["areas"].to(self.device, torch.int64).clone()
+        self.indices = state["indices"].to(self.device, torch.int64).clone()
         maps = _require(state, "maps", "TopImages").to(self.device, torch.float32)
         self.maps = maps.clone() if maps.shape[2] * maps.shape[3] > 0 else None

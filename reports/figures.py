@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from broden._fileio import atomic_path
 from reports.results import is_detector, shown_label
 
-__all__ = ["save_figure", "detector_counts", "detectors_bar_chart", "group_bubble_plot",
+__all__ = ["save_figure", "detector_counts", "detectors_bar_chart", "layer_category_counts",
+           "detectors_by_layer_chart", "group_bubble_plot",
            "compare_bar_chart", "CATEGORY_COLORS"]
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,42 @@ def detectors_bar_chart(units: Sequence[Mapping[str, Any]], categories: Sequence
     ax.set_ylabel(f"units (IoU {op} {threshold:g})")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def layer_category_counts(layers: Sequence[Mapping[str, Any]], categories: Sequence[str]
+                          ) -> list[tuple[str, dict[str, int]]]:
+    """(layer name, {category: detectors}) in layer order, from summary.json layer entries
+    (`detectors_per_category`); every category of `categories` present (0 when absent), then any other."""
+    extra = sorted({c for m in layers for c in (m.get("detectors_per_category") or {})} - set(categories))
+    return [(str(m["name"]), {c: int((m.get("detectors_per_category") or {}).get(c, 0))
+                              for c in list(categories) + extra}) for m in layers]
+
+
+def detectors_by_layer_chart(layers: Sequence[Mapping[str, Any]], categories: Sequence[str],
+                             rule: tuple[float, str], path: str | Path) -> Path:
+    """Stacked bars: one bar per layer (network order), one segment per category of its detectors'
+    top labels, the total written above each bar; saved at `path`."""
+    rows = layer_category_counts(layers, categories)
+    cats = list(rows[0][1]) if rows else list(categories)
+    fig = Figure(figsize=(max(4.0, 1.2 + 0.9 * len(rows)), 3.4))
+    ax = fig.add_subplot()
+    xs = list(range(len(rows)))
+    bottom = [0] * len(rows)
+    for i, c in enumerate(cats):
+        heights = [counts[c] for _, counts in rows]
+        ax.bar(xs, heights, bottom=bottom, color=CATEGORY_COLORS[i % len(CATEGORY_COLORS)], label=c, width=0.6)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for x, total in zip(xs, bottom):
+        ax.text(x, total, str(total), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(xs, [name for name, _ in rows], rotation=30 if len(rows) > 6 else 0, fontsize=8)
+    threshold, op = rule
+    ax.set_ylabel(f"detectors (IoU {op} {threshold:g})")
+    ax.set_ylim(0, max(bottom + [1]) * 1.15)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_title("detectors per layer, by the category of their top label", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, title="category", title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, path)
 
 

@@ -13,8 +13,9 @@ the CGL design (shared/design/cgl.md):
   A BN that follows a conv inside a custom module (a ResNet block) is not
   detectable from the module tree, so such convs get this formula too.
 
-The formula used is written under each figure. No dissection statistic is
-recomputed.
+The formula used, and the colour scale (psi_scale: percentiles of the values
+shown, with a colour bar), are written under each figure. No dissection
+statistic is recomputed.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from reports.results import RunResults, safe_name
 
 
 __all__ = ["parse_psi_units", "preprocess", "unit_psi", "psi_source", "layer_psi", "check_model_file",
-           "render_psi_figures"]
+           "render_psi_figures", "psi_figure", "psi_scale", "SCALE_PERCENTILES"]
 
 log = logging.getLogger(__name__)
 
@@ -146,22 +147,54 @@ def layer_psi(module: torch.nn.Module, layer: str, images: Mapping[str, np.ndarr
     return formula, bn_name, result
 
 
-def _figure(images: Sequence[np.ndarray], psi: torch.Tensor, title: str, path: Path) -> Path:
+# The colour scale spans these percentiles of the psi values shown: psi is >= 0.5 wherever the
+# pre-activation is positive, so a fixed 0..1 scale paints every firing region the same colour.
+SCALE_PERCENTILES = (1.0, 99.0)
+_MIN_SPAN = 1e-3  # a (nearly) constant psi still gets a readable, honest scale
+
+
+def _ordinal(p: float) -> str:
+    n = f"{p:g}"
+    if not n.isdigit():
+        return f"{n}th"
+    last2, last = int(n) % 100, int(n) % 10
+    return n + ("th" if 11 <= last2 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(last, "th"))
+
+
+def psi_scale(heats: Sequence[np.ndarray]) -> dict[str, Any]:
+    """The colour scale of a psi figure: {vmin, vmax, rule} from SCALE_PERCENTILES of the values shown."""
+    values = np.concatenate([np.asarray(h, dtype=np.float64).ravel() for h in heats])
+    lo, hi = (float(v) for v in np.percentile(values, SCALE_PERCENTILES))
+    if hi - lo < _MIN_SPAN:
+        mid = (lo + hi) / 2
+        lo, hi = max(0.0, mid - _MIN_SPAN / 2), min(1.0, mid + _MIN_SPAN / 2)
+    p_lo, p_hi = SCALE_PERCENTILES
+    return {"vmin": lo, "vmax": hi,
+            "rule": f"colour scale psi {lo:.3f} to {hi:.3f}: the {_ordinal(p_lo)} to {_ordinal(p_hi)} percentile "
+                    f"of the psi values shown (psi >= 0.5 wherever the pre-activation is positive, so a 0..1 "
+                    f"scale would saturate); values outside are clipped to the ends"}
+
+
+def psi_figure(images: Sequence[np.ndarray], psi: torch.Tensor, title: str) -> tuple[Figure, dict[str, Any]]:
+    """psi heat maps over their images, one panel each, with a colour bar of the scale used (psi_scale)."""
     k = len(images)
-    fig = Figure(figsize=(1.9 * k + 0.8, 2.3))
+    fig = Figure(figsize=(1.9 * k + 1.2, 2.4))
     axes = fig.subplots(1, k, squeeze=False)[0]
+    heats = [F.interpolate(p[None, None].float(), size=img.shape[:2], mode="bilinear",
+                           align_corners=False)[0, 0].numpy() for img, p in zip(images, psi)]  # (H, W) each
+    scale = psi_scale(heats)
     mappable = None
-    for ax, img, p in zip(axes, images, psi):
-        heat = F.interpolate(p[None, None].float(), size=img.shape[:2], mode="bilinear",
-                             align_corners=False)[0, 0].numpy()  # (H, W)
+    for ax, img, heat in zip(axes, images, heats):
         ax.imshow(img)
-        mappable = ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+        mappable = ax.imshow(heat, cmap="viridis", alpha=0.6, vmin=scale["vmin"], vmax=scale["vmax"])
         ax.set_xticks([])
         ax.set_yticks([])
     if mappable is not None:
-        fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.02, label="psi")
+        p_lo, p_hi = SCALE_PERCENTILES
+        fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.02,
+                     label=f"psi ({p_lo:g}-{p_hi:g}th pct. shown)")
     fig.suptitle(title, fontsize=9)
-    return save_figure(fig, path)
+    return fig, scale
 
 
 def check_model_file(summary: Mapping[str, Any], allow_mismatch: bool = False) -> None:
@@ -205,8 +238,13 @@ def render_psi_figures(run: "RunResults", psi_units: Mapping[str, Sequence[int]]
     images_dir = Path(summary["dataset"]["root"]) / "images"
     if not images_dir.is_dir():
         raise InputError(f"--psi-units: the dataset images are gone from {images_dir}; psi maps need them")
-    arch = model_info.get("arch") if model_info.get("kind") == "state_dict" else None
-    loaded = load_model(model_info["source"], arch=arch, trust_pickle=trust_pickle)
+    arch = model_info.get("arch") if model_info.get("kind") in ("state_dict", "pretrained") else None
+    if model_info.get("kind") == "pretrained" and model_info.get("weights"):  # torchvision's, from the hub cache
+        from dissect.models import load_requested
+
+        loaded = load_requested(None, arch=arch, weights=model_info["weights"]["name"])
+    else:
+        loaded = load_model(model_info["source"], arch=arch, trust_pickle=trust_pickle)
     dev = torch.device(device)
     module = loaded.module.to(dev).eval()
     # The recorded preprocessing is what the dissection saw; it wins over the loader's defaults.
@@ -233,11 +271,12 @@ def render_psi_figures(run: "RunResults", psi_units: Mapping[str, Sequence[int]]
                 how = (f"psi = sigmoid({p1:g} · a / S + {p2:g}), a = the output of {layer_name}, S = the unit's "
                        f"std over these images (CGL eq. 1: no BatchNorm2d directly after the layer in its "
                        "nn.Sequential)")
-            caption = (f"{how}; over its top {len(paths)} images; label {by_unit[u].get('label')}, "
-                       f"IoU {float(by_unit[u].get('iou') or 0):.3f}")
-            path = _figure([images[p] for p in paths], psi,
-                           f"{layer_name} unit {u}: soft receptive field (P1={p1:g}, P2={p2:g})",
-                           Path(fig_dir) / f"psi-{safe_name(layer_name)}-unit{u:04d}.png")
+            fig, scale = psi_figure([images[p] for p in paths], psi,
+                                    f"{layer_name} unit {u}: soft receptive field (P1={p1:g}, P2={p2:g})")
+            path = save_figure(fig, Path(fig_dir) / f"psi-{safe_name(layer_name)}-unit{u:04d}.png")
+            caption = (f"{how}; over its top {len(paths)} images by peak activation; label "
+                       f"{by_unit[u].get('label')}, IoU {float(by_unit[u].get('iou') or 0):.3f}; {scale['rule']}")
             figures.setdefault(layer_name, []).append({"unit": u, "path": str(path), "caption": caption,
-                                                       "formula": formula, "bn": bn_name})
+                                                       "formula": formula, "bn": bn_name,
+                                                       "scale": {"vmin": scale["vmin"], "vmax": scale["vmax"]}})
     return figures

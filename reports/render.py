@@ -19,7 +19,8 @@ from broden.errors import InputError
 from reports.results import (LayerResults, RunResults, detector_rule, is_detector, read_run, safe_name,
                              shown_label)
 
-__all__ = ["render_report", "template_env"]
+__all__ = ["render_report", "template_env", "show_value", "normalization_text", "input_size_text",
+           "NONE_MEANING"]
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,51 @@ def template_env() -> jinja2.Environment:
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _fmt_num
     env.filters["exact"] = _exact
+    env.filters["show"] = show_value
     return env
+
+
+# What a null option means, in words (summary.json "options"); any other null is "not set".
+NONE_MEANING = {
+    "categories": "all categories of the dataset", "split": "all splits", "limit": "no limit (every image)",
+    "normalize": "the model's own (see Model)", "input_size": "native (images as stored in the dataset)",
+    "layers": "the model's default layers", "groups": "the checkpoint's groups, if any",
+}
+
+
+def show_value(value: Any, none_text: str = "not set") -> str:
+    """A recorded value as a reader wants it: words for None, lists comma-separated, floats shortest."""
+    if value is None:
+        return none_text
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return repr(value)  # exact: a recorded option must read back as the value used
+    if isinstance(value, (list, tuple)):
+        return ", ".join(show_value(v) for v in value) if value else "none"
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {show_value(v)}" for k, v in value.items()) if value else "none"
+    return str(value)
+
+
+def normalization_text(norm: Any) -> str:
+    """`mean [..] · std [..]` (per channel, 0..1 scale) of a recorded normalisation dict; a name as it is."""
+    if isinstance(norm, Mapping) and "mean" in norm and "std" in norm:
+        def vec(v: Any) -> str:
+            items = v if isinstance(v, (list, tuple)) else [v]
+            return "[" + ", ".join(f"{float(x):.4g}" for x in items) + "]"
+        return f"mean {vec(norm['mean'])} · std {vec(norm['std'])}"
+    return show_value(norm, "not recorded")
+
+
+def input_size_text(summary: Mapping[str, Any]) -> str:
+    """The input size the dissection fed the model: the recorded option, else the model's, else native."""
+    options, model = summary.get("options") or {}, summary.get("model") or {}
+    for where in (options, model):
+        size = where.get("input_size")
+        if size is not None:
+            return f"{size} × {size} px (images resized before the model)"
+    return "native (images as stored in the dataset, no resize)"
 
 
 def _fmt_num(value: Any, digits: int = 3) -> str:
@@ -81,7 +126,9 @@ def _layer_rows(run: RunResults, categories: list[str]) -> list[dict[str, Any]]:
 
 
 def _unit_cards(layer: LayerResults, rule: tuple[float, str], strips: Mapping[int, str | None],
-                top_k: int) -> list[dict[str, Any]]:
+                top_k: int, label_strips: Mapping[int, str | None] | None = None) -> list[dict[str, Any]]:
+    """One card per unit, sorted by IoU descending (units without an IoU last), ties by unit."""
+    label_strips = label_strips or {}
     cards = []
     for u in layer.units["units"]:
         iou = u.get("iou")
@@ -94,7 +141,12 @@ def _unit_cards(layer: LayerResults, rule: tuple[float, str], strips: Mapping[in
             "detector": iou is not None and is_detector(float(iou), rule),
             "per_category": per_cat, "strip": strips.get(int(u["unit"])),
             "top_images": (u.get("top_images") or [])[:top_k],
+            "label_strip": label_strips.get(int(u["unit"])),
+            "label_top_images": None if u.get("label_top_images") is None else u["label_top_images"][:top_k],
         })
+    cards.sort(key=lambda c: (c["iou"] is None or math.isnan(float(c["iou"])),
+                              -float(c["iou"]) if c["iou"] is not None and not math.isnan(float(c["iou"])) else 0.0,
+                              c["unit"]))
     return cards
 
 
@@ -184,26 +236,37 @@ def render_report(results_dir: str | Path, out_dir: str | Path | None = None, to
     for layer, row in zip(run.layers, layer_rows):
         k = layer_k[layer.name]
         strips: dict[int, str | None] = {}
+        label_strips: dict[int, str | None] = {}
         if dataset_note is None:
             strips = thumbnails.unit_strips(layer, dataset_root, out, top_k=k, thumb_height=thumb_height,
                                             dim=dim, quality=jpeg_quality, sizes=sizes)
+            label_strips = thumbnails.unit_strips(layer, dataset_root, out, top_k=k, thumb_height=thumb_height,
+                                                  dim=dim, quality=jpeg_quality, sizes=sizes, kind="label")
         bar = figures.detectors_bar_chart(layer.units["units"], categories, rule,
                                           out / "figures" / f"{safe_name(layer.name)}-detectors.png",
                                           title=f"{layer.name}: detectors per label")
-        cards = _unit_cards(layer, rule, strips, k)
+        cards = _unit_cards(layer, rule, strips, k, label_strips)
         page = env.get_template("layer.html").render(
             title=f"{layer.name} — dissection report", run=summary, layer=row, cards=cards,
             categories=[c for c in categories if any(card["category"] == c for card in cards)],
             bar_chart=bar.relative_to(out).as_posix(), dataset_note=dataset_note,
             psi=[dict(f, src=Path(f["path"]).relative_to(out).as_posix()) for f in psi_figures.get(layer.name, [])],
-            top_k=k, settings=settings, all_layers=layer_rows)
+            top_k=k, settings=settings, all_layers=layer_rows,
+            tiebreak=summary["options"].get("top_images_tiebreak", "index"),
+            label_strips_on=summary["options"].get("label_strips", "off") == "on")
         write_text_atomic(out / row["page"], page)
         log.info("wrote %s", out / row["page"])
 
+    by_layer = figures.detectors_by_layer_chart([layer.meta for layer in run.layers], categories, rule,
+                                                out / "figures" / "detectors-by-layer.png")
+    options = [(key, show_value(value, NONE_MEANING.get(key, "not set")), value is None)
+               for key, value in sorted(summary["options"].items())]
     index = env.get_template("index.html").render(
         title="Dissection report", run=summary, layers=layer_rows, categories=categories,
         definitions=_definitions(summary["options"], rule), bubble=bubble, has_groups=has_groups, dataset_note=dataset_note,
-        settings=settings, options=sorted(summary["options"].items()),
+        settings=settings, options=options, by_layer_chart=by_layer.relative_to(out).as_posix(),
+        normalization=normalization_text(summary["model"].get("normalization")),
+        input_size=input_size_text(summary),
         rud_last_two=summary.get("rud_last_two") or {},
         metrics=sorted((summary["model"].get("metrics") or {}).items()), all_layers=layer_rows)
     write_json_atomic(out / "report.json", {

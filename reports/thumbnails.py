@@ -1,11 +1,10 @@
 """Per-unit strips of top images with the thresholded activation mask drawn over them.
 
-The mask is the dissection's own (netdissect.md section 2, step 3): the unit's
-saved map is upsampled bilinearly (half-pixel centres) to the image's LABEL
-size (sh x sw, from the dataset's index.csv) and compared strictly with the
-unit's threshold. Only that boolean mask is then scaled to the thumbnail size,
-with nearest-neighbour (pixel centres), so a pixel shown as active is one the
-IoU counted. Upsampling the map to the image size instead would disagree with
+The drawing primitives live in dissect.strips (notebooks use them too). The
+mask is the dissection's own: the unit's saved map upsampled bilinearly to the
+image's LABEL size (sh x sw, from the dataset's index.csv) and compared
+strictly with the unit's threshold, then scaled to the thumbnail
+nearest-neighbour, so a pixel shown as active is one the IoU counted. Upsampling the map to the image size instead would disagree with
 the tally: a 2x bilinear upscale lowers a single-pixel peak, so a unit that
 passes the detector rule could show an empty mask (and the other way round).
 The image is resized to the thumbnail, pixels outside the mask are dimmed and
@@ -23,85 +22,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from broden.errors import InputError
 from broden._fileio import atomic_path
+from dissect.strips import OUTLINE_COLOR, activation_masks, compose_tiles, load_rgb, scale_masks, strip_image  # noqa: F401 (re-exported)
 from reports.results import LayerResults, safe_name
 
 
-__all__ = ["activation_masks", "scale_masks", "compose_tiles", "label_sizes", "unit_strips", "OUTLINE_COLOR"]
+__all__ = ["activation_masks", "scale_masks", "compose_tiles", "label_sizes", "unit_strips", "OUTLINE_COLOR",
+           "STRIP_KINDS"]
 
 log = logging.getLogger(__name__)
 
-OUTLINE_COLOR = (255, 220, 0)
-_GAP = 2  # pixels of white between the tiles of a strip
 _PLACEHOLDER_GREY = 160
 _UNITS_PER_CHUNK = 32  # units whose images are decoded and composed together
-
-
-def activation_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Masks `bilinear_upsample(map) > threshold` at `size` = the label size (sh, sw), as the dissection.
-
-    maps: (n, h, w) raw activation maps; thresholds: (n,) one per map. Returns (n, sh, sw) bool.
-    """
-    up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)  # (n, 1, H, W)
-    return up[:, 0] > thresholds.float()[:, None, None]
-
-
-def scale_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize (pixel centres, 'nearest-exact') of bool masks (n, h, w) to (n, *size)."""
-    if tuple(masks.shape[-2:]) == tuple(size):
-        return masks.bool()
-    return F.interpolate(masks[:, None].float(), size=size, mode="nearest-exact")[:, 0] > 0.5
-
-
-def _inner_boundary(mask: torch.Tensor) -> torch.Tensor:
-    """Mask pixels with a 4-neighbour outside the mask (the image border counts as outside)."""
-    padded = F.pad(mask[:, None].float(), (1, 1, 1, 1), value=0.0)[:, 0]  # (n, H+2, W+2)
-    interior = (padded[:, :-2, 1:-1] * padded[:, 2:, 1:-1] * padded[:, 1:-1, :-2] * padded[:, 1:-1, 2:]) > 0
-    return mask & ~interior
-
-
-def compose_tiles(images: torch.Tensor, masks: torch.Tensor, height: int, dim: float = 0.2) -> np.ndarray:
-    """Resize to `height`, dim pixels outside the mask to `dim`, outline the mask.
-
-    images: (n, 3, H, W) uint8; masks: (n, mh, mw) bool at any size (the label size), scaled to the
-    tile with `scale_masks`. Returns (n, th, tw, 3) uint8 tiles.
-    """
-    n, _, H, W = images.shape
-    width = max(1, round(W * height / H))
-    small = images.float()
-    if (H, W) != (height, width):
-        small = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False,
-                              antialias=True)  # (n, 3, th, tw)
-    small_mask = scale_masks(masks, (height, width))  # (n, th, tw)
-    small = small * torch.where(small_mask, 1.0, float(dim))[:, None]
-    edge = _inner_boundary(small_mask)  # (n, th, tw)
-    color = torch.tensor(OUTLINE_COLOR, dtype=small.dtype, device=small.device)[None, :, None, None]
-    small = torch.where(edge[:, None], color, small)
-    return small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _strip(tiles: Sequence[np.ndarray]) -> Image.Image:
-    height = max(t.shape[0] for t in tiles)
-    width = sum(t.shape[1] for t in tiles) + _GAP * (len(tiles) - 1)
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    x = 0
-    for t in tiles:
-        canvas[: t.shape[0], x: x + t.shape[1]] = t
-        x += t.shape[1] + _GAP
-    return Image.fromarray(canvas)
-
-
-def _load_image(path: Path) -> np.ndarray | None:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:
-        log.warning("cannot read %s: %s", path, e)
-        return None
 
 
 def _stat_key(path: Path) -> str:
@@ -119,21 +53,34 @@ def label_sizes(dataset_root: str | Path) -> dict[str, tuple[int, int]]:
     return {r.image: (int(r.sh), int(r.sw)) for r in load_meta(dataset_root).records}
 
 
+# (units.json list, maps file, file-name prefix) of each kind of strip
+STRIP_KINDS = {"peak": ("top_images", "top_activations.npy", "unit"),
+               "label": ("label_top_images", "label_top_activations.npy", "label")}
+
+
 def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | Path, top_k: int,
                 thumb_height: int = 112, dim: float = 0.2, quality: int = 85,
-                sizes: Mapping[str, tuple[int, int]] | None = None) -> dict[int, str | None]:
+                sizes: Mapping[str, tuple[int, int]] | None = None, kind: str = "peak") -> dict[int, str | None]:
     """Write (or reuse) one JPEG strip per unit under out_dir/thumbs/<layer>/.
 
+    `kind` "peak": the top images by peak activation (units.json top_images, top_activations.npy);
+    "label": the images ranked by intersection with the unit's label (label_top_images,
+    label_top_activations.npy; a run without them gives no strips).
     `sizes` maps each image path to its label size (default: read with `label_sizes`).
-    Returns unit -> strip path relative to out_dir (None for a unit with no top images).
+    Returns unit -> strip path relative to out_dir (None for a unit with no such images).
     A missing image, or one the dataset's index no longer lists, becomes a grey tile and is logged.
     """
+    if kind not in STRIP_KINDS:
+        raise InputError(f"strip kind {kind!r}: expected one of {', '.join(STRIP_KINDS)}")
+    list_key, maps_file, prefix = STRIP_KINDS[kind]
     units: list[dict[str, Any]] = layer.units["units"]
     U = len(units)
-    acts = layer.array("top_activations.npy", (U,))  # (U, k, h, w)
+    if kind == "label" and not (layer.dir / maps_file).is_file():
+        return {int(u["unit"]): None for u in units}  # --label-strips off, or a run from before it
+    acts = layer.array(maps_file, (U,))  # (U, k, h, w)
     thresholds = layer.array("thresholds.npy", (U,))  # (U,)
     if acts.ndim != 4:
-        raise InputError(f"{layer.dir / 'top_activations.npy'}: shape {acts.shape}, expected (units, k, h, w)")
+        raise InputError(f"{layer.dir / maps_file}: shape {acts.shape}, expected (units, k, h, w)")
     top_k = min(top_k, acts.shape[1])  # units.json may list fewer images than maps were kept for
     images_dir = Path(dataset_root) / "images"
     thumbs = Path(out_dir) / "thumbs" / safe_name(layer.name)
@@ -146,7 +93,7 @@ def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | 
     todo: list[tuple[int, int, str, list[str]]] = []  # (row, unit, file name, image paths)
     for row, u in enumerate(units):
         unit = int(u["unit"])
-        paths = [str(t["image"]) for t in (u.get("top_images") or [])[:top_k]]
+        paths = [str(t["image"]) for t in (u.get(list_key) or [])[:top_k]]
         if not paths:
             result[unit] = None
             continue
@@ -155,18 +102,18 @@ def unit_strips(layer: "LayerResults", dataset_root: str | Path, out_dir: str | 
         h.update(np.float32(thresholds[row]).tobytes())
         for p in paths:
             h.update(f"|{p}|{_stat_key(images_dir / p)}|{sizes.get(p)}".encode())
-        name = f"unit{unit:04d}-{h.hexdigest()[:12]}.jpg"
+        name = f"{prefix}{unit:04d}-{h.hexdigest()[:12]}.jpg"
         result[unit] = (thumbs / name).relative_to(out_dir).as_posix()
         if not (thumbs / name).is_file():
             todo.append((row, unit, name, paths))
-    _remove_stale(thumbs, {Path(p).name for p in result.values() if p})
+    _remove_stale(thumbs, prefix, {Path(p).name for p in result.values() if p})
     if not todo:
         return result
 
     for first in range(0, len(todo), _UNITS_PER_CHUNK):  # bounds memory on layers with many units
         _write_strips(todo[first: first + _UNITS_PER_CHUNK], acts, thresholds, images_dir, sizes, thumbs,
                       thumb_height, dim, quality)
-    log.info("%s: wrote %d unit strips, reused %d", layer.name, len(todo), len(result) - len(todo))
+    log.info("%s: wrote %d %s strips, reused %d", layer.name, len(todo), kind, len(result) - len(todo))
     return result
 
 
@@ -180,7 +127,7 @@ def _write_strips(todo: Sequence[tuple[int, int, str, list[str]]], acts: np.ndar
     if unlisted:
         log.warning("%d top image(s) not in the dataset's index.csv (e.g. %s): shown as grey tiles",
                     len(unlisted), unlisted[0])
-    cache = {p: _load_image(images_dir / p) if p in sizes else None for p in needed}
+    cache = {p: load_rgb(images_dir / p) if p in sizes else None for p in needed}
     by_size: dict[tuple[tuple[int, int], tuple[int, int]], list[tuple[int, int]]] = defaultdict(list)
     for i, (_, _, _, paths) in enumerate(todo):
         for j, p in enumerate(paths):
@@ -199,13 +146,13 @@ def _write_strips(todo: Sequence[tuple[int, int, str, list[str]]], acts: np.ndar
 
     placeholder = np.full((thumb_height, thumb_height, 3), _PLACEHOLDER_GREY, dtype=np.uint8)
     for i, (_, unit, name, paths) in enumerate(todo):
-        strip = _strip([tiles.get((i, j), placeholder) for j in range(len(paths))])
+        strip = strip_image([tiles.get((i, j), placeholder) for j in range(len(paths))])
         with atomic_path(thumbs / name) as tmp:
             # 4:4:4 chroma keeps the thin mask outline from bleeding into its neighbours
             strip.save(tmp, format="JPEG", quality=quality, optimize=True, subsampling=0)
 
 
-def _remove_stale(thumbs: Path, keep: set[str]) -> None:
-    for path in thumbs.glob("unit*.jpg"):
+def _remove_stale(thumbs: Path, prefix: str, keep: set[str]) -> None:
+    for path in thumbs.glob(f"{prefix}[0-9]*.jpg"):
         if path.name not in keep:
             path.unlink(missing_ok=True)

@@ -80,7 +80,8 @@ def test_first_run_writes_the_cache_and_a_second_run_decodes_nothing(root, tmp_p
     run(ConceptNet().eval(), root, tmp_path / "b", cache_dir=str(cache_dir), keep_activations="no", **OPTS)
     assert decoded == []  # the second run reads decoded arrays only
     run(ConceptNet().eval(), root, tmp_path / "off", cache_dir=str(cache_dir), decoded_cache="off", **OPTS)
-    assert len(decoded) == 21  # off keeps its meaning: each pass decodes (+ row 0 for the shape probe)
+    # off keeps its meaning: each of the 3 passes (stage 3: label strips) decodes (+ row 0 for the shape probe)
+    assert len(decoded) == 31
     same_outputs(tmp_path / "a", tmp_path / "b")
     same_outputs(tmp_path / "a", tmp_path / "off")
 
@@ -209,7 +210,7 @@ def test_short_disk_space_warns_with_the_size_and_runs_without_the_cache(root, t
     assert "needs" in warning and "MiB" in warning and "only 0.0 MiB are free" in warning
     assert "Running without the decoded cache" in warning
     assert open_cache(root, cache_dir) is None and leftovers(cache_dir) == []
-    assert len(decoded) == 21  # without room, each pass decodes (+ row 0 for the shape probe)
+    assert len(decoded) == 31  # without room, each of the 3 passes decodes (+ row 0 for the shape probe)
     run(ConceptNet().eval(), root, tmp_path / "ref", cache_dir=str(cache_dir), decoded_cache="off", **OPTS)
     same_outputs(tmp_path / "short", tmp_path / "ref")
 
@@ -257,14 +258,14 @@ def test_content_fingerprint_catches_an_edit_that_keeps_size_and_mtime(root, tmp
     # content: another dataset fingerprint, so nothing stale is reused: a fresh cache and fresh results
     fresh = run(ConceptNet().eval(), root, tmp_path / "ref", cache_dir=str(cache_dir), fingerprint="content",
                 **OPTS)
-    assert not fresh.reused and fresh.summary["run_key"] != ref.summary["run_key"]
-    assert fresh.summary["dataset"]["fingerprint"] == source_fingerprint(root, mode="content")
+    assert not fresh.reused and fresh.summary_json["run_key"] != ref.summary_json["run_key"]
+    assert fresh.summary_json["dataset"]["fingerprint"] == source_fingerprint(root, mode="content")
     content_ds = BrodenDataset(root, cache=cache_dir, fingerprint="content")
     assert content_ds.cache is not None and content_ds.cache.path.name == content_ds.fingerprint
     assert torch.equal(content_ds[1]["labels"][0], torch.ones(8, 8, dtype=torch.int32))
     # stat + --force: recomputed from the files, and the stale decoded cache rebuilt
     forced = run(ConceptNet().eval(), root, tmp_path / "forced", cache_dir=str(cache_dir), force=True, **OPTS)
-    assert forced.summary["run_key"] == ref.summary["run_key"]  # stat mode: the same key as before the edit
+    assert forced.summary_json["run_key"] == ref.summary_json["run_key"]  # stat mode: the same key as before the edit
     rebuilt = BrodenDataset(root, cache=cache_dir)
     assert rebuilt.cache is not None
     assert torch.equal(rebuilt[1]["labels"][0], torch.ones(8, 8, dtype=torch.int32))

@@ -158,3 +158,40 @@ def test_bad_config_and_options_exit_2(tmp_path: Path) -> None:
     assert main(["demo", "--out", str(tmp_path / "o"), "--config", str(bad)]) == 2
     assert main(["demo", "--out", str(tmp_path / "o"), "--seeds", "0"]) == 2
 
+
+
+def test_step_clock_counts_k_of_n_and_estimates_from_finished_steps() -> None:
+    from cgl_train.experiment import StepClock
+
+    now = [0.0]
+    steps = StepClock(4, clock=lambda: now[0])
+    assert steps.start("training A") == "[run 1/4] training A ... ETA unknown"
+    now[0] = 120.0  # the first step took 2 min: 3 steps left
+    assert steps.start("dissecting A") == "[run 2/4] dissecting A ... ETA ~6 min"
+    now[0] = 130.0  # mean 65 s over 2 steps: 2 left
+    assert steps.start("training B") == "[run 3/4] training B ... ETA ~2 min"
+    now[0] = 131.0
+    steps = StepClock(2, clock=lambda: now[0])
+    steps.start("a")
+    now[0] = 136.0
+    assert steps.start("b") == "[run 2/2] b ... ETA <1 min"
+
+
+def test_demo_announces_every_training_and_dissection_as_run_k_of_n(experiment, caplog) -> None:
+    import logging
+
+    opts = ExperimentOptions(out=experiment.out, config=experiment.out.parent / "cfg.json", quiet=True,
+                             device="cpu", report=False, seeds=2)
+    with caplog.at_level(logging.INFO, logger="cgl_train.experiment"):
+        run_experiment(opts)  # every step is reused: quick, and still announced
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[run ")]
+    n = 2 * len(RUNS) * 2  # (a training or the control's save, then a dissection) per run and seed
+    assert len(lines) == n
+    expected = []
+    for seed in (0, 1):
+        for run in RUNS:
+            expected += [f"{'saving' if run == CONTROL else 'training'} {RUN_TITLES[run]} (seed {seed})",
+                         f"dissecting {RUN_TITLES[run]} (seed {seed})"]
+    for k, (line, what) in enumerate(zip(lines, expected), start=1):
+        assert line.startswith(f"[run {k}/{n}] {what} ... ETA ")
+    assert lines[0].endswith("ETA unknown") and all("unknown" not in line for line in lines[1:])

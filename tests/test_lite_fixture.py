@@ -174,3 +174,20 @@ def test_cli_reads_lites_checkpoint_by_the_arch_it_names(tmp_path: Path, monkeyp
     assert [entry["name"] for entry in summary["layers"]] == ["conv1", "conv3"]
     for layer in ("conv1", "conv3"):
         assert (out / layer / "tally.csv").read_bytes() == (FIXTURE / "lite" / layer / "tally.csv").read_bytes()
+
+
+def test_tally_csv_bytes_do_not_depend_on_the_top_image_options(with_lite_thresholds: Path,
+                                                                tmp_path: Path) -> None:
+    import dissect
+
+    out = tmp_path / "index-ties"
+    dissect.run(_smallcnn(), FIXTURE / "broden80", out, thresholds=_lite_thresholds(), top_images_tiebreak="index",
+                label_strips="off", **LITE_OPTIONS)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["top_images_tiebreak"] == "index"
+    default = json.loads((with_lite_thresholds / "summary.json").read_text())["options"]
+    assert (default["top_images_tiebreak"], default["label_strips"]) == ("area", "on")
+    for layer in LAYERS:  # the defaults' run (with_lite_thresholds) is checked byte for byte above
+        assert (out / layer / "tally.csv").read_bytes() == (FIXTURE / "lite" / layer / "tally.csv").read_bytes()
+        assert not (out / layer / "label_top_activations.npy").exists()
+        assert (with_lite_thresholds / layer / "label_top_activations.npy").is_file()

@@ -122,17 +122,17 @@ def test_annotated_keeps_rows_with_data_in_a_selected_category(tiny: Path) -> No
 
 def test_images_option_is_applied_and_recorded(tiny: Path, tmp_path: Path) -> None:
     annotated = _run(tiny, tmp_path / "a", categories=["material", "scene"])
-    s = annotated.summary
+    s = annotated.summary_json
     assert s["options"]["images"] == "annotated"
     assert (s["dataset"]["num_images"], s["dataset"]["dropped_images"]) == (5, 2)
     assert annotated.result.layers[0].top_indices.max() <= 5 and 3 not in annotated.result.layers[0].top_indices
     every = _run(tiny, tmp_path / "b", categories=["material", "scene"], images="all")
-    assert (every.summary["dataset"]["num_images"], every.summary["dataset"]["dropped_images"]) == (7, 0)
-    assert every.summary["run_key"] != s["run_key"]
+    assert (every.summary_json["dataset"]["num_images"], every.summary_json["dataset"]["dropped_images"]) == (7, 0)
+    assert every.summary_json["run_key"] != s["run_key"]
     # a dataset built with the other rule is dissected under the option's rule
     built = BrodenDataset(tiny, categories=["material", "scene"], cache="off", images="all")
     again = dissect.run(maps_net(), built, None, layers=["maps"], normalize="none", quiet=True, top_fraction=0.2)
-    assert again.summary["dataset"]["num_images"] == 5
+    assert again.summary_json["dataset"]["num_images"] == 5
     assert np.array_equal(again.result.layers[0].intersection, annotated.result.layers[0].intersection)
 
 
@@ -147,7 +147,7 @@ def test_primary_category_is_taken_among_the_selected_categories(tiny: Path, tmp
     assert ds.label_category[300] == obj and ds.label_category[513] == -1 and ds.label_category[8] == -1
     assert np.array_equal(meta.primary_categories(TINY_CATEGORIES), meta.label_category)
     res = _run(tiny, tmp_path / "out", categories=["color", "object"], images="all")
-    table = {entry["id"]: entry["category"] for entry in res.summary["labels"]}
+    table = {entry["id"]: entry["category"] for entry in res.summary_json["labels"]}
     assert table[9] == "object" and 513 not in table
     # tile's pixels are tallied as object pixels
     assert res.result.layers[0].truth[9] > 0 and res.result.layers[0].iou[:, 9].max() > 0
@@ -189,11 +189,11 @@ def test_upsample_option_reaches_the_tally_and_the_record(tiny: Path, tmp_path: 
 
     monkeypatch.setattr(pipeline.IoUTally, "add_activations", spy)
     pil = _run(tiny, tmp_path / "pil", upsample="pil", layers=["maps", "down"])
-    assert seen and set(seen) == {"pil"} and pil.summary["options"]["upsample"] == "pil"
+    assert seen and set(seen) == {"pil"} and pil.summary_json["options"]["upsample"] == "pil"
     seen.clear()
     torch_run = _run(tiny, tmp_path / "torch", layers=["maps", "down"])
-    assert set(seen) == {"torch"} and torch_run.summary["options"]["upsample"] == "torch"
-    assert pil.summary["run_key"] != torch_run.summary["run_key"]
+    assert set(seen) == {"torch"} and torch_run.summary_json["options"]["upsample"] == "torch"
+    assert pil.summary_json["run_key"] != torch_run.summary_json["run_key"]
     with pytest.raises(InputError, match="--upsample 'scipy'.*one of torch, pil"):
         DissectConfig(upsample="scipy").validate()
 
@@ -216,12 +216,12 @@ def test_given_thresholds_reproduce_a_computed_run(tiny: Path, tmp_path: Path) -
         assert np.array_equal(a.top_indices, b.top_indices)  # stage 1 still keeps top images
         assert (tmp_path / "own" / name / "tally.csv").read_bytes() == \
             (tmp_path / "given" / name / "tally.csv").read_bytes()
-    entries = {e["name"]: e for e in given.summary["layers"]}
+    entries = {e["name"]: e for e in given.summary_json["layers"]}
     record = entries["maps"]["thresholds_given"]
     file = tmp_path / "own" / "maps" / "thresholds.npy"
     assert record["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest() and record["dtype"] == "float32"
-    assert given.summary["options"]["thresholds"] == files
-    assert all(e["thresholds_given"] is None for e in own.summary["layers"])
+    assert given.summary_json["options"]["thresholds"] == files
+    assert all(e["thresholds_given"] is None for e in own.summary_json["layers"])
     assert not (tmp_path / "own" / "maps" / "thresholds_given.npy").exists()
 
 
@@ -267,8 +267,8 @@ def test_given_thresholds_skip_the_quantile_and_key_the_result(tiny: Path, tmp_p
     assert not repaired.reused and (tmp_path / "out" / "maps" / "thresholds_given.npy").is_file()
     _save(file, [0.25, 0.75])  # same path, other values: another result
     changed = _run(tiny, tmp_path / "out", layers=["maps", "down"], thresholds=[f"maps={file}"])
-    assert not changed.reused and changed.summary["run_key"] != first.summary["run_key"]
-    assert changed.summary["layers"][0]["thresholds_given"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert not changed.reused and changed.summary_json["run_key"] != first.summary_json["run_key"]
+    assert changed.summary_json["layers"][0]["thresholds_given"]["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("spec, message", [

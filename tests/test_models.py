@@ -239,7 +239,7 @@ def test_arch_prefix_picks_the_registry(tmp_path):
     assert loaded.module.classifier[1].out_channels == 3
     with pytest.raises(InputError, match="unknown architecture 'squeezenet1_1' in cgl_train"):
         load_model(path, arch="cgl:squeezenet1_1")
-    with pytest.raises(InputError, match="--arch keras:alexnet: expected NAME, torchvision:NAME or cgl:NAME"):
+    with pytest.raises(InputError, match="--arch keras:alexnet: expected NAME, torchvision:NAME, cgl:NAME or timm:NAME"):
         load_model(path, arch="keras:alexnet")
 
 

@@ -124,6 +124,18 @@ def load_all(root: Path):
     return np.stack(images), planes, scalars
 
 
+def naive_mask_areas(maps: np.ndarray, thresholds: np.ndarray, sh: int, sw: int) -> np.ndarray:
+    """(N, U) |upsample(map) > T| at the label size, one image and unit at a time."""
+    n, u = maps.shape[:2]
+    out = np.zeros((n, u), np.int64)
+    for i in range(n):
+        for j in range(u):
+            up = F.interpolate(torch.from_numpy(maps[i, j])[None, None], size=(sh, sw), mode="bilinear",
+                               align_corners=False)[0, 0].numpy()
+            out[i, j] = int((up > thresholds[j]).sum())
+    return out
+
+
 def naive_tally(maps: np.ndarray, thresholds: np.ndarray, planes, scalars, sh: int, sw: int, union: str):
     """I, A, G by loops over images, units, layers and pixels."""
     ids = sorted(LABELS)
@@ -216,10 +228,11 @@ def test_engine_matches_naive_dissection(concept_root, union):
         np.testing.assert_array_equal(lr.labels.top_category, top_c)
         np.testing.assert_array_equal(lr.labels.top_label, top_l)
         assert lr.counts["detectors"] == int((top_s >= 0.04).sum())
-        # top images: by spatial max, ties to the smaller index
+        # top images: by spatial max, ties to the larger mask area (at label size), then the smaller index
         smax = maps[name].max(axis=(2, 3))  # (N, U)
+        area = naive_mask_areas(maps[name], lr.thresholds, 8, 8)  # (N, U)
         for u in range(smax.shape[1]):
-            order = sorted(range(len(smax)), key=lambda i: (-smax[i, u], i))[:3]
+            order = sorted(range(len(smax)), key=lambda i: (-smax[i, u], -area[i, u], i))[:3]
             assert lr.top_indices[u].tolist() == order
             # mask compactness: one scikit-image call per top-image mask, averaged over non-empty masks
             counts, spreads = [], []
@@ -324,7 +337,8 @@ def test_cpu_equals_cuda(concept_root, tmp_path):
         outs[dev] = tmp_path / dev
         dissect_model(model, concept_root, ["units", "pool"], config(device=dev), out=outs[dev])
     for name in ("units", "pool"):  # exact ops only: the 1x1 conv may use TF32 on the GPU
-        for f in ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy"):
+        for f in ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy",
+                  "label_top_activations.npy"):
             assert (outs["cpu"] / name / f).read_bytes() == (outs["cuda"] / name / f).read_bytes(), (name, f)
 
 
@@ -405,3 +419,108 @@ def test_preprocess_is_shared_and_follows_the_formula():
     small = preprocess(flat, norm, 4)
     assert small.shape == (2, 3, 4, 4)
     assert torch.allclose(small[:, 0], torch.full((2, 4, 4), (0.2 - 0.1) / 0.5))
+
+
+# ---------------------------------------------------------------- top-image ties and label strips
+
+def test_top_images_tiebreak_changes_only_which_images(concept_root, tmp_path):
+    model = ConceptNet().eval()
+    by_area = dissect_model(model, concept_root, LAYERS, config(), out=tmp_path / "area")
+    by_index = dissect_model(model, concept_root, LAYERS, config(top_images_tiebreak="index"),
+                             out=tmp_path / "index")
+    maps = naive_maps(model, load_all(concept_root)[0])
+    differ = 0
+    for name in LAYERS:
+        a, i = by_area.layer(name), by_index.layer(name)
+        smax = maps[name].max(axis=(2, 3))
+        area = naive_mask_areas(maps[name], a.thresholds, 8, 8)
+        for u in range(smax.shape[1]):
+            assert i.top_indices[u].tolist() == sorted(range(len(smax)), key=lambda n: (-smax[n, u], n))[:3]
+            assert a.top_indices[u].tolist() == sorted(range(len(smax)),
+                                                       key=lambda n: (-smax[n, u], -area[n, u], n))[:3]
+            differ += a.top_indices[u].tolist() != i.top_indices[u].tolist()
+        # the tie rule picks images; it never touches thresholds, tallies or labels
+        assert (tmp_path / "area" / name / "tally.csv").read_bytes() == \
+            (tmp_path / "index" / name / "tally.csv").read_bytes()
+        np.testing.assert_array_equal(a.intersection, i.intersection)
+        np.testing.assert_array_equal(a.thresholds, i.thresholds)
+    assert differ > 0  # the fixture has peak ties that the area breaks differently
+    opts = json.loads((tmp_path / "area" / "summary.json").read_text())["options"]
+    assert opts["top_images_tiebreak"] == "area" and opts["label_strips"] == "on"
+
+
+def _naive_label_intersections(maps, thresholds, planes, scalars, labels):
+    """(N, U): per image, I[u, labels[u]] of that image alone (the naive tally of one image)."""
+    n, u = maps.shape[:2]
+    out = np.zeros((n, u), np.int64)
+    for i in range(n):
+        I, _, _ = naive_tally(maps[i:i + 1], thresholds, planes[i:i + 1], scalars[i:i + 1], 8, 8, "lite")
+        for j in range(u):
+            out[i, j] = I[j, labels[j]] if labels[j] > 0 else 0
+    return out
+
+
+@pytest.mark.parametrize("keep", ["yes", "no"])
+def test_label_strips_rank_by_intersection_with_the_label(concept_root, tmp_path, keep):
+    model = ConceptNet().eval()
+    res = dissect_model(model, concept_root, LAYERS, config(top_k=6, keep_activations=keep), out=tmp_path)
+    images, planes, scalars = load_all(concept_root)
+    maps = naive_maps(model, images)
+    shown = 0
+    for name in LAYERS:
+        lr = res.layer(name)
+        want = _naive_label_intersections(maps[name], lr.thresholds, planes, scalars, lr.labels.top_label)
+        units = json.loads((tmp_path / name / "units.json").read_text())["units"]
+        saved = np.load(tmp_path / name / "label_top_activations.npy")
+        assert saved.dtype == np.float32 and saved.shape == (len(units), 6) + maps[name].shape[2:]
+        for u, unit in enumerate(units):
+            order = [n for n in sorted(range(len(images)), key=lambda n: (-want[n, u], n)) if want[n, u] > 0]
+            got = unit["label_top_images"]
+            assert [t["index"] for t in got] == order
+            assert [t["intersection"] for t in got] == [int(want[n, u]) for n in order]
+            # every image with an intersection is listed: together they make the tally's I[u, label]
+            label = int(lr.labels.top_label[u])
+            assert sum(t["intersection"] for t in got) == (lr.intersection[u, label] if label else 0)
+            for j, n in enumerate(order):
+                np.testing.assert_array_equal(saved[u, j], maps[name][n, u])
+            assert not saved[u, len(order):].any()  # slots without an intersection hold zeros
+            shown += len(order)
+    assert shown > 0
+    # unit 0 of "units" is the red indicator: its best image is the one with the most red pixels
+    red = [int((p[0] == 1).sum()) for p in planes]
+    first = json.loads((tmp_path / "units" / "units.json").read_text())["units"][0]["label_top_images"][0]
+    assert first["index"] == int(np.argmax(red)) and first["intersection"] == max(red)
+
+
+def test_label_strips_off_writes_no_strip_file(concept_root, tmp_path):
+    from dissect.results import missing_outputs, read_summary
+
+    model = ConceptNet().eval()
+    dissect_model(model, concept_root, ["units"], config(), out=tmp_path)
+    assert (tmp_path / "units" / "label_top_activations.npy").is_file()
+    dissect_model(model, concept_root, ["units"], config(label_strips="off"), out=tmp_path)
+    assert not (tmp_path / "units" / "label_top_activations.npy").exists()  # the earlier run's is gone
+    units = json.loads((tmp_path / "units" / "units.json").read_text())["units"]
+    assert all(u["label_top_images"] is None for u in units)
+    summary = read_summary(tmp_path)
+    assert summary["options"]["label_strips"] == "off" and "label_strips" not in summary["timings"]
+    assert missing_outputs(tmp_path, summary) == []
+
+
+def test_float32_math_sets_and_restores_cuda_precision(monkeypatch):
+    """The forward runs in IEEE float32 on CUDA unless --tf32 on; the caller's settings come back after."""
+    from dissect.devices import float32_math
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    before = torch.get_float32_matmul_precision()
+    with float32_math(torch.device("cpu")):  # a no-op off CUDA
+        assert torch.backends.cudnn.allow_tf32 is True
+    with float32_math(torch.device("cuda")):  # flags only: nothing runs on a device here
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert torch.get_float32_matmul_precision() == "highest"
+    with float32_math(torch.device("cuda"), allow_tf32=True):
+        assert torch.backends.cudnn.allow_tf32 is True
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.backends.cudnn.allow_tf32 is True and torch.get_float32_matmul_precision() == before
+    assert config().tf32 == "off" and "tf32" in DissectConfig.result_fields()
+    assert config(tf32="on").result_key() != config().result_key()

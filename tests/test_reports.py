@@ -92,6 +92,7 @@ def test_unit_cards_equal_units_json(real_run: Path) -> None:
     threshold = summary["options"]["iou_threshold"]
     for layer in summary["layers"]:
         units = json.loads((real_run / layer["dir"] / "units.json").read_text())["units"]
+        units.sort(key=lambda u: (-u["iou"], u["unit"]))  # the page lists units by IoU, highest first
         cards = [a for tag, a in parse(real_run / "report" / f"{layer['name']}.html")
                  if "unit-card" in a.get("class", "").split()]
         assert [int(c["data-unit"]) for c in cards] == [u["unit"] for u in units]
@@ -481,3 +482,84 @@ def test_one_layer_run_has_no_rud_over_two_layers(tmp_path: Path) -> None:
     results = make_results_dir(tmp_path, seed=10, layer_specs=[("conv1", 6, 8)])
     index = render_report(results, thumb_height=16).read_text()
     assert 'id="rud-last-two-na"' in index and "rud-last-two" not in index.replace("rud-last-two-na", "")
+
+
+# ---------------------------------------------------------------- strips, order, index values, psi scale
+
+
+def test_unit_pages_list_by_iou_with_both_strips(real_run: Path) -> None:
+    summary = json.loads((real_run / "summary.json").read_text())
+    assert summary["options"]["top_images_tiebreak"] == "area" and summary["options"]["label_strips"] == "on"
+    for layer in summary["layers"]:
+        page = real_run / "report" / f"{layer['name']}.html"
+        tags = parse(page)
+        button = next(a for tag, a in tags if "sort-button" in a.get("class", "") and a.get("data-key") == "iou")
+        # shown as the active sort; no data-dir, so a first click sorts by IoU descending (report.js)
+        assert "active" in button["class"].split() and button["data-initial"] == "desc" and "data-dir" not in button
+        ious = [float(a["data-iou"]) for tag, a in tags if "unit-card" in a.get("class", "").split()]
+        assert ious == sorted(ious, reverse=True)
+        html = page.read_text()
+        units = json.loads((real_run / layer["dir"] / "units.json").read_text())["units"]
+        peak = [a for tag, a in tags if tag == "figure" and "peak-strip" in a.get("class", "")]
+        assert len(peak) == sum(bool(u["top_images"]) for u in units) > 0
+        assert html.count("top images by peak activation (ties: larger mask area)") == len(peak) * 2  # caption, alt
+        label = [a for tag, a in tags if tag == "figure" and "label-strip" in a.get("class", "")]
+        assert len(label) == sum(bool(u["label_top_images"]) for u in units)
+        for u in units:
+            if u["label_top_images"]:
+                assert f"ranked by intersection with {u['label']}" in html
+    strips = sorted((real_run / "report" / "thumbs" / "conv2").glob("label*.jpg"))
+    conv2 = json.loads((real_run / "conv2" / "units.json").read_text())["units"]
+    assert len(strips) == sum(bool(u["label_top_images"]) for u in conv2) > 0
+    first = next(u for u in conv2 if u["label_top_images"])
+    with Image.open(next(s for s in strips if s.name.startswith(f"label{first['unit']:04d}-"))) as im:
+        assert im.width > 112 * (len(first["label_top_images"]) - 1)  # one tile per listed image
+
+
+def test_index_has_the_layer_figure_and_no_bare_none(real_run: Path, tmp_path: Path) -> None:
+    import re
+
+    from reports.figures import layer_category_counts
+
+    fixture = make_results_dir(tmp_path, seed=3)  # records nulls: metrics, input_size
+    render_report(fixture)
+    for results in (real_run, fixture):
+        index = results / "report" / "index.html"
+        html = index.read_text()
+        img = next(a for tag, a in parse(index) if a.get("id") == "detectors-by-layer")
+        assert (index.parent / img["src"]).is_file()
+        text = re.sub(r"<[^>]+>", " ", html)
+        assert not re.search(r"\bNone\b", text), re.findall(r".{40}\bNone\b.{40}", text)
+        summary = json.loads((results / "summary.json").read_text())
+        norm = summary["model"]["normalization"]
+        shown = next(t for t in re.findall(r'id="normalization"[^>]*>([^<]*)<', html))
+        assert shown.startswith("mean [") and f"{float(norm['std'][0]):.4g}" in shown
+        size = re.findall(r'id="input-size">([^<]*)<', html)[0]
+        recorded = summary["options"].get("input_size") or summary["model"].get("input_size")
+        assert (str(recorded) in size) if recorded else size.startswith("native")
+    rows = layer_category_counts(summary["layers"], summary["dataset"]["categories"])
+    assert [name for name, _ in rows] == [l["name"] for l in summary["layers"]]
+    assert [sum(c.values()) for _, c in rows] == [l["detectors"] for l in summary["layers"]]
+
+
+def test_psi_figure_scale_follows_the_values_and_has_a_colour_bar() -> None:
+    from reports.psi import psi_figure
+
+    images = [np.zeros((8, 8, 3), np.uint8)] * 3
+    psi = torch.linspace(0.5, 0.7, 3 * 4 * 4).reshape(3, 4, 4)  # a firing unit: every value >= 0.5
+    fig, scale = psi_figure(images, psi, "t")
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(fig.axes) == 4 and len(bars) == 1
+    assert 0.5 <= scale["vmin"] < 0.52 and 0.68 < scale["vmax"] <= 0.7  # not 0..1: the structure shows
+    heat = fig.axes[0].get_images()[1]
+    assert heat.get_clim() == (scale["vmin"], scale["vmax"])
+    ticks = [float(t) for t in bars[0].get_yticks() if scale["vmin"] <= t <= scale["vmax"]]
+    assert len(ticks) >= 2  # the bar carries numbers within the scale
+    assert "percentile" in scale["rule"] and f"{scale['vmin']:.3f}" in scale["rule"]
+    _, flat = psi_figure(images, torch.full((3, 4, 4), 0.6), "t")
+    assert flat["vmax"] - flat["vmin"] == pytest.approx(1e-3)  # a constant map still gets a scale
+
+
+def test_psi_captions_name_the_scale(real_run: Path) -> None:
+    html = (real_run / "report" / "conv2.html").read_text()
+    assert html.count("1st to 99th percentile of the psi values shown") == 2  # units 0 and 3

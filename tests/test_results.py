@@ -180,3 +180,31 @@ def test_remove_stale_outputs_keeps_requested_layers(tmp_path):
     assert sorted(p.name for p in removed) == ["b", "c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "d"]
     assert results_mod.remove_stale_outputs(tmp_path / "absent", ["a"]) == []
+
+
+def test_label_strips_in_units_json_files_and_missing_outputs(tmp_path):
+    res = make_result()
+    lr = res.layers[0]
+    lr.label_top_indices = np.array([[1, 2], [2, 0], [0, 1]])
+    lr.label_top_intersections = np.array([[30, 4], [7, 0], [0, 0]])  # 0: an empty slot
+    lr.label_top_maps = np.arange(3 * 2 * 2 * 2, dtype=np.float64).reshape(3, 2, 2, 2)
+    write_results(res, tmp_path)
+    units = json.loads((tmp_path / "features.0" / "units.json").read_text())["units"]
+    assert units[0]["label_top_images"] == [{"index": 1, "image": "a/1.jpg", "intersection": 30},
+                                            {"index": 2, "image": "a/2.jpg", "intersection": 4}]
+    assert units[1]["label_top_images"] == [{"index": 2, "image": "a/2.jpg", "intersection": 7}]
+    assert units[2]["label_top_images"] == []
+    maps = np.load(tmp_path / "features.0" / "label_top_activations.npy")
+    assert maps.dtype == np.float32 and np.array_equal(maps, lr.label_top_maps)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert results_mod.missing_outputs(tmp_path, summary) == []
+    (tmp_path / "features.0" / "label_top_activations.npy").unlink()
+    assert results_mod.missing_outputs(tmp_path, summary) == [tmp_path / "features.0" / "label_top_activations.npy"]
+    # a run with --label-strips off needs no such file (and a rewrite removes an earlier one)
+    assert results_mod.missing_outputs(tmp_path, {**summary, "options": {"label_strips": "off"}}) == []
+    write_results(res, tmp_path)
+    lr.label_top_indices = lr.label_top_intersections = lr.label_top_maps = None
+    write_results(res, tmp_path)
+    assert not (tmp_path / "features.0" / "label_top_activations.npy").exists()
+    units = json.loads((tmp_path / "features.0" / "units.json").read_text())["units"]
+    assert all(u["label_top_images"] is None for u in units)

@@ -10,7 +10,7 @@ from dissect.runner import dissect_model
 from dissect.state import STATE_DIRNAME
 from test_pipeline import LAYERS, ConceptNet, config, make_concept_broden
 
-FILES = ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy")
+FILES = ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy", "label_top_activations.npy")
 
 
 class Killed(RuntimeError):
@@ -48,9 +48,9 @@ def reference(root, tmp_path_factory):
     return out
 
 
-# 10 images in batches of 2: 5 forwards in stage 1, then 5 in stage 2 (activations recomputed).
-# The first call is layer_shapes' probe forward, so the data forwards are calls 2..11.
-@pytest.mark.parametrize("kill_at", [4, 9])
+# 10 images in batches of 2: 5 forwards in stage 1, then 5 in stage 2 and 5 in stage 3 (label strips),
+# activations recomputed. The first call is layer_shapes' probe forward: data forwards are calls 2..16.
+@pytest.mark.parametrize("kill_at", [4, 9, 14])
 def test_resumed_equals_uninterrupted(root, reference, tmp_path, kill_at):
     out = tmp_path / "out"
     (out).mkdir()
@@ -65,18 +65,18 @@ def test_resumed_equals_uninterrupted(root, reference, tmp_path, kill_at):
     states = list((out / STATE_DIRNAME).rglob("stage*.pt"))
     assert states, "a killed run leaves its state behind"
     # killed in the third batch of a stage: its state says the next batch starts at image 4
-    stage = "stage2" if kill_at > 6 else "stage1"
+    stage = "stage3" if kill_at > 11 else "stage2" if kill_at > 6 else "stage1"
     saved = {p.stem: torch.load(p, weights_only=True) for p in states}
     assert saved[stage]["next"] == 4
-    if stage == "stage2":
+    if stage != "stage1":
         assert saved["stage1"]["next"] == 10
 
     calls = {"n": 0}
     counter = model.units.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     dissect_model(model, root, LAYERS, cfg, out=out)
     counter.remove()
-    # resumed: fewer forwards than a full run (1 probe + 5 + 5)
-    assert calls["n"] < 11
+    # resumed: fewer forwards than a full run (1 probe + 5 + 5 + 5)
+    assert calls["n"] < 16
     for name in LAYERS:
         for f in FILES:
             assert (out / name / f).read_bytes() == (reference / name / f).read_bytes(), (name, f)

@@ -418,3 +418,90 @@ def test_prepared_labels_serve_several_tallies(union):
         other.add_activations(maps["a"], thresholds["a"], shared)
     with pytest.raises(InputError, match="labels are for"):
         IoUTally(4, cat, NUM_CATS, union=union).add_activations(maps["a"][:2], thresholds["a"], shared)
+
+
+# ---------------------------------------------------------------- top-image ties by mask area
+
+
+def _tied_batch():
+    """(indices, acts, areas): 8 images of 2 units; unit 0: six images tie at the peak 2.0."""
+    acts = torch.zeros(8, 2, 2, 2)
+    acts[:, 0, 0, 0] = torch.tensor([2.0, 2.0, 1.0, 2.0, 2.0, 2.0, 0.5, 2.0])
+    acts[:, 1, 0, 0] = torch.arange(8, dtype=torch.float32)  # no ties
+    acts += 1 / 3
+    areas = torch.zeros(8, 2, dtype=torch.int64)
+    areas[:, 0] = torch.tensor([1, 5, 9, 5, 7, 0, 3, 7])
+    areas[:, 1] = torch.tensor([9, 8, 7, 6, 5, 4, 3, 2])
+    return torch.tensor([10, 11, 12, 13, 14, 15, 16, 17]), acts, areas
+
+
+def test_top_images_ties_broken_by_area_then_index():
+    indices, acts, areas = _tied_batch()
+    by_area = TopImages(2, 4, tiebreak="area")
+    by_index = TopImages(2, 4)  # the default of the class: the order before the option
+    for i in range(0, 8, 3):
+        by_area.add(indices[i:i + 3], acts[i:i + 3], areas=areas[i:i + 3])
+        by_index.add(indices[i:i + 3], acts[i:i + 3])
+    res = by_area.result()
+    # peak 2.0 at 10, 11, 13, 14, 15, 17 with areas 1, 5, 5, 7, 0, 7: area desc, then index
+    assert res["indices"][0].tolist() == [14, 17, 11, 13]
+    assert res["areas"][0].tolist() == [7, 7, 5, 5]
+    assert res["indices"][1].tolist() == [17, 16, 15, 14]  # no ties: the area plays no part
+    assert torch.equal(res["maps"][0, 0], acts[4, 0]) and torch.equal(res["maps"][1, 0], acts[7, 1])
+    assert by_index.result()["indices"][0].tolist() == [10, 11, 13, 14]
+    with pytest.raises(InputError, match="areas"):
+        TopImages(2, 4, tiebreak="area").add(indices, acts)
+    with pytest.raises(InputError, match="tiebreak"):
+        TopImages(2, 4, tiebreak="peak")
+
+
+def test_top_images_area_shards_merge_and_state_round_trip():
+    indices, acts, areas = _tied_batch()
+    one = TopImages(2, 3, tiebreak="area")
+    one.add(indices, acts, areas=areas)
+    shards = [TopImages(2, 3, tiebreak="area") for _ in range(3)]
+    for i in reversed(range(8)):  # round-robin, reversed order
+        shards[i % 3].add(indices[i:i + 1], acts[i:i + 1], areas=areas[i:i + 1])
+    shards[2].merge(shards[0])
+    shards[2].merge_state(shards[1].state_dict())
+    restored = TopImages(2, 3, tiebreak="area")
+    restored.load_state_dict(shards[2].state_dict())
+    want = one.result()
+    for top in (shards[2], restored):
+        got = top.result()
+        for key in ("indices", "scores", "areas", "maps"):
+            assert torch.equal(got[key], want[key]), key
+    with pytest.raises(InputError, match="tiebreak"):
+        TopImages(2, 3).merge(one)
+    with pytest.raises(InputError, match="tiebreak"):
+        TopImages(2, 3).load_state_dict(one.state_dict())
+    old = {k: v for k, v in TopImages(2, 3).state_dict().items() if k not in ("tiebreak", "areas")}
+    with pytest.raises(InputError, match="tiebreak"):  # a state of the format before the option
+        TopImages(2, 3).load_state_dict(old)
+
+
+def test_add_activations_returns_the_mask_area():
+    _, labels, image_labels = _tally_data(seed=5)
+    acts = torch.randn(5, 4, 3, 4, generator=torch.Generator().manual_seed(2))
+    thresholds = torch.tensor([0.5, 0.0, 1.0, -0.2])
+    tally = IoUTally(4, _label_category(), NUM_CATS)
+    area = tally.add_activations(acts, thresholds, labels, image_labels)
+    masks = upsample(acts, labels.shape[2:]) > thresholds[None, :, None, None]
+    assert area.dtype == torch.int64 and torch.equal(area, masks.sum(dim=(2, 3)))
+
+
+def test_label_intersections_equal_the_tally_column_of_each_unit():
+    from dissect.label_images import label_intersections
+
+    _, labels, image_labels = _tally_data(seed=6)
+    acts = torch.randn(5, 4, 3, 4, generator=torch.Generator().manual_seed(3))
+    thresholds = torch.tensor([0.3, -0.1, 0.8, 0.0])
+    unit_labels = torch.tensor([3, 12, 0, 300])  # a pixel label, an image-level label, none, a pixel label
+    got = label_intersections(acts, thresholds, labels, image_labels, unit_labels, chunk_elements=7)
+    assert got.dtype == torch.int64 and got.shape == (5, 4)
+    for b in range(5):  # each image alone through the tally: its I[u, label] is the image's intersection
+        tally = IoUTally(4, _label_category(), NUM_CATS)
+        tally.add_activations(acts[b:b + 1], thresholds, labels[b:b + 1], image_labels[b:b + 1])
+        for u, lab in enumerate(unit_labels.tolist()):
+            assert int(got[b, u]) == (int(tally.intersection[u, lab]) if lab else 0), (b, u)
+    assert got[:, 1].sum() > 0 and got[:, 0].sum() > 0 and not got[:, 2].any()

@@ -631,3 +631,70 @@ def test_alexnet_b_training_uses_the_bn_form_of_psi_and_logs_the_gamma_aware_rel
     assert logged["beta_bn"] == pytest.approx(naive, rel=1e-5)
     assert entry["relevance"][layer]["beta_bn"] == logged["beta_bn"]
     assert logged["beta"] != pytest.approx(naive, rel=1e-2)  # differs from the plain relevance
+
+
+def test_epoch_line_formats_the_metrics_and_leaves_out_top5_below_5_classes():
+    from cgl_train.engine import epoch_line, val_text
+
+    entry = {"epoch": 3, "task": 0.412, "total": 0.4125, "train_top1": 0.48, "val_top1": 0.514, "val_top5": None,
+             "val_loss": 0.93, "time": 12.34}
+    assert epoch_line(entry, 12) == ("epoch 3/12  train loss 0.412 (task 0.412)  train top-1 48.0 %  "
+                                     "val top-1 51.4 %  val loss 0.930  (12.3 s)")
+    entry.update(total=0.412, val_top5=0.9)
+    assert epoch_line(entry, 12) == ("epoch 3/12  train loss 0.412  train top-1 48.0 %  val top-1 51.4 %  "
+                                     "top-5 90.0 %  val loss 0.930  (12.3 s)")
+    skipped = {**entry, "val_top1": None, "val_top5": None, "val_loss": None}  # an epoch without validation
+    assert "val" not in epoch_line(skipped, 12) and "None" not in epoch_line(skipped, 12)
+    assert val_text(skipped) == "no validation"
+
+
+def test_cli_logs_one_formatted_line_per_epoch_and_no_top5_for_two_classes(shapes, tmp_path, capsys, caplog):
+    import logging
+
+    out = tmp_path / "lines"
+    with caplog.at_level(logging.INFO, logger="cgl_train.engine"):
+        code = main(["--data", "synthetic", "--synthetic-dir", str(shapes), "--synthetic-per-class", "1",
+                     "--synthetic-size", "32", "--arch-kwargs", '{"width1": 8, "width2": 16}', "--out", str(out),
+                     "--epochs", "2", "--batch-size", "12", "--workers", "0", "--quiet"])
+    assert code == 0
+    entries = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()][1:]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 2
+    for line, e in zip(lines, entries):
+        assert line.startswith(f"epoch {e['epoch']}/2  train loss {e['total']:.3f}")
+        assert f"val top-1 {100 * e['val_top1']:.1f} %" in line and "top-5" not in line and "None" not in line
+        assert e["val_top5"] is None  # log.jsonl keeps its field (docs/contracts.md)
+    printed = capsys.readouterr().out
+    assert f"val top-1 {100 * entries[-1]['val_top1']:.1f} %" in printed and "top-5" not in printed
+
+
+# ---------------------------------------------------------------- --data DIR of a `dissect synth` set
+
+def test_data_dir_of_a_synthetic_set_trains_as_its_synthetic_equivalent(shapes, tmp_path, capsys):
+    common = ["--arch-kwargs", '{"width1": 8, "width2": 16}', "--epochs", "1", "--batch-size", "12",
+              "--workers", "0", "--quiet"]
+    direct, equivalent = tmp_path / "direct", tmp_path / "equivalent"
+    assert main(["--data", str(shapes), "--out", str(direct), *common]) == 0  # no --synthetic-* flags needed
+    assert main(["--data", "synthetic", "--synthetic-dir", str(shapes), "--synthetic-per-class", "1",
+                 "--synthetic-size", "32", "--out", str(equivalent), *common]) == 0
+    recorded = json.loads((direct / "config.json").read_text())
+    # recorded as the set it is: synthetic, in that directory, with the set's own parameters
+    assert recorded["data"] == "synthetic" and recorded["synthetic_dir"] == str(shapes.resolve())
+    assert (recorded["synthetic_per_class"], recorded["synthetic_size"]) == (1, 32)
+    a, b = load_checkpoint(direct / "latest.pth"), load_checkpoint(equivalent / "latest.pth")
+    assert a["input_size"] == 32 and a["train_options"]["data"] == "synthetic"
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])  # the same training
+
+
+def test_data_dir_errors_name_the_accepted_layouts(shapes, tmp_path, capsys):
+    with pytest.raises(InputError, match=r"--synthetic-size 48: .* generated with size 32"):
+        build_datasets(TrainConfig(data=str(shapes), synthetic_size=48), progress=False)
+    (tmp_path / "empty").mkdir()
+    for data in (tmp_path / "empty", tmp_path / "absent"):
+        with pytest.raises(InputError) as err:
+            build_datasets(TrainConfig(data=str(data)), progress=False)
+        text = str(err.value)
+        assert str(data) in text and "ImageFolder root" in text and "dissect synth" in text and "'synthetic'" in text
+    assert main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "neither an ImageFolder root" in err and "dissect synth" in err

@@ -18,8 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Shows every Conv2d by default, every module with --all. A TorchScript archive "
                     "shows output shapes only with --arch (its weights are loaded into that eager model, "
                     "as `dissect run` needs).")
-    p.add_argument("model", metavar="MODEL",
-                   help="checkpoint, state_dict (with --arch), TorchScript archive or pickled module")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="checkpoint, state_dict (with --arch), TorchScript archive or pickled module; left out "
+                        "with --arch NAME --weights W (torchvision's pretrained weights, as `dissect run`)")
     add_flags(p, LoadOptions)
     p.add_argument("--input-size", type=int, metavar="N", default=None,
                    help=f"input image side in pixels (default: the checkpoint's, else {DEFAULT_INPUT_SIZE})")
@@ -39,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dissect.hooks import layer_shapes
-    from dissect.models import conv_layer_names, load_model, module_type_name
+    from dissect.models import conv_layer_names, load_requested, module_type_name
 
     loading = LoadOptions.from_args(args)
-    loaded = load_model(args.model, arch=loading.arch, trust_pickle=loading.trust_pickle,
-                        input_size=args.input_size, num_classes=loading.num_classes, allow_script=True)
+    loaded = load_requested(args.model, arch=loading.arch, weights=loading.weights, trust_pickle=loading.trust_pickle,
+                            input_size=args.input_size, num_classes=loading.num_classes, allow_script=True)
     size = loaded.input_size or DEFAULT_INPUT_SIZE
     module = loaded.module
     modules = dict(module.named_modules())

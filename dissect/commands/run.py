@@ -27,12 +27,17 @@ def register(subparsers: Any) -> None:
         description="Network Dissection of MODEL (a cgl checkpoint, a state_dict with --arch, a training "
                     "script's checkpoint naming its architecture (NetDissect-Lite's and the Places365 zoo, "
                     "torchvision's and timm's train.py: no --arch needed), a TorchScript "
-                    "archive with --arch, or a pickled module with --trust-pickle). TorchScript modules "
+                    "archive with --arch, or a pickled module with --trust-pickle), or torchvision's "
+                    "pretrained weights (--arch resnet18 --weights IMAGENET1K_V1, MODEL left out: read from the "
+                    "torch hub cache, never downloaded; their normalisation and crop size are the defaults). "
+                    "TorchScript modules "
                     "refuse forward hooks, so a TorchScript archive needs --arch NAME: its weights are "
                     "loaded into the eager NAME model, which is dissected. Writes DIR/summary.json, and per layer "
                     "tally.csv, units.json, thresholds.npy, top_activations.npy, iou.npy. Works under "
                     "`torchrun --nproc-per-node N` (images are sharded, results identical).")
-    p.add_argument("model", metavar="MODEL", help="model file")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="model file; left out (or 'torchvision:NAME') with --arch NAME --weights W for "
+                        "torchvision's pretrained weights, read offline from $TORCH_HOME/hub/checkpoints")
     p.add_argument("--dataset", required=True, metavar="D",
                    help="a Broden-format directory, a known name (broden1_224, broden1_227, broden1_384: "
                         "looked up in the cache dir, fetched with --download) or 'synthetic' (the CGL shapes "
@@ -73,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"dissect run: {outcome.out} already holds this dissection (same model, layers, dataset and "
               f"options); reusing it (--force recomputes)")
     else:
-        for layer in outcome.summary["layers"]:
+        for layer in outcome.summary_json["layers"]:
             unique = layer["unique_detectors"]
             print(f"{layer['name']}: {layer['num_units']} units, {layer['detectors']} detectors, unique "
                   f"{unique['paper']['total']} (paper) / {unique['top_label']['total']} (top label)")
