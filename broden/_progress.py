@@ -7,13 +7,14 @@ LINE_INTERVAL_S seconds while a long one runs.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Any, Iterable, Iterator, TextIO
 
 from tqdm.auto import tqdm
 
-__all__ = ["set_quiet", "progress", "LineProgress", "LINE_INTERVAL_S"]
+__all__ = ["set_quiet", "quieted", "progress", "LineProgress", "LINE_INTERVAL_S"]
 
 _QUIET = False
 LINE_INTERVAL_S = 60.0   # at most one line this often while a long bar runs (non-terminal output)
@@ -24,6 +25,18 @@ def set_quiet(quiet: bool) -> None:
     """Silence (True) or enable (False) every progress bar made by `progress`."""
     global _QUIET
     _QUIET = bool(quiet)
+
+
+@contextlib.contextmanager
+def quieted(quiet: bool) -> Iterator[None]:
+    """Within: no progress bars when `quiet` (else the switch as it is); the switch comes back after."""
+    global _QUIET
+    before = _QUIET
+    _QUIET = before or bool(quiet)
+    try:
+        yield
+    finally:
+        _QUIET = before
 
 
 def _in_notebook() -> bool:

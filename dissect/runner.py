@@ -72,14 +72,22 @@ def run(model: Any, dataset: Any, out: str | Path | None = None, *, config: Diss
     DissectConfig, LoadOptions or RunSettings field (e.g. layers=["conv2"], arch="resnet18",
     force=True), over `config`. Under torchrun, images are sharded and rank 0 writes.
     """
-    from dissect import distributed
-    from dissect.devices import resolve_device
+    from broden._progress import quieted
 
     conf_values, load_values, run_values = split_options(options)
     base = config.to_dict() if config is not None else {}
     config = DissectConfig.from_dict({**base, **conf_values})
     loading = LoadOptions.from_dict(load_values)
     settings = RunSettings.from_dict(run_values)
+    with quieted(settings.quiet):  # quiet=True silences every bar of the run, the pipeline's included
+        return _run(model, dataset, out, config, loading, settings)
+
+
+def _run(model: Any, dataset: Any, out: str | Path | None, config: DissectConfig, loading: LoadOptions,
+         settings: RunSettings) -> Dissection:
+    """`run` once its options are parsed."""
+    from dissect import distributed
+    from dissect.devices import resolve_device
 
     device = resolve_device(config.device)
     if device.type == "cuda":

@@ -155,3 +155,15 @@ def test_run_without_out_builds_the_tables_and_views_from_memory(tmp_path: Path)
     assert again.units.equals(dissect.load(tmp_path / "out").units)
     assert again.units.drop(columns=["mask_components", "mask_spread"]).equals(
         r.units.drop(columns=["mask_components", "mask_spread"]))
+
+
+def test_quiet_run_prints_no_progress_and_restores_the_switch(tmp_path: Path, capfd) -> None:
+    import broden._progress as progress_module
+
+    root = make_tiny_broden(tmp_path / "broden")
+    net = nn.Sequential(OrderedDict(pool=nn.AvgPool2d(2), red=_Red()))
+    common = dict(layers=["red"], normalize="none", device="cpu", decoded_cache="off", top_fraction=0.2, top_k=3)
+    dissect.run(net, root, None, quiet=True, **common)
+    assert "stage" not in capfd.readouterr().err and progress_module._QUIET is False
+    dissect.run(net, root, None, **common)
+    assert "stage 1" in capfd.readouterr().err  # the same run, not quiet: its bars are shown
