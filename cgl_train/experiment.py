@@ -260,33 +260,37 @@ def _preamble(mode: str, data: dict[str, Any], seeds: list[int], opts: Experimen
 class StepClock:
     """Announces each step of a fixed plan as `[run k/n] what ... ETA ~m min` (log, INFO).
 
-    The ETA is the mean time of the steps finished so far times the steps left, this one
-    included; before any step has finished it is unknown. Reused steps take almost no time,
-    so a resumed experiment's ETA starts low and grows as real work begins.
+    `kinds` is the plan: one kind per step, in order ("training", "dissecting", ...). The
+    ETA sums, over the steps left (this one included), the mean time of the finished steps
+    of the same kind: a save takes a second, a training minutes. It is unknown until every
+    kind still to come has finished once. Reused steps take almost no time, so a resumed
+    experiment's ETA starts low and grows as real work begins.
     """
 
-    def __init__(self, total: int, clock: Any = time.monotonic) -> None:
-        self.total = int(total)
+    def __init__(self, kinds: Sequence[str], clock: Any = time.monotonic) -> None:
+        self.kinds = list(kinds)
+        self.total = len(self.kinds)
         self.done = 0
         self._clock = clock
         self._began: float | None = None
-        self._first: float | None = None
+        self._times: dict[str, list[float]] = {}
 
     def start(self, what: str) -> str:
-        """Mark the previous step finished and announce step `what`; returns the line."""
+        """Mark the previous step finished and announce the next step of the plan, `what`; returns the line."""
         now = self._clock()
         if self._began is not None:
+            self._times.setdefault(self.kinds[self.done], []).append(now - self._began)
             self.done += 1
-        else:
-            self._first = now
+        if self.done >= self.total:
+            raise InputError(f"StepClock: a step past the plan's {self.total}: {what!r}")
         self._began = now
-        k = self.done + 1
-        if self.done and self._first is not None:
-            left = (now - self._first) / self.done * (self.total - self.done)
-            eta = f"ETA ~{max(1, round(left / 60))} min" if left >= 30 else "ETA <1 min"
-        else:
+        left_kinds = self.kinds[self.done:]
+        if any(k not in self._times for k in left_kinds):
             eta = "ETA unknown"
-        line = f"[run {k}/{self.total}] {what} ... {eta}"
+        else:
+            left = sum(sum(self._times[k]) / len(self._times[k]) for k in left_kinds)
+            eta = f"ETA ~{max(1, round(left / 60))} min" if left >= 30 else "ETA <1 min"
+        line = f"[run {self.done + 1}/{self.total}] {what} ... {eta}"
         log.info("%s", line)
         return line
 
@@ -305,7 +309,9 @@ def run_experiment(opts: ExperimentOptions) -> ExperimentResult:
     dissect_dirs: dict[tuple[str, int], Path] = {}
     convergence: list[dict[str, Any]] = []
     rule = ""
-    steps = StepClock(2 * len(RUNS) * len(seeds))  # a training (or the control's save) and a dissection each
+    # per run and seed: a training (the control: a save), then a dissection
+    steps = StepClock([kind for _ in seeds for run in RUNS
+                       for kind in ("saving" if run == CONTROL else "training", "dissecting")])
     for seed in seeds:
         for run in RUNS:
             config = _train_config(cfg, opts, mode, run, seed, data_root, data)

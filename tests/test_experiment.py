@@ -160,21 +160,26 @@ def test_bad_config_and_options_exit_2(tmp_path: Path) -> None:
 
 
 
-def test_step_clock_counts_k_of_n_and_estimates_from_finished_steps() -> None:
+def test_step_clock_counts_k_of_n_and_estimates_each_kind_from_its_finished_steps() -> None:
     from cgl_train.experiment import StepClock
 
     now = [0.0]
-    steps = StepClock(4, clock=lambda: now[0])
-    assert steps.start("training A") == "[run 1/4] training A ... ETA unknown"
-    now[0] = 120.0  # the first step took 2 min: 3 steps left
-    assert steps.start("dissecting A") == "[run 2/4] dissecting A ... ETA ~6 min"
-    now[0] = 130.0  # mean 65 s over 2 steps: 2 left
-    assert steps.start("training B") == "[run 3/4] training B ... ETA ~2 min"
-    now[0] = 131.0
-    steps = StepClock(2, clock=lambda: now[0])
+    steps = StepClock(["saving", "dissecting", "training", "dissecting", "training"], clock=lambda: now[0])
+    assert steps.start("saving A") == "[run 1/5] saving A ... ETA unknown"
+    now[0] = 1.0  # a save: no estimate of a training or a dissection yet
+    assert steps.start("dissecting A") == "[run 2/5] dissecting A ... ETA unknown"
+    now[0] = 61.0  # a dissection took 1 min; no training has finished
+    assert steps.start("training B") == "[run 3/5] training B ... ETA unknown"
+    now[0] = 361.0  # a training took 5 min: left this dissection (1 min) and a training (5 min)
+    assert steps.start("dissecting B") == "[run 4/5] dissecting B ... ETA ~6 min"
+    now[0] = 481.0  # dissections now average 90 s: left one training, 5 min
+    assert steps.start("training C") == "[run 5/5] training C ... ETA ~5 min"
+    with pytest.raises(InputError, match="past the plan's 5"):
+        steps.start("one more")
+    steps = StepClock(["a", "a"], clock=lambda: now[0])
     steps.start("a")
-    now[0] = 136.0
-    assert steps.start("b") == "[run 2/2] b ... ETA <1 min"
+    now[0] += 5.0
+    assert steps.start("a") == "[run 2/2] a ... ETA <1 min"
 
 
 def test_demo_announces_every_training_and_dissection_as_run_k_of_n(experiment, caplog) -> None:
@@ -194,4 +199,6 @@ def test_demo_announces_every_training_and_dissection_as_run_k_of_n(experiment, 
                          f"dissecting {RUN_TITLES[run]} (seed {seed})"]
     for k, (line, what) in enumerate(zip(lines, expected), start=1):
         assert line.startswith(f"[run {k}/{n}] {what} ... ETA ")
-    assert lines[0].endswith("ETA unknown") and all("unknown" not in line for line in lines[1:])
+    # unknown until a save, a dissection and a training have each finished once
+    assert all(line.endswith("ETA unknown") for line in lines[:3])
+    assert all("unknown" not in line for line in lines[3:])
