@@ -137,13 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         logging.basicConfig(level=logging.WARNING if config.quiet or not rank0 else logging.INFO,
                             format="%(levelname)s %(name)s: %(message)s")
-        from broden._progress import set_quiet
+        from broden._progress import quieted
         from cgl_train.data import resolve_data
         from cgl_train.engine import train, val_text  # late: keeps --help fast
 
-        set_quiet(config.quiet)
-        resolve_data(config)  # --data DIR: a `dissect synth` set or an ImageFolder root, said before any work
-        result = train(config)
+        with quieted(config.quiet):  # for this call only: an in-process caller keeps its own switch
+            resolve_data(config)  # --data DIR: a `dissect synth` set or an ImageFolder root, said before any work
+            result = train(config)
     except (InputError, CheckpointError) as e:
         print(f"cgl-train: error: {e}", file=sys.stderr)
         return 2

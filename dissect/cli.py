@@ -48,10 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=level,
                         format="%(levelname)s %(name)s: %(message)s")
+    from broden._progress import quieted
     from broden.download import DownloadError  # late: keeps the import of this module light
 
     try:
-        return int(args.func(args) or 0)
+        with quieted(quiet):  # --quiet holds for this call only: a caller's process keeps its own switch
+            return int(args.func(args) or 0)
     except DownloadError as e:  # the network failed, not the user's input (checked before InputError)
         print(f"dissect {args.command}: failed: {e}", file=sys.stderr)
         return 1

@@ -83,3 +83,19 @@ def test_a_terminal_keeps_tqdm() -> None:
     bar.update(3)
     bar.close()
     assert "\r" in tty.getvalue()
+
+
+def test_cli_quiet_holds_for_one_call_only(tmp_path, capfd) -> None:
+    # --quiet through an in-process main() once leaked into every later call (a notebook's, a test's)
+    from cgl_train.cli import main as train_main
+    from dissect.cli import main as dissect_main
+
+    assert dissect_main(["synth", "--out", str(tmp_path / "ds"), "--per-class", "1", "--size", "32",
+                         "--quiet"]) == 0
+    assert _progress._QUIET is False and "synthesizing" not in capfd.readouterr().err.lower()
+    assert train_main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert _progress._QUIET is False
+    bar = progress(total=1, desc="after")
+    bar.update(1)
+    bar.close()
+    assert "after: 1/1" in capfd.readouterr().err

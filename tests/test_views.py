@@ -157,9 +157,10 @@ def test_run_without_out_builds_the_tables_and_views_from_memory(tmp_path: Path)
         r.units.drop(columns=["mask_components", "mask_spread"]))
 
 
-def test_quiet_run_prints_no_progress_and_restores_the_switch(tmp_path: Path, capfd) -> None:
+def test_quiet_run_prints_no_progress_and_restores_the_switch(tmp_path: Path, capfd, monkeypatch) -> None:
     import broden._progress as progress_module
 
+    monkeypatch.setattr(progress_module, "_QUIET", False)  # this test's own starting point
     root = make_tiny_broden(tmp_path / "broden")
     net = nn.Sequential(OrderedDict(pool=nn.AvgPool2d(2), red=_Red()))
     common = dict(layers=["red"], normalize="none", device="cpu", decoded_cache="off", top_fraction=0.2, top_k=3)

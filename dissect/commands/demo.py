@@ -9,7 +9,6 @@ import argparse
 import os
 import platform
 
-from broden._progress import set_quiet
 from dissect.options import add_flags
 
 
@@ -36,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from cgl_train.experiment import ExperimentOptions, run_experiment
 
     opts = ExperimentOptions.from_args(args)
-    set_quiet(opts.quiet)
     result = run_experiment(opts)
     views = None
     if opts.report:

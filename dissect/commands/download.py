@@ -10,7 +10,6 @@ import logging
 import sys
 from pathlib import Path
 
-from broden._progress import set_quiet
 from broden.download import DATASETS, MIRRORS_ENV, DownloadError, download_dataset, get_spec, prepare_directory
 from broden.errors import InputError
 
@@ -44,7 +43,6 @@ def run(args: argparse.Namespace) -> int:
     """Download (or reuse) the dataset and print the extracted directory; returns the exit code."""
     get_spec(args.name)  # an unknown name fails before anything touches the disk
     prepare_directory(args.to, option="--to")
-    set_quiet(args.quiet)
     try:
         path = download_dataset(args.name, args.to, mirrors=args.mirror, sha256=args.sha256,
                                 progress=not args.quiet, timeout=args.timeout,

@@ -65,12 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from broden._progress import set_quiet
     from dissect.runner import run as run_dissection
 
     options = {name: getattr(args, name)
                for cls in (DissectConfig, LoadOptions, RunSettings) for name in cls.option_names()}
-    set_quiet(args.quiet)
     outcome = run_dissection(args.model, args.dataset, args.out, **options)
     if not outcome.is_main:
         return 0

@@ -32,9 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate (or reuse) the dataset and print a summary."""
     from broden.synthetic import CLASS_NAMES, generate_shapes_dataset, summarize
-    from broden._progress import set_quiet
 
-    set_quiet(args.quiet)
     root = generate_shapes_dataset(args.out, per_class=args.per_class, size=args.size, seed=args.seed,
                                    val_fraction=args.val_fraction, progress=not args.quiet,
                                    shape_size=args.shape_size, option="--out")
