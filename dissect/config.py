@@ -97,9 +97,13 @@ class DissectConfig(Options):
                        group="method")
     device: str = option("auto", "auto (cuda when present), cpu, cuda, cuda:N", group="execution")
     keep_activations: str = option(
-        "auto", "keep stage-1 activations for stage 2 (auto: when under --activation-budget-mb)",
+        "auto", "keep stage-1 activations for stages 2 and 3 (auto: when under --activation-budget-mb)",
         choices=KEEP_ACTIVATIONS, group="execution")
-    activation_budget_mb: int = option(2048, "memory for kept activations, MiB", low=0, group="execution")
+    activation_budget_mb: int | None = option(
+        None, "memory for kept activations, MiB (default: half the memory free when the run starts, "
+        "MemAvailable on CPU or the GPU's free memory, shared by a machine's torchrun processes; 2048 where "
+        "unknown; the log says the value)", metavar="MIB", low=0,
+        expected="a non-negative integer or None", group="execution")
     threads: int = option(
         0, "torch intra-op CPU threads during the run (0: auto, the cores this process may use, "
         "os.sched_getaffinity, that other processes leave idle when it starts; fewer on a GPU)", metavar="N",

@@ -9,7 +9,10 @@ import torch
 
 from broden.errors import InputError
 
-__all__ = ["parse_device", "resolve_device", "float32_math"]
+__all__ = ["parse_device", "resolve_device", "float32_math", "available_memory", "activation_budget_mb",
+           "FALLBACK_BUDGET_MB"]
+
+FALLBACK_BUDGET_MB = 2048  # kept activations when the free memory cannot be read
 
 
 def parse_device(name: str) -> torch.device:
@@ -55,3 +58,31 @@ def float32_math(device: torch.device, allow_tf32: bool = False) -> Iterator[Non
     finally:
         torch.backends.cudnn.allow_tf32 = conv
         torch.set_float32_matmul_precision(matmul)
+
+
+def available_memory(device: torch.device, meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes free for new tensors on `device` now: CUDA's free memory, else the OS's MemAvailable; None unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # other Unixes: free pages (less than MemAvailable: the page cache counts as used)
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def activation_budget_mb(given: int | None, device: torch.device, processes: int = 1) -> int:
+    """`--activation-budget-mb` as used: the given MiB, else half the memory free now, shared by this
+    machine's `processes` (torchrun's ranks), else FALLBACK_BUDGET_MB when that cannot be read."""
+    if given is not None:
+        return int(given)
+    free = available_memory(device)
+    if free is None:
+        return FALLBACK_BUDGET_MB
+    return int(free // 2 // max(1, processes) // 2 ** 20)

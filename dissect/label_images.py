@@ -23,7 +23,9 @@ def label_intersections(acts: torch.Tensor, thresholds: torch.Tensor, labels: to
 
     acts (B, U, h, w), thresholds (U,) (dtype kept, as the tally compares them), labels
     (B, K, sh, sw) global ids, image_labels (B, M) ids (0 = padding), unit_labels (U,) ids.
-    Sparse: only the on-pixels of the masks are visited (`upsample.mask_pixels`).
+    Sparse twice over: only the (image, unit) pairs whose label occurs in the image are
+    upsampled (the others count 0: on Broden an image holds a few dozen of the labels), and of
+    those only the on-pixels of the masks are visited (`upsample.mask_pixels`).
     """
     if acts.dim() != 4 or labels.dim() != 4 or image_labels.dim() != 2:
         raise InputError(f"label_intersections needs acts (B, U, h, w), labels (B, K, sh, sw) and image_labels "
@@ -37,17 +39,34 @@ def label_intersections(acts: torch.Tensor, thresholds: torch.Tensor, labels: to
     k, sh, sw = labels.shape[1], labels.shape[2], labels.shape[3]
     p = sh * sw
     want = unit_labels.to(dev, torch.int64)  # (U,)
-    by_pixel = labels.to(dev).reshape(b, k, p).permute(0, 2, 1).reshape(b * p, k)  # (B*P, K)
+    pixel_ids = labels.to(dev).reshape(b, k * p).long()
+    ids = image_labels.to(dev, torch.int64)
     inter = torch.zeros(b * u, dtype=torch.int64, device=dev)
-    area = torch.zeros(b * u, dtype=torch.int64, device=dev)
-    for rows, pix in mask_pixels(acts, thresholds.to(dev), (sh, sw), chunk_elements, mode=upsample):
-        area += torch.bincount(rows, minlength=b * u)
+    if b == 0 or u == 0:
+        return inter.view(b, u)
+    # which ids occur in each image: one bool row per image, as wide as the largest id seen
+    width = int(torch.stack([pixel_ids.max() if pixel_ids.numel() else want.new_zeros(()),
+                             ids.max() if ids.numel() else want.new_zeros(()), want.max()]).max()) + 1
+    occurs = torch.zeros(b, width, dtype=torch.bool, device=dev)
+    occurs.scatter_(1, pixel_ids, True)
+    occurs.scatter_(1, ids, True)
+    occurs[:, 0] = False  # id 0: unlabeled pixels and padding, never a unit's label
+    bi, ui = torch.nonzero(occurs[:, want], as_tuple=True)  # (P,) the pairs that can intersect
+    n = bi.numel()
+    if n == 0:
+        return inter.view(b, u)
+    pair_want = want[ui]
+    by_pixel = pixel_ids.view(b, k, p).permute(0, 2, 1).reshape(b * p, k)  # (B*P, K)
+    hits = torch.zeros(n, dtype=torch.int64, device=dev)
+    area = torch.zeros(n, dtype=torch.int64, device=dev)
+    # the pairs as the "units" of one image: mask_pixels' rows are then pair numbers
+    for rows, pix in mask_pixels(acts[bi, ui].unsqueeze(0), thresholds.to(dev)[ui], (sh, sw), chunk_elements,
+                                 mode=upsample):
+        area += torch.bincount(rows, minlength=n)
         if k:
-            lab = by_pixel[(rows // u) * p + pix].long()  # (n, K)
-            hits = (lab == want[rows % u][:, None]).sum(dim=1)  # label layers holding the unit's label
-            inter.index_add_(0, rows, hits)
-    inter = inter.view(b, u)
-    if image_labels.numel():
-        occurs = (image_labels.to(dev, torch.int64)[:, None, :] == want[None, :, None]).sum(dim=2)  # (B, U)
-        inter += occurs * area.view(b, u)
-    return torch.where((want > 0)[None, :], inter, torch.zeros_like(inter))
+            lab = by_pixel[bi[rows] * p + pix]  # (m, K)
+            hits.index_add_(0, rows, (lab == pair_want[rows][:, None]).sum(dim=1))
+    if ids.numel():
+        hits += (ids[bi] == pair_want[:, None]).sum(dim=1) * area
+    inter[bi * u + ui] = hits
+    return inter.view(b, u)

@@ -26,7 +26,7 @@ from torch import nn
 from broden.errors import InputError
 from broden.loader import iter_batches, thread_plan, torch_threads
 from dissect.config import DissectConfig
-from dissect.devices import float32_math, resolve_device
+from dissect.devices import activation_budget_mb, float32_math, resolve_device
 from dissect.distributed import DistContext, barrier, merge_stats, shard_range
 from dissect.given_thresholds import assign_threshold_files, load_given_thresholds
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
@@ -290,9 +290,11 @@ class _Engine:
             return True
         if self.config.keep_activations == "no":
             return False
-        keep = need <= self.config.activation_budget_mb * 2 ** 20
-        log.info("activations need %.1f MiB; budget %d MiB: %s", need / 2 ** 20,
-                 self.config.activation_budget_mb, "kept between stages" if keep else "recomputed in stage 2")
+        # recorded as given (None: from the free memory, which differs from run to run); the log says the value
+        budget = activation_budget_mb(self.config.activation_budget_mb, self.device, self.ctx.local_processes)
+        keep = need <= budget * 2 ** 20
+        log.info("activations need %.1f MiB; budget %d MiB: %s", need / 2 ** 20, budget,
+                 "kept between stages" if keep else "recomputed in each later stage")
         return keep
 
     def _restore(self, stage: str, stats: dict[str, dict[str, StreamingStat]]) -> int:

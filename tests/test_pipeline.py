@@ -524,3 +524,40 @@ def test_float32_math_sets_and_restores_cuda_precision(monkeypatch):
     assert torch.backends.cudnn.allow_tf32 is True and torch.get_float32_matmul_precision() == before
     assert config().tf32 == "off" and "tf32" in DissectConfig.result_fields()
     assert config(tf32="on").result_key() != config().result_key()
+
+
+def test_activation_budget_is_half_the_free_memory_unless_given(tmp_path, monkeypatch):
+    """--activation-budget-mb: the given MiB, else half of MemAvailable shared by the machine's ranks."""
+    from dissect import devices
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   8388608 kB\n")
+    cpu = torch.device("cpu")
+    assert devices.available_memory(cpu, meminfo=str(meminfo)) == 8 * 2 ** 30
+    monkeypatch.setattr(devices, "available_memory", lambda device: 8 * 2 ** 30)
+    assert devices.activation_budget_mb(None, cpu) == 4096
+    assert devices.activation_budget_mb(None, cpu, processes=4) == 1024
+    assert devices.activation_budget_mb(300, cpu, processes=4) == 300  # given: as it is
+    monkeypatch.setattr(devices, "available_memory", lambda device: None)
+    assert devices.activation_budget_mb(None, cpu) == devices.FALLBACK_BUDGET_MB
+    assert config().activation_budget_mb is None and "activation_budget_mb" not in DissectConfig.result_fields()
+
+
+def test_recorded_budget_decides_what_is_kept(concept_root, tmp_path, monkeypatch, caplog):
+    """The budget comes from the free memory unless given (recorded as given); under the activations' size they
+    are recomputed, with the same results."""
+    from dissect import devices
+
+    caplog.set_level("INFO", logger="dissect.pipeline")
+    monkeypatch.setattr(devices, "available_memory", lambda device: 6 * 2 ** 20)  # 6 MiB free: budget 3
+    out = tmp_path / "small"
+    dissect_model(ConceptNet().eval(), concept_root, LAYERS, config(), out=out)
+    assert json.loads((out / "summary.json").read_text())["options"]["activation_budget_mb"] is None
+    assert "budget 3 MiB: kept between stages" in caplog.text
+    caplog.clear()
+    given = tmp_path / "given"
+    dissect_model(ConceptNet().eval(), concept_root, LAYERS, config(activation_budget_mb=0), out=given)
+    assert json.loads((given / "summary.json").read_text())["options"]["activation_budget_mb"] == 0
+    assert "budget 0 MiB: recomputed in each later stage" in caplog.text
+    for name in LAYERS:
+        assert (out / name / "tally.csv").read_bytes() == (given / name / "tally.csv").read_bytes()

@@ -505,3 +505,8 @@ def test_label_intersections_equal_the_tally_column_of_each_unit():
         for u, lab in enumerate(unit_labels.tolist()):
             assert int(got[b, u]) == (int(tally.intersection[u, lab]) if lab else 0), (b, u)
     assert got[:, 1].sum() > 0 and got[:, 0].sum() > 0 and not got[:, 2].any()
+    assert got[2, 1] == 0  # image 2 has no image-level labels: the pair is skipped, and counts 0
+    # a label no image holds, above every id present: skipped everywhere; the others are unchanged
+    again = label_intersections(acts, thresholds, labels, image_labels, torch.tensor([600, 12, 0, 300]),
+                                chunk_elements=7)
+    assert not again[:, 0].any() and torch.equal(again[:, 1:], got[:, 1:])
