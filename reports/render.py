@@ -40,6 +40,7 @@ NONE_MEANING = {
     "categories": "all categories of the dataset", "split": "all splits", "limit": "no limit (every image)",
     "normalize": "the model's own (see Model)", "input_size": "native (images as stored in the dataset)",
     "layers": "the model's default layers", "groups": "the checkpoint's groups, if any",
+    "activation_budget_mb": "half the memory free when the run started",
 }
 
 
