@@ -32,7 +32,7 @@ from dissect.given_thresholds import assign_threshold_files, load_given_threshol
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
                             layout_from_spec)
 from dissect.hooks import LayerRecorder, layer_shapes, resolve_layers
-from dissect.label_images import label_intersections
+from dissect.label_images import LabelStripBatch, label_intersections
 from dissect.labels import label_units, layer_label_summary
 from dissect.preprocess import preprocess
 from dissect.provenance import software_versions
@@ -455,16 +455,18 @@ class _Engine:
         begin = self._restore("stage3", {"label_tops": tops})
         kept = self.kept if (self.kept is not None and begin == self.start) else None
         want = {n: unit_labels[n].to(self.device, torch.int64) for n in self.layers}
+        num_labels = len(_label_category(self.dataset))
         saver = _Saver(self.state, "stage3", self.config)
         bar = progress(total=self.end - self.start, initial=begin - self.start, desc="stage 3: label strips",
                        unit="img", **self._bar_args())
         for i, (s, batch) in enumerate(self._batches(begin)):
             acts = kept[i] if kept is not None else self._forward(batch["image"])
-            labels = batch["labels"].to(self.device, non_blocking=True)
-            image_labels = batch["image_labels"].to(self.device, non_blocking=True)
+            # once per batch for every layer; stage 2 has checked the ids against the label count
+            prepared = LabelStripBatch(batch["labels"].to(self.device, non_blocking=True),
+                                       batch["image_labels"].to(self.device, non_blocking=True), num_labels)
             index = batch["index"].to(self.device, non_blocking=True)
             for n in self.layers:
-                inter = label_intersections(acts[n], thresholds[n], labels, image_labels, want[n],
+                inter = label_intersections(acts[n], thresholds[n], prepared, None, want[n],
                                             upsample=self.config.upsample)
                 # float32 scores are exact for counts below 2**24 (a label image is far smaller)
                 tops[n].add(index, acts[n], scores=inter.float())

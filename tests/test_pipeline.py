@@ -543,7 +543,7 @@ def test_activation_budget_is_half_the_free_memory_unless_given(tmp_path, monkey
     assert config().activation_budget_mb is None and "activation_budget_mb" not in DissectConfig.result_fields()
 
 
-def test_recorded_budget_decides_what_is_kept(concept_root, tmp_path, monkeypatch, caplog):
+def test_budget_from_free_memory_decides_what_is_kept(concept_root, tmp_path, monkeypatch, caplog):
     """The budget comes from the free memory unless given (recorded as given); under the activations' size they
     are recomputed, with the same results."""
     from dissect import devices
