@@ -38,7 +38,7 @@ from dissect.preprocess import preprocess
 from dissect.provenance import software_versions
 from broden._progress import progress
 from dissect.results import DatasetInfo, DissectionResult, LayerResult, layer_dirname, write_results
-from dissect.spatial import MaskStats, layer_spatial_summary, mask_shape_stats, top_image_masks
+from dissect.spatial import MaskStats, layer_spatial_summary, pixel_shape_stats, top_image_pixels
 from dissect.state import RunState, run_key
 from dissect.stats import IoUTally, StreamingStat, TopImages, TopQuantile, iou_from_counts
 
@@ -506,8 +506,8 @@ def _top_mask_stats(top: dict[str, np.ndarray], thresholds: torch.Tensor, datase
         size_of = np.array([sizes[int(i)] for i in idx.ravel()]).reshape(u, k, 2)
         for size in sorted(set(sizes.values())):  # one pass per label size (Broden has one)
             sel = (size_of == np.array(size)).all(axis=2)  # (U, k)
-            masks = top_image_masks(maps, thresholds.cpu(), size, config.upsample)  # (U, k, sh, sw), as tallied
-            stats = mask_shape_stats(masks, config.mask_connectivity)
+            pixels = top_image_pixels(maps, thresholds.cpu(), size, config.upsample)  # the masks as tallied
+            stats = pixel_shape_stats(pixels, config.mask_connectivity)
             comp[sel], spread[sel], area[sel] = stats.components[sel], stats.spread[sel], stats.area[sel]
     return MaskStats(comp, spread, area).per_unit()
 

@@ -23,7 +23,8 @@ from skimage import measure
 from broden.errors import InputError
 from dissect.upsample import mask_pixels
 
-__all__ = ["MaskStats", "top_image_masks", "mask_shape_stats", "layer_spatial_summary", "CONNECTIVITIES"]
+__all__ = ["MaskStats", "MaskPixels", "top_image_masks", "top_image_pixels", "mask_shape_stats",
+           "pixel_shape_stats", "layer_spatial_summary", "CONNECTIVITIES"]
 
 CONNECTIVITIES = (1, 2)
 
@@ -58,38 +59,78 @@ def top_image_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[in
     return flat.view(k, u, sh, sw).transpose(0, 1)
 
 
-def _components(masks: np.ndarray, connectivity: int) -> np.ndarray:
-    """Connected components of each of n masks (n, H, W) with one scikit-image call.
+def top_image_pixels(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
+                     upsample: str = "torch") -> "MaskPixels":
+    """The on-pixels of the masks `top_image_masks` would build, without the dense (U, k, sh, sw) array."""
+    u, k, h, w = maps.shape
+    sh, sw = size
+    acts = maps.transpose(0, 1).contiguous()  # (k, U, h, w): rows of mask_pixels are j * U + u
+    rows, pix = [], []
+    for r, p in mask_pixels(acts, thresholds, (sh, sw), mode=upsample):
+        rows.append(r)
+        pix.append(p)
+    rows_t = torch.cat(rows).cpu() if rows else torch.zeros(0, dtype=torch.int64)
+    pix_t = torch.cat(pix).cpu() if pix else torch.zeros(0, dtype=torch.int64)
+    which = (rows_t % u) * k + torch.div(rows_t, u, rounding_mode="floor")  # mask index u * k + j
+    return MaskPixels.of(which.numpy(), (pix_t // sw).numpy(), (pix_t % sw).numpy(), (u, k, sh, sw))
+
+
+@dataclass
+class MaskPixels:
+    """The on-pixels of (U, k) masks of (H, W): mask index u * k + j, row y, column x, in row-major order."""
+
+    which: np.ndarray  # (m,) int64
+    ys: np.ndarray     # (m,) int64
+    xs: np.ndarray     # (m,) int64
+    shape: tuple[int, int, int, int]  # (U, k, H, W)
+
+    @classmethod
+    def of(cls, which: np.ndarray, ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int, int, int]) -> "MaskPixels":
+        """From pixels in any order, each once: sorted to (mask, y, x) order, the order of np.nonzero,
+        so float sums over them (centroids, spread) are the same bit for bit however they were found."""
+        _, _, hh, ww = shape
+        key = np.sort((np.asarray(which, np.int64) * hh + np.asarray(ys, np.int64)) * ww + np.asarray(xs, np.int64))
+        rest, xs = np.divmod(key, ww)
+        which, ys = np.divmod(rest, hh)
+        return cls(which, ys, xs, tuple(int(v) for v in shape))
+
+
+def _components(px: MaskPixels, connectivity: int) -> np.ndarray:
+    """Connected components of each of the U * k masks with one scikit-image call.
 
     The masks are stacked vertically with an empty row between them, so no region (even with
-    diagonal neighbours) can join two masks; each region's mask is that of its first pixel.
+    diagonal neighbours) can join two masks. Runs of empty rows are collapsed to one (still
+    apart under either connectivity, never joined), so the call's cost follows the rows that
+    hold pixels; each region's mask is that of any of its pixels.
     """
-    n, hh, ww = masks.shape
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    tall = np.zeros((n, hh + 1, ww), dtype=bool)
-    tall[:, :hh] = masks
-    labels, count = measure.label(tall.reshape(n * (hh + 1), ww), connectivity=connectivity, background=0,
-                                  return_num=True)
-    flat = labels.ravel()
-    on = np.flatnonzero(flat)
-    # every pixel of a region lies in one mask, so any of them names its owner (no sort needed)
+    u, k, hh, ww = px.shape
+    n = u * k
+    if px.which.size == 0:
+        return np.zeros(n, dtype=np.int64)
+    tall_row = px.which * (hh + 1) + px.ys  # row in the stack of (hh + 1)-row masks
+    nonempty = np.zeros(n * (hh + 1), dtype=bool)
+    nonempty[tall_row] = True
+    keep = nonempty.copy()
+    keep[1:] |= nonempty[:-1]  # a row with pixels, and the empty row after it
+    at = np.cumsum(keep) - 1  # row in the collapsed stack
+    stack = np.zeros((int(at[-1]) + 1, ww), dtype=bool)
+    rows = at[tall_row]
+    stack[rows, px.xs] = True
+    labels, count = measure.label(stack, connectivity=connectivity, background=0, return_num=True)
     owner = np.zeros(count + 1, dtype=np.int64)
-    owner[flat[on]] = on // ((hh + 1) * ww)
+    owner[labels[rows, px.xs]] = px.which
     return np.bincount(owner[1:], minlength=n).astype(np.int64)
 
 
-def mask_shape_stats(masks: torch.Tensor, connectivity: int = 2) -> MaskStats:
-    """Components, spread and area of bool masks (U, k, H, W) (see the module doc for the definitions)."""
+def pixel_shape_stats(px: MaskPixels, connectivity: int = 2) -> MaskStats:
+    """Components, spread and area of the masks whose on-pixels `px` lists (see the module doc)."""
     if connectivity not in CONNECTIVITIES:
         raise InputError(f"mask connectivity {connectivity!r}: expected 1 (4-neighbour) or 2 (8-neighbour)")
-    u, k, hh, ww = masks.shape
-    m = masks.reshape(u * k, hh, ww)
-    flat = m.cpu().numpy()
-    comp = _components(flat, connectivity)
-    # over the pixels that are on only (masks are sparse: a top quantile), float64 sums per mask
-    which, ys, xs = np.nonzero(flat)
+    u, k, hh, ww = px.shape
     n = u * k
+    comp = _components(px, connectivity)
+    which, ys, xs = px.which, px.ys, px.xs
+    # over the pixels that are on only (masks are sparse: a top quantile), float64 sums per mask
     area = np.bincount(which, minlength=n).astype(np.float64)  # (n,)
     safe = np.maximum(area, 1.0)
     cy = np.bincount(which, weights=ys, minlength=n) / safe
@@ -99,6 +140,14 @@ def mask_shape_stats(masks: torch.Tensor, connectivity: int = 2) -> MaskStats:
     spread = np.where(area > 0, spread, np.nan)
     return MaskStats(components=comp.reshape(u, k), spread=spread.reshape(u, k),
                      area=area.astype(np.int64).reshape(u, k))
+
+
+def mask_shape_stats(masks: torch.Tensor, connectivity: int = 2) -> MaskStats:
+    """Components, spread and area of bool masks (U, k, H, W) (see the module doc for the definitions)."""
+    u, k, hh, ww = masks.shape
+    which, ys, xs = np.nonzero(masks.reshape(u * k, hh, ww).cpu().numpy())  # row-major: (mask, y, x) order
+    return pixel_shape_stats(MaskPixels(which.astype(np.int64), ys.astype(np.int64), xs.astype(np.int64),
+                                        (u, k, hh, ww)), connectivity)
 
 
 def layer_spatial_summary(components: np.ndarray, spread: np.ndarray, detector: np.ndarray) -> dict:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -130,6 +130,17 @@ def iou_from_counts(intersection: Any, activation: Any, truth: Any, label_catego
     return iou.numpy() if as_numpy else iou
 
 
+class _Candidates(NamedTuple):
+    """Values of one batch that pass a TopQuantile's floor, ranked within their unit."""
+
+    blk: torch.Tensor    # (m,) int64 block b * U + u, ascending
+    unit: torch.Tensor   # (m,) int64 u
+    vals: torch.Tensor   # (m,) the values
+    rank: torch.Tensor   # (m,) int64 place among the unit's candidates
+    count: torch.Tensor  # (U,) int64 candidates per unit
+    blocks: int          # B
+
+
 class TopQuantile(StreamingStat):
     """Exact per-unit quantile at level 1 - top_fraction of all values added, streamed.
 
@@ -207,30 +218,48 @@ class TopQuantile(StreamingStat):
             return acts[None]  # (1, U, n)
         raise InputError(f"activations must be (B, U, h, w) or (U, n), got shape {tuple(acts.shape)}")
 
-    def _compact(self) -> None:
+    def _compact(self, extra: "_Candidates | None" = None, n: int = 0) -> None:
+        """Cut the buffer, with a batch's `extra` candidates (n values per unit at most), to its k largest."""
+        buf, fill = self._buf, self._fill
+        if extra is not None and extra.vals.numel():
+            # the candidates as (U, most per unit) rows: one topk over buffer and batch together
+            pad = torch.full((self.num_units, int(extra.count.max())), -math.inf, dtype=torch.float32,
+                             device=self.device)
+            pad[extra.unit, extra.rank] = extra.vals.float()
+            buf, fill = torch.cat([buf, pad], dim=1), fill + extra.count
         # sorted so the valid values sit in the first `fill` slots (NaN sorts first and stays)
-        top = self._buf.topk(self.k, dim=1, largest=True, sorted=True).values
+        top = buf.topk(self.k, dim=1, largest=True, sorted=True).values
         self._buf[:, :self.k] = top
         self._buf[:, self.k:] = -math.inf
-        self._fill = self._fill.clamp(max=self.k)
+        self._fill = fill.clamp(max=self.k)
         self._floor = torch.where(self._fill >= self.k, top[:, self.k - 1],
                                   torch.full_like(self._floor, -math.inf))
-        self._fill_bound = min(self._fill_bound, self.k)
+        self._fill_bound = min(self._fill_bound + n, self.k)
         log.debug("TopQuantile: buffer cut back to the %d largest values per unit", self.k)
 
-    def _candidates(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # values of v (B, U, p) above their unit's floor: (unit, value, rank among the unit's, count per unit)
+    def _cut(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # a batch (B, U, p) cut to its k largest values per unit: ((1, U, k), (U,) the k-th largest)
+        rows = v.transpose(0, 1).reshape(self.num_units, -1)
+        top = rows.topk(self.k, dim=1, sorted=False).values  # (U, k)
+        return top[None], top.amin(dim=1)
+
+    def _candidates(self, v: torch.Tensor) -> "_Candidates":
+        # the values of v (B, U, p) above their unit's floor
         nb, u, p = v.shape
         keep = ~(v <= self._floor.view(1, -1, 1))  # NaN is kept, so result() can refuse it
         at = torch.nonzero(keep.view(-1)).squeeze(1)  # (m,) flat (b*U + u)*p + i, ascending
         vals = v.reshape(-1).index_select(0, at)
-        blk = torch.div(at, p, rounding_mode="floor")  # (m,) block b*U + u
+        return self._ranked(torch.div(at, p, rounding_mode="floor"), vals, nb)
+
+    def _ranked(self, blk: torch.Tensor, vals: torch.Tensor, nb: int) -> "_Candidates":
+        # candidates in ascending block order (block b*U + u), ranked within their unit
+        u = self.num_units
         per_blk = torch.bincount(blk, minlength=nb * u)  # (B*U,)
-        first = torch.cumsum(per_blk, 0) - per_blk  # where each block starts in `at`
+        first = torch.cumsum(per_blk, 0) - per_blk  # where each block starts among the candidates
         before = (torch.cumsum(per_blk.view(nb, u), 0) - per_blk.view(nb, u)).view(-1)  # unit's, earlier blocks
         # rank within the unit without sorting: earlier blocks' candidates + place within the block
-        rank = before.index_select(0, blk) + torch.arange(at.numel(), device=self.device) - first.index_select(0, blk)
-        return blk % u, vals, rank, per_blk.view(nb, u).sum(0)
+        rank = before.index_select(0, blk) + torch.arange(blk.numel(), device=self.device) - first.index_select(0, blk)
+        return _Candidates(blk, blk % u, vals, rank, per_blk.view(nb, u).sum(0), nb)
 
     def add(self, acts: torch.Tensor) -> None:
         """Add a batch of activations, (B, U, h, w) or (U, n)."""
@@ -242,25 +271,29 @@ class TopQuantile(StreamingStat):
         seen, self.count = self.count, self.count + n
         if n == 0:
             return
-        # Only the k largest of a batch can matter. Cutting a batch to them (topk) pays while
-        # the floor is low (about k * n / seen values per unit pass it, for values in random
-        # order); later the floor test alone leaves few values. Either way the result is exact.
-        if n > self.k and seen < 2 * n:
-            rows = v.transpose(0, 1).reshape(self.num_units, n)
-            v = rows.topk(self.k, dim=1, sorted=False).values[None]  # (1, U, k)
+        # Only the k largest of a batch can matter. The first batch is cut to them (topk), which
+        # sets the floor; later about k * n / seen values per unit pass the floor test (for values
+        # in random order), and a cut of the 2k buffer with those candidates is cheaper than a
+        # topk over a whole batch. Either way the result is exact.
+        cut_floor = None
+        if n > self.k and seen == 0:
+            v, cut_floor = self._cut(v)
             n = self.k
-        ui, vals, rank, cnt = self._candidates(v)
-        if n > self.k and int(cnt.max()) > self.k:  # an unlucky batch: cut it after all
-            rows = v.transpose(0, 1).reshape(self.num_units, n)
-            v = rows.topk(self.k, dim=1, sorted=False).values[None]
-            n = self.k
-            ui, vals, rank, cnt = self._candidates(v)
-        if self._fill_bound + n > self.capacity and int((self._fill + cnt).max()) > self.capacity:
-            self._compact()  # now fill <= k and cnt <= k: everything fits in 2k
-            ui, vals, rank, cnt = self._candidates(v)
-        self._buf[ui, self._fill.index_select(0, ui) + rank] = vals.float()
-        self._fill += cnt
-        self._fill_bound = min(self.capacity, self._fill_bound + n)
+        c = self._candidates(v)
+        if self._fill_bound + n > self.capacity and int((self._fill + c.count).max()) > self.capacity:
+            # a cut over the 2k buffer and the candidates: far cheaper than a topk over the whole
+            # batch, however many of its values one unit lets through
+            self._compact(c, n)
+        else:
+            self._buf[c.unit, self._fill.index_select(0, c.unit) + c.rank] = c.vals.float()
+            self._fill += c.count
+            self._fill_bound = min(self.capacity, self._fill_bound + n)
+        if cut_floor is not None:
+            # The k values just kept are all >= the batch's k-th largest, so no later value at or
+            # below it can enter the top k: without this the floor stays -inf until the first
+            # compaction and the next batch passes whole through `_candidates`. fmax: a NaN
+            # k-th value leaves the floor as it was (a lower floor is always safe).
+            self._floor = torch.fmax(self._floor, cut_floor)
 
     def merge(self, other: "TopQuantile") -> None:
         """Fold in another shard's state (same configuration), exactly."""

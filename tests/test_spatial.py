@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from broden.errors import InputError
-from dissect.spatial import MaskStats, layer_spatial_summary, mask_shape_stats, top_image_masks
+from skimage import measure
+
+from dissect.spatial import (MaskPixels, MaskStats, layer_spatial_summary, mask_shape_stats, pixel_shape_stats,
+                             top_image_masks, top_image_pixels)
 
 
 def _masks(*grids: list[str]) -> torch.Tensor:
@@ -66,6 +69,44 @@ def test_top_image_masks_equal_the_dissection_masks() -> None:
     got = top_image_masks(maps, thr, (14, 18))
     dense = F.interpolate(maps.float(), size=(14, 18), mode="bilinear", align_corners=False) > thr.view(5, 1, 1, 1)
     assert got.shape == (5, 3, 14, 18) and torch.equal(got, dense)
+
+
+@pytest.mark.parametrize("connectivity", [1, 2])
+def test_pixel_lists_in_any_order_give_each_masks_own_counts(connectivity) -> None:
+    # sparse masks with runs of empty rows (collapsed in the one-call stack), regions touching
+    # the first and last rows, and empty masks; oracle: one scikit-image call per mask
+    gen = np.random.default_rng(4)
+    u, k, hh, ww = 3, 4, 17, 11
+    masks = gen.random((u, k, hh, ww)) < 0.12
+    masks[:, :, 5:9] = False  # a run of empty rows inside every mask
+    masks[0, 1] = False
+    masks[1, 2, 0, :] = masks[1, 2, -1, :] = True
+    which, ys, xs = np.nonzero(masks.reshape(u * k, hh, ww))
+    order = gen.permutation(which.size)
+    px = MaskPixels.of(which[order], ys[order], xs[order], (u, k, hh, ww))
+    got = pixel_shape_stats(px, connectivity)
+    dense = mask_shape_stats(torch.from_numpy(masks), connectivity)
+    for name in ("components", "area"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(dense, name))
+    np.testing.assert_array_equal(got.spread, dense.spread)  # bit for bit: pixels re-sorted first
+    for a in range(u):
+        for j in range(k):
+            m = masks[a, j]
+            assert got.components[a, j] == measure.label(m, connectivity=connectivity).max()
+            if m.any():
+                y, x = np.nonzero(m)
+                assert got.spread[a, j] == pytest.approx(np.hypot(y - y.mean(), x - x.mean()).mean() / hh)
+
+
+def test_top_image_pixels_are_the_top_image_masks() -> None:
+    gen = torch.Generator().manual_seed(5)
+    maps = torch.randn(4, 3, 6, 7, generator=gen)
+    thr = torch.randn(4, generator=gen) * 0.5 + 0.8
+    px = top_image_pixels(maps, thr, (13, 15))
+    which, ys, xs = np.nonzero(top_image_masks(maps, thr, (13, 15)).reshape(12, 13, 15).numpy())
+    assert px.shape == (4, 3, 13, 15) and which.size > 0
+    for got, want in ((px.which, which), (px.ys, ys), (px.xs, xs)):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_bad_connectivity_is_refused() -> None:

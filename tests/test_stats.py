@@ -380,6 +380,26 @@ def test_top_quantile_long_stream_equals_numpy(batch):
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=0)
 
 
+def test_top_quantile_floor_from_first_batch_and_shifted_batches_stay_exact():
+    # the first batch's k-th largest becomes the floor at once; a unit that jumps in later
+    # batches (more candidates than k at once) and one that falls below its floor stay exact
+    gen = torch.Generator().manual_seed(21)
+    x = torch.rand(40, 4, 8, 8, generator=gen)
+    x[25:30, 0] += 5.0
+    x[10:, 1] *= -1
+    total = 40 * 64
+    for method in ("hazen", "linear"):
+        tq = TopQuantile(4, total, 0.01, method)
+        assert 8 * 64 > tq.k  # one batch holds more than the k values kept
+        tq.add(x[:8])
+        kth = x[:8].transpose(0, 1).reshape(4, -1).topk(tq.k, dim=1).values[:, -1]
+        assert torch.equal(tq._floor, kth)
+        for i in range(8, 40, 8):
+            tq.add(x[i:i + 8])
+        expected = _numpy_quantile(x, 0.99, method).astype(np.float32)
+        np.testing.assert_allclose(tq.result().numpy(), expected, rtol=1e-6, atol=0)
+
+
 def test_top_quantile_state_is_not_changed_by_later_adds():
     x = _quantile_data(seed=6)
     total = x.shape[0] * x.shape[2] * x.shape[3]
