@@ -149,13 +149,16 @@ class TopQuantile(StreamingStat):
     largest values seen (n = total_per_unit, fixed up front). Values at or
     below the unit's current k-th largest can never enter the top k and are
     dropped on arrival; survivors are appended to a buffer of 2k slots, which
-    is cut back to its k largest (torch.topk) only when full. With values in
-    random order that happens about ln(n / k) times in a whole run.
+    is cut back to its k largest (torch.topk) only when the batch's survivors
+    would not fit, together with them. The first batch is cut to its own k
+    largest, whose smallest becomes the floor. With values in random order a
+    cut happens about ln(n / k) times in a whole run.
 
     Memory bound: 2 * k * U float32 for the buffer (k ~ top_fraction * n,
     e.g. 53,494 for AlexNet conv5 on Broden: 110 MB for 256 units), plus per
     `add` a bool copy of the batch and the indices of the values that pass
-    (all of them while the buffer first fills, ~k/seen of them later).
+    (~k * batch / seen of them per unit), and during a cut a second copy of
+    the buffer with those values appended.
     Merging shards is exact: the merged buffer is the top k of the union.
     NaN activations are kept (topk ranks them first) and make `result` raise.
     """
