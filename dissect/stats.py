@@ -133,12 +133,10 @@ def iou_from_counts(intersection: Any, activation: Any, truth: Any, label_catego
 class _Candidates(NamedTuple):
     """Values of one batch that pass a TopQuantile's floor, ranked within their unit."""
 
-    blk: torch.Tensor    # (m,) int64 block b * U + u, ascending
     unit: torch.Tensor   # (m,) int64 u
     vals: torch.Tensor   # (m,) the values
     rank: torch.Tensor   # (m,) int64 place among the unit's candidates
     count: torch.Tensor  # (U,) int64 candidates per unit
-    blocks: int          # B
 
 
 class TopQuantile(StreamingStat):
@@ -262,7 +260,7 @@ class TopQuantile(StreamingStat):
         before = (torch.cumsum(per_blk.view(nb, u), 0) - per_blk.view(nb, u)).view(-1)  # unit's, earlier blocks
         # rank within the unit without sorting: earlier blocks' candidates + place within the block
         rank = before.index_select(0, blk) + torch.arange(blk.numel(), device=self.device) - first.index_select(0, blk)
-        return _Candidates(blk, blk % u, vals, rank, per_blk.view(nb, u).sum(0), nb)
+        return _Candidates(blk % u, vals, rank, per_blk.view(nb, u).sum(0))
 
     def add(self, acts: torch.Tensor) -> None:
         """Add a batch of activations, (B, U, h, w) or (U, n)."""
