@@ -50,29 +50,25 @@ class MaskStats:
 def top_image_masks(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
                     upsample: str = "torch") -> torch.Tensor:
     """Masks (U, k, sh, sw) bool of top maps (U, k, h, w): exactly the dissection's `up > T_u` pixels."""
-    u, k, h, w = maps.shape
+    u, k, _, _ = maps.shape
     sh, sw = size
-    acts = maps.transpose(0, 1).contiguous()  # (k, U, h, w): rows of mask_pixels are b * U + u
-    flat = torch.zeros(k * u, sh * sw, dtype=torch.bool, device=maps.device)
-    for rows, pix in mask_pixels(acts, thresholds, (sh, sw), mode=upsample):
-        flat[rows, pix] = True
-    return flat.view(k, u, sh, sw).transpose(0, 1)
+    px = top_image_pixels(maps, thresholds, size, upsample)
+    flat = torch.zeros(u * k, sh * sw, dtype=torch.bool, device=maps.device)
+    flat[torch.from_numpy(px.which).to(maps.device), torch.from_numpy(px.ys * sw + px.xs).to(maps.device)] = True
+    return flat.view(u, k, sh, sw)
 
 
 def top_image_pixels(maps: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
                      upsample: str = "torch") -> "MaskPixels":
-    """The on-pixels of the masks `top_image_masks` would build, without the dense (U, k, sh, sw) array."""
+    """The on-pixels of top maps (U, k, h, w) thresholded at `size`: exactly the dissection's `up > T_u` pixels."""
     u, k, h, w = maps.shape
     sh, sw = size
-    acts = maps.transpose(0, 1).contiguous()  # (k, U, h, w): rows of mask_pixels are j * U + u
-    rows, pix = [], []
-    for r, p in mask_pixels(acts, thresholds, (sh, sw), mode=upsample):
-        rows.append(r)
-        pix.append(p)
-    rows_t = torch.cat(rows).cpu() if rows else torch.zeros(0, dtype=torch.int64)
-    pix_t = torch.cat(pix).cpu() if pix else torch.zeros(0, dtype=torch.int64)
-    which = (rows_t % u) * k + torch.div(rows_t, u, rounding_mode="floor")  # mask index u * k + j
-    return MaskPixels.of(which.numpy(), (pix_t // sw).numpy(), (pix_t % sw).numpy(), (u, k, sh, sw))
+    # the U * k maps as the "units" of one image: mask_pixels' rows are then mask indices u * k + j
+    parts = list(mask_pixels(maps.reshape(1, u * k, h, w), thresholds.repeat_interleave(k), (sh, sw),
+                             mode=upsample))
+    which = torch.cat([r for r, _ in parts]).cpu() if parts else torch.zeros(0, dtype=torch.int64)
+    pix = torch.cat([p for _, p in parts]).cpu() if parts else torch.zeros(0, dtype=torch.int64)
+    return MaskPixels.of(which.numpy(), (pix // sw).numpy(), (pix % sw).numpy(), (u, k, sh, sw))
 
 
 @dataclass

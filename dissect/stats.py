@@ -219,20 +219,17 @@ class TopQuantile(StreamingStat):
             return acts[None]  # (1, U, n)
         raise InputError(f"activations must be (B, U, h, w) or (U, n), got shape {tuple(acts.shape)}")
 
-    def _compact(self, extra: "_Candidates | None" = None, n: int = 0) -> None:
-        """Cut the buffer, with a batch's `extra` candidates (n values per unit at most), to its k largest."""
-        buf, fill = self._buf, self._fill
-        if extra is not None and extra.vals.numel():
-            # the candidates as (U, most per unit) rows: one topk over buffer and batch together
-            pad = torch.full((self.num_units, int(extra.count.max())), -math.inf, dtype=torch.float32,
-                             device=self.device)
-            pad[extra.unit, extra.rank] = extra.vals.float()
-            buf, fill = torch.cat([buf, pad], dim=1), fill + extra.count
+    def _compact(self, extra: _Candidates, n: int) -> None:
+        """Cut the buffer together with a batch's candidates (n values per unit at most) to its k largest."""
+        # the candidates as (U, most per unit) rows: one topk over buffer and batch together
+        pad = torch.full((self.num_units, int(extra.count.max())), -math.inf, dtype=torch.float32,
+                         device=self.device)
+        pad[extra.unit, extra.rank] = extra.vals.float()
         # sorted so the valid values sit in the first `fill` slots (NaN sorts first and stays)
-        top = buf.topk(self.k, dim=1, largest=True, sorted=True).values
+        top = torch.cat([self._buf, pad], dim=1).topk(self.k, dim=1, largest=True, sorted=True).values
         self._buf[:, :self.k] = top
         self._buf[:, self.k:] = -math.inf
-        self._fill = fill.clamp(max=self.k)
+        self._fill = (self._fill + extra.count).clamp(max=self.k)
         self._floor = torch.where(self._fill >= self.k, top[:, self.k - 1],
                                   torch.full_like(self._floor, -math.inf))
         self._fill_bound = min(self._fill_bound + n, self.k)
@@ -244,22 +241,18 @@ class TopQuantile(StreamingStat):
         top = rows.topk(self.k, dim=1, sorted=False).values  # (U, k)
         return top[None], top.amin(dim=1)
 
-    def _candidates(self, v: torch.Tensor) -> "_Candidates":
-        # the values of v (B, U, p) above their unit's floor
+    def _candidates(self, v: torch.Tensor) -> _Candidates:
+        # the values of v (B, U, p) above their unit's floor, ranked within their unit
         nb, u, p = v.shape
         keep = ~(v <= self._floor.view(1, -1, 1))  # NaN is kept, so result() can refuse it
         at = torch.nonzero(keep.view(-1)).squeeze(1)  # (m,) flat (b*U + u)*p + i, ascending
         vals = v.reshape(-1).index_select(0, at)
-        return self._ranked(torch.div(at, p, rounding_mode="floor"), vals, nb)
-
-    def _ranked(self, blk: torch.Tensor, vals: torch.Tensor, nb: int) -> "_Candidates":
-        # candidates in ascending block order (block b*U + u), ranked within their unit
-        u = self.num_units
+        blk = torch.div(at, p, rounding_mode="floor")  # (m,) block b*U + u
         per_blk = torch.bincount(blk, minlength=nb * u)  # (B*U,)
-        first = torch.cumsum(per_blk, 0) - per_blk  # where each block starts among the candidates
+        first = torch.cumsum(per_blk, 0) - per_blk  # where each block starts in `at`
         before = (torch.cumsum(per_blk.view(nb, u), 0) - per_blk.view(nb, u)).view(-1)  # unit's, earlier blocks
         # rank within the unit without sorting: earlier blocks' candidates + place within the block
-        rank = before.index_select(0, blk) + torch.arange(blk.numel(), device=self.device) - first.index_select(0, blk)
+        rank = before.index_select(0, blk) + torch.arange(at.numel(), device=self.device) - first.index_select(0, blk)
         return _Candidates(blk % u, vals, rank, per_blk.view(nb, u).sum(0))
 
     def add(self, acts: torch.Tensor) -> None:
