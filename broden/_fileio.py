@@ -51,6 +51,33 @@ def read_json(path: str | Path, hint: str = "") -> Any:
         raise InputError(f"{path}: not valid JSON ({e})") from e
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON (indented, keys in insertion order) atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+def dumps_json(obj: Any, depth: int | None = None) -> str:
+    """JSON text, keys in insertion order: containers less than `depth` levels deep are indented one
+    space per level (None: all, as json.dumps(indent=1)), deeper ones are written on one line.
+
+    Why: json.dumps with an indent runs Python's own encoder, several times slower than the C one
+    that writes a value on one line (a 384-unit units.json: 98 ms indented, 26 ms one unit per line).
+    """
+    if depth is None:
+        return json.dumps(obj, indent=1)
+    return _dumps_shallow(obj, depth, 0)
+
+
+def _dumps_shallow(obj: Any, depth: int, level: int) -> str:
+    if level >= depth or not isinstance(obj, (dict, list, tuple)) or not obj:
+        return json.dumps(obj)
+    pad = "\n" + " " * (level + 1)
+    if isinstance(obj, dict):
+        # json's own key rule: strings as they are, other scalars (int, float, bool, None) as their JSON text
+        parts = [f"{json.dumps(k if isinstance(k, str) else json.dumps(k))}: {_dumps_shallow(v, depth, level + 1)}"
+                 for k, v in obj.items()]
+        open_, close = "{", "}"
+    else:
+        parts = [_dumps_shallow(v, depth, level + 1) for v in obj]
+        open_, close = "[", "]"
+    return open_ + pad + ("," + pad).join(parts) + "\n" + " " * level + close
+
+
+def write_json_atomic(path: str | Path, obj: Any, depth: int | None = None) -> None:
+    """Write JSON atomically: indented (see `dumps_json` for `depth`), keys in insertion order."""
+    write_text_atomic(path, dumps_json(obj, depth) + "\n")

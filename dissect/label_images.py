@@ -8,12 +8,14 @@ image it is exactly the tally's intersection[u, top_label[u]].
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from broden.errors import InputError
 from dissect.upsample import mask_pixels
 
-__all__ = ["LabelStripBatch", "label_intersections"]
+__all__ = ["LabelStripBatch", "label_intersections", "label_intersections_from_pixels"]
 
 
 class LabelStripBatch:
@@ -66,25 +68,54 @@ def label_intersections(acts: torch.Tensor, thresholds: torch.Tensor, labels: to
         raise InputError(f"label_intersections: labels for {batch.b} images, unit_labels "
                          f"{tuple(unit_labels.shape)}; acts are for {b} images of {u} units")
     dev = acts.device
-    want = unit_labels.to(dev, torch.int64)  # (U,)
-    inter = torch.zeros(b * u, dtype=torch.int64, device=dev)
+    bi, ui, pair_want = _pairs(batch, unit_labels.to(dev, torch.int64))
+    # the pairs as the "units" of one image: mask_pixels' rows are then pair numbers
+    chunks = mask_pixels(acts[bi, ui].unsqueeze(0), thresholds.to(dev)[ui], batch.size, chunk_elements,
+                         mode=upsample)
+    return _count(chunks, batch, bi, ui, pair_want, u)
+
+
+def label_intersections_from_pixels(rows: torch.Tensor, pix: torch.Tensor, batch: LabelStripBatch,
+                                    units: int, unit_labels: torch.Tensor) -> torch.Tensor:
+    """(B, U) int64: `label_intersections` from the masks' on-pixels, rows (n,) b * U + u, pix (n,) y * sw + x.
+
+    The pixels are those `upsample.mask_pixels` yields for the batch's (B, U, h, w) maps (as
+    stage 2 found them, dissect.mask_store), so the counts are the same.
+    """
+    b, u = batch.b, int(units)
+    if tuple(unit_labels.shape) != (u,) or rows.shape != pix.shape:
+        raise InputError(f"label_intersections_from_pixels: unit_labels {tuple(unit_labels.shape)} for {u} units, "
+                         f"rows {tuple(rows.shape)} and pix {tuple(pix.shape)} must match")
+    dev = rows.device
+    bi, ui, pair_want = _pairs(batch, unit_labels.to(dev, torch.int64))
+    pair_of_row = torch.full((b * u,), -1, dtype=torch.int64, device=dev)
+    pair_of_row[bi * u + ui] = torch.arange(bi.numel(), device=dev)
+    pair = pair_of_row[rows]
+    on = torch.nonzero(pair >= 0).squeeze(1)  # the pixels of pairs whose label occurs in the image
+    return _count([(pair.index_select(0, on), pix.index_select(0, on))], batch, bi, ui, pair_want, u)
+
+
+def _pairs(batch: LabelStripBatch, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image, unit, label) (n,) each: the (image, unit) pairs whose unit's label occurs in the image."""
     known = want < batch.occurs.shape[1]  # an id past every label the batch can hold occurs nowhere
     present = batch.occurs[:, torch.where(known, want, 0)] & known[None, :]  # (B, U)
     bi, ui = torch.nonzero(present, as_tuple=True)  # (n,) the pairs that can intersect
-    n = bi.numel()
-    if n == 0:
-        return inter.view(b, u)
-    pair_want = want[ui]
+    return bi, ui, want[ui]
+
+
+def _count(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], batch: LabelStripBatch, bi: torch.Tensor,
+           ui: torch.Tensor, pair_want: torch.Tensor, u: int) -> torch.Tensor:
+    """(B, U) intersections from on-pixels (pair number, pix) of the pairs (bi, ui) with labels pair_want."""
+    n, dev = bi.numel(), bi.device
     hits = torch.zeros(n, dtype=torch.int64, device=dev)
     area = torch.zeros(n, dtype=torch.int64, device=dev)
-    # the pairs as the "units" of one image: mask_pixels' rows are then pair numbers
-    for rows, pix in mask_pixels(acts[bi, ui].unsqueeze(0), thresholds.to(dev)[ui], batch.size, chunk_elements,
-                                 mode=upsample):
+    for rows, pix in chunks:
         area += torch.bincount(rows, minlength=n)
         if batch.k:
             lab = batch.by_pixel[bi[rows] * batch.p + pix]  # (m, K)
             hits.index_add_(0, rows, (lab == pair_want[rows][:, None]).sum(dim=1))
     if batch.ids.numel():
         hits += (batch.ids[bi] == pair_want[:, None]).sum(dim=1) * area
+    inter = torch.zeros(batch.b * u, dtype=torch.int64, device=dev)
     inter[bi * u + ui] = hits
-    return inter.view(b, u)
+    return inter.view(batch.b, u)

@@ -13,8 +13,10 @@ this rank's shard and merge exactly (dissect.distributed).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,13 +34,14 @@ from dissect.given_thresholds import assign_threshold_files, load_given_threshol
 from dissect.groups import (concept_groups, equal_groups, following_bn, group_of_units, group_relevance,
                             layout_from_spec)
 from dissect.hooks import LayerRecorder, layer_shapes, resolve_layers
-from dissect.label_images import LabelStripBatch, label_intersections
+from dissect.label_images import LabelStripBatch, label_intersections, label_intersections_from_pixels
 from dissect.labels import label_units, layer_label_summary
+from dissect.mask_store import MaskPixelStore
 from dissect.preprocess import preprocess
 from dissect.provenance import software_versions
 from broden._progress import progress
 from dissect.results import DatasetInfo, DissectionResult, LayerResult, layer_dirname, write_results
-from dissect.spatial import MaskStats, layer_spatial_summary, pixel_shape_stats, top_image_pixels
+from dissect.spatial import MaskPixels, MaskStats, layer_spatial_summary, pixel_shape_stats, top_image_pixels
 from dissect.state import RunState, run_key
 from dissect.stats import IoUTally, StreamingStat, TopImages, TopQuantile, iou_from_counts
 
@@ -82,8 +85,14 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
             tops = area_tops
         timings["tally"] = time.perf_counter() - t
     t = time.perf_counter()
-    results = [_label_layer(name, engine.shapes[name], thresholds[name], tops[name], tallies[name],
-                            info, config, model, loaded.groups, dataset) for name in layers]
+    # Layers are labelled side by side: their mask compactness is mostly scikit-image and numpy,
+    # which run on one core each and release the GIL. Each layer's result depends on it alone.
+    with torch_threads(torch_n), ThreadPoolExecutor(max(1, min(torch_n, len(layers)))) as pool:
+        results = list(pool.map(lambda name: _label_layer(name, engine.shapes[name], thresholds[name], tops[name],
+                                                          tallies[name], info, config, model, loaded.groups,
+                                                          dataset, engine.pixels), layers))
+    if config.label_strips != "on":
+        engine.pixels = None  # no later pass reads them
     for lr in results:
         lr.given_thresholds = given.get(lr.name)
     timings["label"] = time.perf_counter() - t
@@ -251,6 +260,8 @@ class _Engine:
     shapes: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     kept: list[dict[str, torch.Tensor]] | None = None
     loader_threads: int = 1
+    spare_bytes: int = 0  # the activation budget left beside the kept activations (for `pixels`)
+    pixels: MaskPixelStore | None = None  # stage 2's mask pixels, for the label stage and stage 3
 
     def __post_init__(self) -> None:
         n = len(self.dataset)
@@ -286,12 +297,13 @@ class _Engine:
     def _keep_decision(self) -> bool:
         per_image = sum(c * h * w * 4 for c, h, w in self.shapes.values())
         need = per_image * (self.end - self.start)
-        if self.config.keep_activations == "yes":
-            return True
         if self.config.keep_activations == "no":
             return False
         # recorded as given (None: from the free memory, which differs from run to run); the log says the value
         budget = activation_budget_mb(self.config.activation_budget_mb, self.device, self.ctx.local_processes)
+        self.spare_bytes = max(0, budget * 2 ** 20 - need)
+        if self.config.keep_activations == "yes":
+            return True
         keep = need <= budget * 2 ** 20
         log.info("activations need %.1f MiB; budget %d MiB: %s", need / 2 ** 20, budget,
                  "kept between stages" if keep else "recomputed in each later stage")
@@ -410,6 +422,10 @@ class _Engine:
         kept = self.kept if (self.kept is not None and begin == self.start) else None
         # the label-strip pass reads them again: freed there instead (same peak memory, held longer)
         free_here = self.config.label_strips != "on"
+        # with the activations in memory, the masks' pixels too when they fit: found once, not three times
+        store = self.pixels = (MaskPixelStore(self.spare_bytes, self.config.batch_size,
+                                              max(c for c, _, _ in self.shapes.values()))
+                               if kept is not None and self.ctx.world_size == 1 else None)
         saver = _Saver(self.state, "stage2", self.config)
         bar = progress(total=self.end - self.start, initial=begin - self.start, desc="stage 2: tally",
                        unit="img", **self._bar_args())
@@ -420,8 +436,14 @@ class _Engine:
             b = labels.shape[0]
             prepared = tallies[self.layers[0]].prepare_labels(labels, image_labels)  # shared by all layers
             index = batch["index"].to(self.device, non_blocking=True)
+            keep_pixels = None
+            if store is not None:
+                store.begin_batch(i, index, prepared.size)
             for n in self.layers:  # sparse: only output windows near a hot source pixel are computed
-                area = tallies[n].add_activations(acts[n], thresholds[n], prepared, upsample=self.config.upsample)
+                if store is not None and store.usable:
+                    keep_pixels = functools.partial(store.add, n, i)
+                area = tallies[n].add_activations(acts[n], thresholds[n], prepared, upsample=self.config.upsample,
+                                                  on_pixels=keep_pixels)
                 if by_area:
                     tops[n].add(index, acts[n], areas=area)
             if kept is not None and free_here:
@@ -432,6 +454,8 @@ class _Engine:
                                                "tops": {n: t.state_dict() for n, t in tops.items()}})
         bar.close()
         self.kept = kept if not free_here else None
+        if store is not None and store.usable:
+            log.info("mask pixels kept between stages: %.1f MiB", store.nbytes / 2 ** 20)
         tallies = merge_stats(tallies, self.ctx)
         out = {}
         for n, t in tallies.items():
@@ -454,6 +478,7 @@ class _Engine:
                 for n, (c, h, w) in self.shapes.items()}
         begin = self._restore("stage3", {"label_tops": tops})
         kept = self.kept if (self.kept is not None and begin == self.start) else None
+        store = self.pixels if (kept is not None and self.pixels is not None and self.pixels.usable) else None
         want = {n: unit_labels[n].to(self.device, torch.int64) for n in self.layers}
         num_labels = len(_label_category(self.dataset))
         saver = _Saver(self.state, "stage3", self.config)
@@ -466,8 +491,13 @@ class _Engine:
                                        batch["image_labels"].to(self.device, non_blocking=True), num_labels)
             index = batch["index"].to(self.device, non_blocking=True)
             for n in self.layers:
-                inter = label_intersections(acts[n], thresholds[n], prepared, None, want[n],
-                                            upsample=self.config.upsample)
+                if store is not None:  # the pixels stage 2 found: the same masks, not found again
+                    rows, pix = store.pixels(n, i)
+                    inter = label_intersections_from_pixels(rows.to(self.device), pix.to(self.device), prepared,
+                                                            acts[n].shape[1], want[n])
+                else:
+                    inter = label_intersections(acts[n], thresholds[n], prepared, None, want[n],
+                                                upsample=self.config.upsample)
                 # float32 scores are exact for counts below 2**24 (a label image is far smaller)
                 tops[n].add(index, acts[n], scores=inter.float())
             if kept is not None:
@@ -477,7 +507,7 @@ class _Engine:
                 saver.tick(s + len(index), lambda nxt: {"next": nxt, "label_tops": {n: t.state_dict()
                                                                                      for n, t in tops.items()}})
         bar.close()
-        self.kept = None
+        self.kept = self.pixels = None
         tops = merge_stats(tops, self.ctx)
         out = {}
         for n, t in tops.items():
@@ -491,9 +521,13 @@ class _Engine:
 
 # ---------------------------------------------------------------- labels and groups
 
-def _top_mask_stats(top: dict[str, np.ndarray], thresholds: torch.Tensor, dataset: Any,
-                    config: DissectConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per unit (components, spread) of its top images' masks, at each image's label size (dissect.spatial)."""
+def _top_mask_stats(name: str, top: dict[str, np.ndarray], thresholds: torch.Tensor, dataset: Any,
+                    config: DissectConfig, store: MaskPixelStore | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit (components, spread) of its top images' masks, at each image's label size (dissect.spatial).
+
+    The masks' pixels come from `store` (stage 2's) when it holds them all, else they are found
+    from the top maps; the pixels are the same either way.
+    """
     maps = torch.from_numpy(np.ascontiguousarray(top["maps"]))  # (U, k, h, w)
     idx = np.asarray(top["indices"])  # (U, k)
     u, k = idx.shape
@@ -504,9 +538,16 @@ def _top_mask_stats(top: dict[str, np.ndarray], thresholds: torch.Tensor, datase
         records = dataset.meta.records  # top indices are index.csv rows (batch["index"])
         sizes = {int(i): (int(records[int(i)].sh), int(records[int(i)].sw)) for i in np.unique(idx)}
         size_of = np.array([sizes[int(i)] for i in idx.ravel()]).reshape(u, k, 2)
+        kept = None
+        if store is not None and set(sizes.values()) == {store.label_size()}:
+            kept = store.top_pixels(name, idx, u)
         for size in sorted(set(sizes.values())):  # one pass per label size (Broden has one)
             sel = (size_of == np.array(size)).all(axis=2)  # (U, k)
-            pixels = top_image_pixels(maps, thresholds.cpu(), size, config.upsample)  # the masks as tallied
+            if kept is not None:
+                which, pix = kept
+                pixels = MaskPixels.of(which, pix // size[1], pix % size[1], (u, k, *size))
+            else:
+                pixels = top_image_pixels(maps, thresholds.cpu(), size, config.upsample)  # the masks as tallied
             stats = pixel_shape_stats(pixels, config.mask_connectivity)
             comp[sel], spread[sel], area[sel] = stats.components[sel], stats.spread[sel], stats.area[sel]
     return MaskStats(comp, spread, area).per_unit()
@@ -514,7 +555,8 @@ def _top_mask_stats(top: dict[str, np.ndarray], thresholds: torch.Tensor, datase
 
 def _label_layer(name: str, shape: tuple[int, int, int], thresholds: torch.Tensor, top: dict[str, np.ndarray],
                  tally: dict[str, np.ndarray], info: DatasetInfo, config: DissectConfig, model: nn.Module,
-                 ckpt_groups: dict[str, dict[str, int]], dataset: Any) -> LayerResult:
+                 ckpt_groups: dict[str, dict[str, int]], dataset: Any, pixels: MaskPixelStore | None = None
+                 ) -> LayerResult:
     """Labels, detectors, unique detectors, mask compactness and concept groups of one layer."""
     iou = iou_from_counts(tally["intersection"], tally["activation"], tally["truth"], info.label_category)
     sel = info.selected_label_category()
@@ -535,7 +577,7 @@ def _label_layer(name: str, shape: tuple[int, int, int], thresholds: torch.Tenso
         groups = concept_groups(labels, iou, sel, info.label_names, layout, beta, beta_bn,
                                 config.group_alpha, config.group_threshold)
         unit_group = group_of_units(layout)
-    components, spread = _top_mask_stats(top, thresholds, dataset, config)
+    components, spread = _top_mask_stats(name, top, thresholds, dataset, config, pixels)
     return LayerResult(name=name, shape=shape, thresholds=thresholds.detach().cpu().numpy().astype(np.float32),
                        intersection=tally["intersection"], activation=tally["activation"], truth=tally["truth"],
                        iou=iou, top_indices=top["indices"], top_scores=top["scores"], top_maps=top["maps"],

@@ -35,6 +35,7 @@ LAYER_MARKERS = ("units.json", "tally.csv", "thresholds.npy")
 LAYER_FILES = ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy")
 # ... and, unless the run's options say label_strips "off", this one.
 LABEL_STRIP_FILE = "label_top_activations.npy"
+UNITS_JSON_DEPTH = 2  # units.json: the header's fields and the units list indented, each unit on one line
 
 
 @dataclass
@@ -295,7 +296,9 @@ def write_results(res: DissectionResult, out: str | Path) -> Path:
         d = out / layer_dirname(lr.name)
         d.mkdir(parents=True, exist_ok=True)
         write_text_atomic(d / "tally.csv", tally_csv_text(lr, res.dataset))
-        write_json_atomic(d / "units.json", units_json(lr, res.dataset, int(res.options.get("top_k", 0))))
+        # one line per unit: indenting every field takes the slow encoder (dumps_json)
+        write_json_atomic(d / "units.json", units_json(lr, res.dataset, int(res.options.get("top_k", 0))),
+                          depth=UNITS_JSON_DEPTH)
         _save_npy(d / "thresholds.npy", np.asarray(lr.thresholds, dtype=np.float32))
         given = d / "thresholds_given.npy"
         if lr.given_thresholds is not None:  # exact values (float32 ones widen exactly)

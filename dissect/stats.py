@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -624,7 +624,8 @@ class IoUTally(StreamingStat):
         return LabelBatch(self, labels, image_labels)
 
     def add_activations(self, acts: torch.Tensor, thresholds: torch.Tensor, labels: torch.Tensor | LabelBatch,
-                        image_labels: torch.Tensor | None = None, upsample: str = "torch") -> torch.Tensor:
+                        image_labels: torch.Tensor | None = None, upsample: str = "torch",
+                        on_pixels: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Tally a batch from raw maps: the same as `add(upsample(acts, size) > thresholds[u], ...)`.
 
         Returns the above-threshold area |mask| per (image, unit), (B, U) int64, at the label
@@ -638,7 +639,8 @@ class IoUTally(StreamingStat):
         dense (B, U, sh, sw) mask or upsampled map is ever built.
         upsample="pil" uses Pillow's bilinear arithmetic bit for bit and
         compares in float64 (float64 thresholds are kept as they are), as
-        NetDissect-Lite did; see `upsample.mask_pixels`.
+        NetDissect-Lite did; see `upsample.mask_pixels`. `on_pixels(rows, pix)`, when given, also
+        receives each chunk of on-pixels as tallied (rows b * U + u, pix y * sw + x).
         """
         check_upsample_mode(upsample, "upsample")
         if acts.dim() != 4 or acts.shape[1] != self.num_units:
@@ -655,6 +657,8 @@ class IoUTally(StreamingStat):
         for rows, pix in mask_pixels(acts.to(self.device), thresholds.to(self.device), lb.size,
                                      self.chunk_elements, mode=upsample):
             batch.on_pixels(rows, pix)
+            if on_pixels is not None:
+                on_pixels(rows, pix)
         return batch.finish()
 
     def merge(self, other: "IoUTally") -> None:

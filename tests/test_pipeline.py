@@ -8,6 +8,7 @@ labels and detector counts are then computed here with plain loops.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -267,7 +268,8 @@ def test_batched_equals_unbatched(concept_root, tmp_path):
         outs.append(out)
     for out in outs[1:]:
         for name in LAYERS:
-            for f in ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy"):
+            for f in ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy",
+                      "label_top_activations.npy"):
                 assert (out / name / f).read_bytes() == (outs[0] / name / f).read_bytes(), (out, name, f)
         a, b = (json.loads((o / "summary.json").read_text()) for o in (outs[0], out))
         for d in (a, b):
@@ -275,6 +277,26 @@ def test_batched_equals_unbatched(concept_root, tmp_path):
             for k in ("batch_size", "keep_activations"):
                 d["options"].pop(k)
         assert a == b
+
+
+@pytest.mark.parametrize("split", [None, "train"])  # train: images 1, 3, 5, whose indices are not positions
+def test_mask_pixels_kept_between_stages_change_no_result(concept_root, tmp_path, caplog, split):
+    """Stage 2's pixels, read back by the label stage and the strips, give the files finding them again gives."""
+    model = ConceptNet().eval()
+    outs = {}
+    for name, budget in (("kept", 4096), ("found_again", 0)):  # 0 MiB: no room beside the activations
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dissect"):
+            dissect_model(model, concept_root, LAYERS, config(keep_activations="yes", activation_budget_mb=budget,
+                                                              groups=2, split=split, batch_size=2, top_k=2),
+                          out=tmp_path / name)
+        assert ("mask pixels kept between stages" in caplog.text) == (name == "kept"), caplog.text
+        outs[name] = tmp_path / name
+    for layer in LAYERS:
+        for f in ("tally.csv", "units.json", "top_activations.npy", "label_top_activations.npy"):
+            assert (outs["kept"] / layer / f).read_bytes() == (outs["found_again"] / layer / f).read_bytes(), f
+    units = json.loads((outs["kept"] / "units" / "units.json").read_text())["units"]
+    assert any(u["label_top_images"] for u in units) and any(u["mask_components"] for u in units)
 
 
 def test_outputs_follow_the_contract(concept_root, tmp_path):

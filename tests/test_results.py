@@ -112,6 +112,24 @@ def test_units_json_and_arrays(tmp_path):
     assert summary["rud_last_two"] is None  # one layer: "the last two layers" do not exist
 
 
+def test_units_json_writes_one_line_per_unit_and_dumps_json_keeps_json_own_rules(tmp_path):
+    from broden._fileio import dumps_json
+
+    write_results(make_result(categories=("color", "scene")), tmp_path)
+    text = (tmp_path / "features.0" / "units.json").read_text()
+    lines = text.splitlines()
+    units = json.loads(text)["units"]
+    assert [json.loads(line.rstrip(",")) for line in lines if line.startswith("  {")] == units and len(units) == 3
+    odd = {"a": [1, {"b": float("inf"), "c": []}], 3: {}, None: "é", 2.5: (1, [2, {"d": None}])}
+    assert dumps_json(odd, depth=None) == dumps_json(odd, depth=9) == json.dumps(odd, indent=1)
+    full = json.dumps(odd, indent=1)
+    for depth in range(4):  # the same JSON values; containers deeper than `depth` on one line
+        shallow = dumps_json(odd, depth)
+        assert json.loads(shallow) == json.loads(full) and shallow.count("\n") < full.count("\n"), depth
+    assert dumps_json(odd, 0) == json.dumps(odd)
+    assert dumps_json(odd, 1).splitlines()[1] == ' "a": [1, {"b": Infinity, "c": []}],'
+
+
 def test_rud_last_two_and_float32_maps(tmp_path):
     res = make_result(categories=("color", "scene"))
     first = res.layers[0]
