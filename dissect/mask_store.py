@@ -38,6 +38,7 @@ class MaskPixelStore:
         self._pieces: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._images: dict[int, np.ndarray] = {}  # batch number -> its images' dataset indices (B,)
         self._sizes: dict[int, tuple[int, int]] = {}  # batch number -> label size (sh, sw)
+        self._where: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # see _locate
 
     def begin_batch(self, batch: int, index: torch.Tensor, size: tuple[int, int]) -> None:
         """Batch number `batch` holds the images `index` (B,) (their dataset indices) at label `size`."""
@@ -47,6 +48,7 @@ class MaskPixelStore:
             return self._drop(f"batch {batch} holds {index.numel()} images, more than {self.batch_size}")
         self._images[batch] = index.detach().cpu().numpy().astype(np.int64)
         self._sizes[batch] = (int(size[0]), int(size[1]))
+        self._where = None
 
     def add(self, layer: str, batch: int, rows: torch.Tensor, pix: torch.Tensor) -> None:
         """Keep the on-pixels `rows`, `pix` (n,) of `layer`'s masks in batch number `batch`."""
@@ -68,6 +70,7 @@ class MaskPixelStore:
         self._pieces.clear()
         self._images.clear()
         self._sizes.clear()
+        self._where = None
         self.nbytes = 0
 
     def pixels(self, layer: str, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,16 +94,11 @@ class MaskPixelStore:
         if not self.usable or indices.size == 0 or not self._images:
             return None
         u, k = indices.shape
-        numbers = sorted(self._images)
-        seen = np.concatenate([self._images[b] for b in numbers])  # every image the store holds
-        batch_of = np.concatenate([np.full(len(self._images[b]), b) for b in numbers])
-        within_of = np.concatenate([np.arange(len(self._images[b])) for b in numbers])
-        order = np.argsort(seen, kind="stable")
-        at = np.searchsorted(seen[order], indices.ravel()).clip(max=seen.size - 1)
-        found = order[at]
-        if not np.array_equal(seen[found], indices.ravel()) or np.unique(seen).size != seen.size:
-            return None  # an image the store never saw (or one seen twice): find the pixels again
-        batch, within = batch_of[found].reshape(u, k), within_of[found].reshape(u, k)
+        seen, batch_of, within_of = self._locate()
+        at = np.searchsorted(seen, indices.ravel()).clip(max=seen.size - 1)
+        if not np.array_equal(seen[at], indices.ravel()):
+            return None  # an image the store never saw (or one it saw twice): find the pixels again
+        batch, within = batch_of[at].reshape(u, k), within_of[at].reshape(u, k)
         which_out, pix_out = [], []
         for b in np.unique(batch):
             sel = np.nonzero(batch == b)  # (unit, slot) pairs whose image is in this batch
@@ -113,3 +111,21 @@ class MaskPixelStore:
             which_out.append(mask[on].cpu().numpy())
             pix_out.append(pix[on].cpu().numpy())
         return np.concatenate(which_out), np.concatenate(pix_out)
+
+    def _locate(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image indices sorted, their batch numbers, their slots): built once for every layer's lookups.
+
+        An image seen twice is left out, so a lookup of it fails (its batch would be ambiguous).
+        """
+        if self._where is None:
+            numbers = sorted(self._images)
+            seen = np.concatenate([self._images[b] for b in numbers])
+            batch_of = np.concatenate([np.full(len(self._images[b]), b) for b in numbers])
+            within_of = np.concatenate([np.arange(len(self._images[b])) for b in numbers])
+            order = np.argsort(seen, kind="stable")
+            seen, batch_of, within_of = seen[order], batch_of[order], within_of[order]
+            once = np.ones(seen.size, dtype=bool)
+            once[1:] = seen[1:] != seen[:-1]
+            once[:-1] &= seen[:-1] != seen[1:]
+            self._where = (seen[once], batch_of[once], within_of[once])
+        return self._where

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from broden.errors import InputError
-from broden.loader import iter_batches, thread_plan, torch_threads
+from broden.loader import Prefetcher, iter_batches, thread_plan, torch_threads
 from dissect.config import DissectConfig
 from dissect.devices import activation_budget_mb, float32_math, resolve_device
 from dissect.distributed import DistContext, barrier, merge_stats, shard_range
@@ -85,12 +84,16 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
             tops = area_tops
         timings["tally"] = time.perf_counter() - t
     t = time.perf_counter()
+
+    def label(name: str) -> LayerResult:
+        return _label_layer(name, engine.shapes[name], thresholds[name], tops[name], tallies[name], info, config,
+                            model, loaded.groups, dataset, engine.pixels)
+
     # Layers are labelled side by side: their mask compactness is mostly scikit-image and numpy,
-    # which run on one core each and release the GIL. Each layer's result depends on it alone.
-    with torch_threads(torch_n), ThreadPoolExecutor(max(1, min(torch_n, len(layers)))) as pool:
-        results = list(pool.map(lambda name: _label_layer(name, engine.shapes[name], thresholds[name], tops[name],
-                                                          tallies[name], info, config, model, loaded.groups,
-                                                          dataset, engine.pixels), layers))
+    # which run on one core each and release the GIL; each layer's result depends on it alone.
+    # Prefetcher keeps the layer order, and an error cancels the layers queued after it.
+    with torch_threads(torch_n), Prefetcher(label, layers, threads=max(1, min(torch_n, len(layers)))) as labelled:
+        results = list(labelled)
     if config.label_strips != "on":
         engine.pixels = None  # no later pass reads them
     for lr in results:
@@ -436,14 +439,12 @@ class _Engine:
             b = labels.shape[0]
             prepared = tallies[self.layers[0]].prepare_labels(labels, image_labels)  # shared by all layers
             index = batch["index"].to(self.device, non_blocking=True)
-            keep_pixels = None
             if store is not None:
-                store.begin_batch(i, index, prepared.size)
+                store.begin_batch(i, batch["index"], prepared.size)  # the loader's CPU copy: no device sync
             for n in self.layers:  # sparse: only output windows near a hot source pixel are computed
-                if store is not None and store.usable:
-                    keep_pixels = functools.partial(store.add, n, i)
+                to_store = None if store is None else functools.partial(store.add, n, i)
                 area = tallies[n].add_activations(acts[n], thresholds[n], prepared, upsample=self.config.upsample,
-                                                  on_pixels=keep_pixels)
+                                                  on_pixels=to_store)
                 if by_area:
                     tops[n].add(index, acts[n], areas=area)
             if kept is not None and free_here:
