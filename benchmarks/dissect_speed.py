@@ -2,7 +2,7 @@
 
     python benchmarks/dissect_speed.py [--n 384] [--repeat 3] [--device auto] [--batch-size 64] [--dir DIR]
                                        [--threads N] [--loader-threads N] [--keep-activations auto]
-                                       [--pool P] [--phases cold,warm,bare] [--sync-check N] [--json PATH]
+                                       [--pool P] [--phases cold,warm,bare,memory] [--sync-check N] [--json PATH]
 
 Generates (or reuses, in --dir) a Broden-format set of --n rows, each with its
 own real files written by broden.writer: a 224 px JPEG image and three 112 px
@@ -17,13 +17,17 @@ repeat, each in a fresh process (so peak RSS is per phase):
   not the disk) and writes the decoded cache as it goes;
 - warm: the same run again: the decoded cache is there;
 - bare: a forward pass of the whole AlexNet over batches read from that cache
-  (after one untimed warm-up pass), the engine's floor.
+  (after one untimed warm-up pass), the engine's floor;
+- memory: the same forward pass over images already in one tensor in memory
+  (copied from the cache before the clock starts): bare / memory is what the
+  data path costs a pass, and the dissections report how long their passes
+  waited for the loader (timings' data_wait).
 
 Prints the median over repeats, images/s, peak RSS (and peak GPU memory on
 CUDA) and the load average around each phase, then the ratios against the
 targets (warm <= 1.2x bare, cold <= 1.5x warm on CPU; warm <= 1.5x bare and
 n images in <= 30 s on a GPU). --phases leaves phases out (warm needs a cold
-phase before it in the same repeat, bare a cache). --sync-check N (CUDA only)
+phase before it in the same repeat, bare and memory a cache). --sync-check N (CUDA only)
 dissects the first N rows once more with torch.cuda.set_sync_debug_mode("warn")
 and counts the host synchronisations per batch and the lines that cause them.
 --json PATH writes every figure. The model is torchvision AlexNet with random
@@ -142,7 +146,7 @@ def _model(device):
 
 
 def phase(args: argparse.Namespace) -> dict:
-    """One measured phase in this process: 'bare', 'cold' or 'warm'."""
+    """One measured phase in this process: 'bare', 'memory', 'cold', 'warm' or 'sync'."""
     import torch
 
     from broden._progress import set_quiet
@@ -179,6 +183,26 @@ def phase(args: argparse.Namespace) -> dict:
 
         forward_pass()  # warm-up: page cache of the arrays
         out["seconds"] = forward_pass()
+    elif args.phase == "memory":
+        from dissect.preprocess import preprocess
+        from dissect.models import NORMALIZATIONS
+
+        ds = BrodenDataset(args.root, cache=args.cache_dir)
+        if ds.cache is None:
+            raise SystemExit("memory: no decoded cache (run the warm phase first)")
+        images = ds.get_batch(np.arange(len(ds)))["image"].to(device)  # (N, 3, H, W) uint8, not timed
+
+        def memory_pass() -> float:
+            _sync(device)
+            t = time.perf_counter()
+            with torch.no_grad():
+                for s in range(0, len(ds), args.batch_size):
+                    model(preprocess(images[s:s + args.batch_size], NORMALIZATIONS["imagenet"], None))
+            _sync(device)
+            return time.perf_counter() - t
+
+        memory_pass()  # warm-up, as for bare
+        out["seconds"] = memory_pass()
     elif args.phase == "sync":
         out.update(_count_syncs(args, model, device))
     else:
@@ -256,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-threads", type=int, default=0, help="loader threads (0: the engine's auto choice)")
     p.add_argument("--pool", type=int, default=None,
                    help="encode only this many rows; the others link to them (default: encode all --n)")
-    p.add_argument("--phases", default="cold,warm,bare",
-                   help="comma-separated subset of cold,warm,bare, in that order (default all three)")
+    p.add_argument("--phases", default="cold,warm,bare,memory",
+                   help="comma-separated subset of cold,warm,bare,memory, in that order (default all four)")
     p.add_argument("--sync-check", type=int, default=0,
                    help="CUDA: count host syncs while dissecting the first N rows (default 0: off)")
     p.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
-    p.add_argument("--phase", choices=("bare", "cold", "warm", "sync"), help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=("bare", "memory", "cold", "warm", "sync"), help=argparse.SUPPRESS)
     p.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -271,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     phases = [x.strip() for x in args.phases.split(",") if x.strip()]
-    if not phases or any(x not in ("cold", "warm", "bare") for x in phases):
-        p.error(f"--phases: expected a comma-separated subset of cold,warm,bare, got {args.phases!r}")
+    if not phases or any(x not in ("cold", "warm", "bare", "memory") for x in phases):
+        p.error(f"--phases: expected a comma-separated subset of cold,warm,bare,memory, got {args.phases!r}")
     if "warm" in phases and "cold" not in phases:
         p.error("--phases: warm needs cold before it (cold builds the decoded cache)")
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch size {args.batch_size}; {args.repeat} repeat(s), medians")
     print(f"{'':34s}{'seconds':>9s}{'images/s':>10s}{'peak RSS':>10s}{'peak GPU':>10s}{'load':>7s}")
     rows = (("cold (JPEG/PNG, writes the cache)", "cold"), ("warm (decoded cache)", "warm"),
-            ("bare forward (decoded cache)", "bare"))
+            ("bare forward (decoded cache)", "bare"), ("bare forward (images in memory)", "memory"))
     for label, key in rows:
         if key not in results:
             continue
@@ -313,20 +337,33 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("warm", "cold"):
         if key in results and results[key][0].get("timings"):
             stages = {k: statistics.median(x["timings"][k] for x in results[key]) for k in results[key][0]["timings"]}
+            stages.pop("data_wait", None)  # not a stage: printed below
             print(f"{key} stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
             report["phases"][key]["stages"] = stages
             break
+    for key in ("cold", "warm"):
+        if key in results and "data_wait" in results[key][0].get("timings", {}):
+            wait = statistics.median(x["timings"]["data_wait"] for x in results[key])
+            report["phases"][key]["data_wait_seconds"] = wait
+            print(f"{key}: its passes waited {wait:.2f} s for the loader ({wait / med[key]:.1%} of the run)")
     ratios = {}
     if "warm" in med and "bare" in med:
         ratios["warm / bare"] = med["warm"] / med["bare"]
     if "cold" in med and "warm" in med:
         ratios["cold / warm"] = med["cold"] / med["warm"]
+    if "bare" in med and "memory" in med:
+        ratios["bare / memory"] = med["bare"] / med["memory"]  # what reading batches costs a forward pass
+    warm_stages = report["phases"].get("warm", {}).get("stages", {})
+    if "thresholds" in warm_stages and "bare" in med:  # stage 1 is the one pass every run makes
+        ratios["warm stage 1 / bare"] = warm_stages["thresholds"] / med["bare"]
     targets = TARGETS["cuda" if cuda else "cpu"]
     for name, value in ratios.items():
         target = targets.get(name)
         verdict = "no target on this device" if target is None else (
             "met" if value <= target else f"missed by {value / target - 1:.0%}")
-        print(f"{name}: {value:.2f}x (target <= {target}x: {verdict})" if target else f"{name}: {value:.2f}x")
+        note = {"bare / memory": " (no target: what reading the batches adds to a forward pass)",
+                "warm stage 1 / bare": " (no target: one pass with the thresholds' and top images' work)"}.get(name, "")
+        print(f"{name}: {value:.2f}x (target <= {target}x: {verdict})" if target else f"{name}: {value:.2f}x{note}")
     report["ratios"] = ratios
     if cuda and "warm" in med:
         budget = GPU_WARM_SECONDS_PER_63305 * args.n / 63305

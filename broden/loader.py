@@ -122,6 +122,8 @@ class Prefetcher(Iterator[R]):
     would have, after the items before it; the queued work is then cancelled.
     `threads=0` computes each item in the caller's thread when it is asked for.
     Use as a context manager (or call `close`) when the loop may stop early.
+    `waited` counts the seconds the caller spent blocked on results that were
+    not ready (all of `fn`'s time with threads=0): the time loading held it up.
     """
 
     def __init__(self, fn: Callable[[T], R], items: Iterable[T], threads: int = 1, depth: int | None = None):
@@ -131,6 +133,7 @@ class Prefetcher(Iterator[R]):
         self._depth = max(1, depth if depth is not None else threads + 1)
         self._pending: deque[Future] = deque()
         self._closed = False
+        self.waited = 0.0
 
     def _fill(self) -> None:
         while len(self._pending) < self._depth:
@@ -149,17 +152,24 @@ class Prefetcher(Iterator[R]):
             except StopIteration:
                 self.close()
                 raise
-            return self._fn(item)
+            t = time.perf_counter()
+            try:
+                return self._fn(item)
+            finally:
+                self.waited += time.perf_counter() - t
         self._fill()
         if not self._pending:
             self.close()
             raise StopIteration
         future = self._pending.popleft()
+        t = time.perf_counter()
         try:
             result = future.result()
         except BaseException:
             self.close()
             raise
+        finally:
+            self.waited += time.perf_counter() - t
         self._fill()  # the next one starts before the caller works on this one
         return result
 

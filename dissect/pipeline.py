@@ -109,6 +109,9 @@ def run_dissection(loaded: Any, dataset: Any, config: DissectConfig, out: str | 
             lr.label_top_indices, lr.label_top_intersections = lt["indices"], lt["intersections"]
             lr.label_top_maps = lt["maps"]
         timings["label_strips"] = time.perf_counter() - t
+    # not a stage: the part of the passes above spent waiting for batches (0 when loading keeps ahead)
+    timings["data_wait"] = engine.data_wait
+    log.info("the passes waited %.2f s for the loader", engine.data_wait)
 
     res = DissectionResult(options=config.to_dict(), seed=config.seed, model=loaded.describe(),
                            dataset=info, layers=results, versions=software_versions(), timings=timings,
@@ -265,6 +268,7 @@ class _Engine:
     loader_threads: int = 1
     spare_bytes: int = 0  # the activation budget left beside the kept activations (for `pixels`)
     pixels: MaskPixelStore | None = None  # stage 2's mask pixels, for the label stage and stage 3
+    data_wait: float = 0.0  # seconds the passes spent waiting for the loader (Prefetcher.waited)
 
     def __post_init__(self) -> None:
         n = len(self.dataset)
@@ -289,7 +293,10 @@ class _Engine:
         bs = self.config.batch_size
         ranges = [(s, min(s + bs, self.end)) for s in range(begin, self.end, bs)]
         with iter_batches(self.dataset, ranges, self.loader_threads, pin_memory=self.device.type == "cuda") as it:
-            yield from it  # leaving the loop early (an error, a kill) stops the threads
+            try:
+                yield from it  # leaving the loop early (an error, a kill) stops the threads
+            finally:
+                self.data_wait += it.waited
 
     def _forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         x = preprocess(images.to(self.device, non_blocking=True), self.normalization,

@@ -298,6 +298,26 @@ def test_prefetcher_keeps_order_and_bounds_its_look_ahead():
     assert list(Prefetcher(work, range(5), threads=0)) == [0, 1, 4, 9, 16]  # in the caller's thread
 
 
+def test_prefetcher_counts_the_time_the_caller_waits():
+    gate = threading.Event()
+
+    def slow_first(i: int) -> int:
+        if i == 0:
+            gate.wait(5)  # released 0.2 s after the caller starts waiting for it
+        return i
+
+    it = Prefetcher(slow_first, range(4), threads=1, depth=4)
+    threading.Timer(0.2, gate.set).start()
+    assert next(it) == 0
+    assert 0.2 <= it.waited < 5  # blocked on the first result
+    time.sleep(0.1)  # the rest are done meanwhile: taking them costs no wait
+    before = it.waited
+    assert list(it) == [1, 2, 3]
+    assert it.waited - before < 0.05
+    inline = Prefetcher(lambda i: time.sleep(0.05) or i, range(3), threads=0)
+    assert list(inline) == [0, 1, 2] and inline.waited >= 0.15  # in the caller's thread: all of fn's time
+
+
 def test_prefetcher_raises_in_order_and_stops_the_rest():
     done: list[int] = []
 

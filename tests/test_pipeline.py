@@ -526,6 +526,9 @@ def test_label_strips_off_writes_no_strip_file(concept_root, tmp_path):
     assert all(u["label_top_images"] is None for u in units)
     summary = read_summary(tmp_path)
     assert summary["options"]["label_strips"] == "off" and "label_strips" not in summary["timings"]
+    timings = summary["timings"]  # the loader wait is a part of the passes' time, not a stage of its own
+    assert set(timings) == {"thresholds", "tally", "label", "data_wait"}
+    assert 0 <= timings["data_wait"] <= timings["thresholds"] + timings["tally"]
     assert missing_outputs(tmp_path, summary) == []
 
 
