@@ -122,8 +122,9 @@ class Prefetcher(Iterator[R]):
     would have, after the items before it; the queued work is then cancelled.
     `threads=0` computes each item in the caller's thread when it is asked for.
     Use as a context manager (or call `close`) when the loop may stop early.
-    `waited` counts the seconds the caller spent blocked on results that were
-    not ready (all of `fn`'s time with threads=0): the time loading held it up.
+    `waited` counts the seconds the caller spent in `next` (waiting for results
+    not ready yet, handing out work; all of `fn`'s time with threads=0): the
+    time loading held it up.
     """
 
     def __init__(self, fn: Callable[[T], R], items: Iterable[T], threads: int = 1, depth: int | None = None):
@@ -144,6 +145,13 @@ class Prefetcher(Iterator[R]):
             self._pending.append(self._pool.submit(self._fn, item))  # type: ignore[union-attr]
 
     def __next__(self) -> R:
+        t = time.perf_counter()  # all of the call: handing work to the threads holds the caller up too
+        try:
+            return self._next()
+        finally:
+            self.waited += time.perf_counter() - t
+
+    def _next(self) -> R:
         if self._closed:
             raise StopIteration
         if self._pool is None:
@@ -152,24 +160,16 @@ class Prefetcher(Iterator[R]):
             except StopIteration:
                 self.close()
                 raise
-            t = time.perf_counter()
-            try:
-                return self._fn(item)
-            finally:
-                self.waited += time.perf_counter() - t
+            return self._fn(item)
         self._fill()
         if not self._pending:
             self.close()
             raise StopIteration
-        future = self._pending.popleft()
-        t = time.perf_counter()
         try:
-            result = future.result()
+            result = self._pending.popleft().result()
         except BaseException:
             self.close()
             raise
-        finally:
-            self.waited += time.perf_counter() - t
         self._fill()  # the next one starts before the caller works on this one
         return result
 

@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 from dissect.checkpoint import make_checkpoint, save_checkpoint
 from dissect.cli import main
 from dissect.distributed import shard_range
+from dissect.results import LAYER_FILES
 from test_pipeline import make_concept_broden
 
-FILES = ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy")
+FILES = LAYER_FILES
 
 
 def make_tiny_checkpoint(path: Path, size: int = 16) -> Path:

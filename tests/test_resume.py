@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
+from dissect.results import LABEL_STRIP_FILE, LAYER_FILES
 from dissect.runner import dissect_model
 from dissect.state import STATE_DIRNAME
 from test_pipeline import LAYERS, ConceptNet, config, make_concept_broden
 
-FILES = ("tally.csv", "units.json", "thresholds.npy", "top_activations.npy", "iou.npy", "label_top_activations.npy")
+FILES = (*LAYER_FILES, LABEL_STRIP_FILE)
 
 
 class Killed(RuntimeError):
